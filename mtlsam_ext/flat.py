@@ -1,0 +1,274 @@
+"""Flat parameter and gradient buffers: the only module that iterates over parameters.
+
+A :class:`FlatParams` packs a set of parameters into one contiguous buffer per dtype (all on
+one device) and re-points every parameter to a view of it; gradients get the same treatment,
+so autograd accumulates straight into the flat gradient buffer and the fused ops see one
+1-D tensor instead of a Python list.
+
+The layer rule (DESIGN.md §1: a layer is a contiguous segment of the flat shared buffer):
+
+* ``nn.Module``: every submodule that directly owns trainable parameters is one layer, in
+  ``named_modules()`` registration order, its tensors in its own registration order
+  (so a ``Linear`` is one layer holding weight and bias);
+* an iterable of tensors (or ``(name, tensor)`` pairs): every tensor is its own layer;
+* a ``dict`` mapping layer names to iterables of tensors: user-named layers.
+
+Frozen parameters (``requires_grad=False``) are left out; a parameter reached twice (tied
+weights) belongs to its first layer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from mtlsam_ext.ops.validate import FLOAT_DTYPES
+
+
+@dataclass
+class Layer:
+    name: str
+    params: list[Tensor]
+    param_names: list[str]
+
+
+@dataclass
+class Bucket:
+    """All parameters of one dtype: the flat data, the flat grad and the segment tables."""
+
+    dtype: torch.dtype
+    device: torch.device
+    params: list[Tensor] = field(default_factory=list)
+    names: list[str] = field(default_factory=list)
+    starts: list[int] = field(default_factory=list)  # element offset of each param
+    layer_of: list[int] = field(default_factory=list)  # global layer index of each param
+    numel: int = 0
+    data: Tensor | None = None
+    grad: Tensor | None = None
+    # Layer segments present in this bucket, in flat order: seg_layers[s] is the global layer
+    # index of segment s, which spans [seg_offsets[s], seg_offsets[s + 1]).
+    seg_layers: list[int] = field(default_factory=list)
+    seg_offsets: Tensor | None = None
+    grad_views: list[Tensor] = field(default_factory=list)
+
+    def layer_range(self, layer: int) -> tuple[int, int]:
+        """``(start, end)`` of ``layer`` in this bucket (``(0, 0)`` when absent)."""
+        if layer in self.seg_layers:
+            s = self.seg_layers.index(layer)
+            off = self.seg_offsets
+            return int(off[s]), int(off[s + 1])
+        return 0, 0
+
+
+def _layers_from(shared: nn.Module | Iterable | dict, prefix: str) -> list[Layer]:
+    seen: set[int] = set()
+    layers: list[Layer] = []
+
+    def add(name: str, named: Iterable[tuple[str, Tensor]]) -> None:
+        ps, ns = [], []
+        for pname, p in named:
+            if not isinstance(p, Tensor):
+                raise ValueError(f"{prefix}: expected tensors, got {type(p).__name__} "
+                                 f"for {pname!r}")
+            if id(p) in seen or not p.requires_grad:
+                continue
+            seen.add(id(p))
+            ps.append(p)
+            ns.append(pname)
+        if ps:
+            layers.append(Layer(name, ps, ns))
+
+    if isinstance(shared, nn.Module):
+        for mname, mod in shared.named_modules():
+            add(mname or "<root>",
+                ((f"{mname}.{n}" if mname else n, p) for n, p in mod.named_parameters(
+                    recurse=False)))
+    elif isinstance(shared, dict):
+        for lname, group in shared.items():
+            if isinstance(group, nn.Module):
+                group = group.parameters()
+            elif isinstance(group, Tensor):
+                group = [group]
+            add(str(lname), ((f"{lname}[{j}]", p) for j, p in enumerate(group)))
+    else:
+        for j, item in enumerate(shared):
+            if isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str):
+                add(item[0], [item])
+            else:
+                add(f"{prefix}[{j}]", [(f"{prefix}[{j}]", item)])
+    return layers
+
+
+class FlatParams:
+    """Parameters packed into flat per-dtype buffers, with a segment table of layers.
+
+    Args:
+        params: an ``nn.Module``, an iterable of tensors or ``(name, tensor)`` pairs, or a
+            dict of user-named layers (see the module docstring for the layer rule).
+        prefix: used in names and error messages (``"shared"``, ``"heads"``).
+    """
+
+    def __init__(self, params: nn.Module | Iterable | dict, prefix: str = "params") -> None:
+        self.prefix = prefix
+        self.layers = _layers_from(params, prefix)
+        self.params: list[Tensor] = [p for la in self.layers for p in la.params]
+        if not self.params:
+            raise ValueError(f"{prefix}: no trainable parameters")
+        devices = {p.device for p in self.params}
+        if len(devices) > 1:
+            raise ValueError(f"{prefix}: parameters are on mixed devices "
+                             f"{sorted(str(d) for d in devices)}; put them on one device")
+        self.device = self.params[0].device
+        for la in self.layers:
+            for p, n in zip(la.params, la.param_names):
+                if p.dtype not in FLOAT_DTYPES:
+                    raise ValueError(f"{prefix}: parameter {n!r} has dtype {p.dtype}; only "
+                                     f"float16/bfloat16/float32/float64 are supported")
+                if not p.is_leaf:
+                    raise ValueError(f"{prefix}: parameter {n!r} is not a leaf tensor")
+                if p.is_sparse:
+                    raise ValueError(f"{prefix}: parameter {n!r} is sparse")
+        self.buckets: list[Bucket] = []
+        by_dtype: dict[torch.dtype, Bucket] = {}
+        for li, la in enumerate(self.layers):
+            for p, n in zip(la.params, la.param_names):
+                b = by_dtype.get(p.dtype)
+                if b is None:
+                    b = by_dtype[p.dtype] = Bucket(p.dtype, self.device)
+                    self.buckets.append(b)
+                if not b.seg_layers or b.seg_layers[-1] != li:
+                    b.seg_layers.append(li)
+                b.params.append(p)
+                b.names.append(n)
+                b.starts.append(b.numel)
+                b.layer_of.append(li)
+                b.numel += p.numel()
+        for b in self.buckets:
+            self._pack(b)
+        self.numel = sum(b.numel for b in self.buckets)
+        self.layer_names = [la.name for la in self.layers]
+
+    # -- construction -----------------------------------------------------------------------
+    @staticmethod
+    def _pack(b: Bucket) -> None:
+        b.data = torch.empty(b.numel, dtype=b.dtype, device=b.device)
+        b.grad = torch.zeros(b.numel, dtype=b.dtype, device=b.device)
+        seg_bounds: list[int] = []
+        for j, (p, s) in enumerate(zip(b.params, b.starts)):
+            if j == 0 or b.layer_of[j] != b.layer_of[j - 1]:
+                seg_bounds.append(s)
+            n = p.numel()
+            view = b.data[s:s + n]
+            with torch.no_grad():
+                view.copy_(p.detach().reshape(-1))
+            p.data = view.view(p.shape)
+            if p.grad is not None:
+                b.grad[s:s + n].copy_(p.grad.detach().reshape(-1))
+            g = b.grad[s:s + n].view(p.shape)
+            p.grad = g
+            b.grad_views.append(g)
+        seg_bounds.append(b.numel)
+        b.seg_offsets = torch.tensor(seg_bounds, dtype=torch.int64)
+
+    # -- gradients ----------------------------------------------------------------------------
+    def attach_grads(self) -> None:
+        """Re-point ``p.grad`` to the flat views if anything replaced or dropped them.
+
+        ``model.zero_grad()`` (``set_to_none=True``) inside a closure would otherwise make
+        autograd write fresh tensors that the flat buffer never sees.
+        """
+        for b in self.buckets:
+            for p, g in zip(b.params, b.grad_views):
+                if p.grad is not g:
+                    p.grad = g
+
+    def zero_grad(self) -> None:
+        for b in self.buckets:
+            b.grad.zero_()
+
+    def check_data_attached(self) -> None:
+        """Raise if a parameter was re-pointed away from its flat view (``p.data = ...``)."""
+        for b in self.buckets:
+            base = b.data.data_ptr()
+            item = b.data.element_size()
+            for p, s, n in zip(b.params, b.starts, b.names):
+                if p.data_ptr() != base + s * item:
+                    raise RuntimeError(f"{self.prefix}: parameter {n!r} no longer lives in the "
+                                       "flat buffer (was p.data reassigned?)")
+
+    # -- layers -------------------------------------------------------------------------------
+    def layer_index(self, spec: int | str) -> int:
+        """Index of a layer given by position (negative allowed) or by name."""
+        n = len(self.layers)
+        if isinstance(spec, bool):
+            raise ValueError(f"layer spec must be an int or a name, got {spec!r}")
+        if isinstance(spec, int):
+            if not -n <= spec < n:
+                raise ValueError(f"layer index {spec} out of range for {n} layers")
+            return spec % n
+        if isinstance(spec, str):
+            if spec in self.layer_names:
+                return self.layer_names.index(spec)
+            raise ValueError(f"unknown layer {spec!r}; layers are {self.layer_names}")
+        raise ValueError(f"layer spec must be an int or a name, got {spec!r}")
+
+    def sampled_tables(self, layer_ids: Sequence[int], compact: bool
+                       ) -> list[tuple[Tensor, Tensor, Tensor, int]]:
+        """Per bucket ``(starts, lengths, local_starts, M)`` for the sampled layers.
+
+        ``compact=True`` lays the sampled layers out back to back in an ``[K, M]`` local
+        buffer; ``compact=False`` addresses them at their flat offsets (local rows are full
+        ``[K, N]`` rows, e.g. the previous step's SAM gradients).
+        """
+        out = []
+        wanted = set(layer_ids)
+        for b in self.buckets:
+            starts, lengths, lstarts, m = [], [], [], 0
+            for s, li in enumerate(b.seg_layers):
+                if li in wanted:
+                    a, e = int(b.seg_offsets[s]), int(b.seg_offsets[s + 1])
+                    starts.append(a)
+                    lengths.append(e - a)
+                    lstarts.append(m if compact else a)
+                    m += e - a
+            t = lambda v: torch.tensor(v, dtype=torch.int64)  # noqa: E731
+            out.append((t(starts), t(lengths), t(lstarts), m if compact else b.numel))
+        return out
+
+    def layer_params(self, layer_ids: Sequence[int]) -> list[Tensor]:
+        """The parameters of the given layers in flat order (bucket by bucket)."""
+        wanted = set(layer_ids)
+        return [p for b in self.buckets for p, li in zip(b.params, b.layer_of) if li in wanted]
+
+    def local_views(self, locals_: list[Tensor], task: int, layer_ids: Sequence[int]
+                    ) -> list[Tensor]:
+        """Views into row ``task`` of the compact local buffers, aligned with
+        :meth:`layer_params` (so a list of per-parameter gradients can be copied in at once)."""
+        wanted = set(layer_ids)
+        views = []
+        for b, loc in zip(self.buckets, locals_):
+            m = 0
+            for p, li in zip(b.params, b.layer_of):
+                if li in wanted:
+                    views.append(loc[task, m:m + p.numel()].view(p.shape))
+                    m += p.numel()
+        return views
+
+    def segment_layers(self) -> list[Tensor]:
+        """Per bucket: the global layer index of each segment (int64, for ``index_add_``)."""
+        return [torch.tensor(b.seg_layers, dtype=torch.int64, device=self.device)
+                for b in self.buckets]
+
+    # -- checks ---------------------------------------------------------------------------------
+    def names_not_in(self, reached: set[int]) -> list[str]:
+        """Names of parameters whose ``id`` is not in ``reached`` (a set of tensor ids)."""
+        return [n for b in self.buckets for p, n in zip(b.params, b.names) if id(p) not in reached]
+
+    def ids(self) -> set[int]:
+        return {id(p) for p in self.params}
+
+    def layer_param_ids(self, layer: int) -> set[int]:
+        return {id(p) for p in self.layers[layer].params}

@@ -1,0 +1,29 @@
+"""Ops: validated, backend-dispatched entry points over flat buffers.
+
+Each op has one pure-torch reference in :mod:`mtlsam_ext.kernels.torch_ref`; ``backend``
+selects who runs it (see :mod:`mtlsam_ext.ops.dispatch`).
+"""
+
+from mtlsam_ext.ops.core import (
+    combine_,
+    gl_layer_stats,
+    gram,
+    mix_perturb_,
+    restore_,
+    segment_sumsq,
+    sub_,
+)
+from mtlsam_ext.ops.dispatch import BACKENDS, available_backends, resolve_backend
+
+__all__ = [
+    "BACKENDS",
+    "available_backends",
+    "combine_",
+    "gl_layer_stats",
+    "gram",
+    "mix_perturb_",
+    "resolve_backend",
+    "restore_",
+    "segment_sumsq",
+    "sub_",
+]

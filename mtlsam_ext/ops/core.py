@@ -1,0 +1,97 @@
+"""The op entry points: validate arguments, pick a backend, call its kernel."""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from mtlsam_ext.ops import validate
+from mtlsam_ext.ops.dispatch import kernels, resolve_backend
+
+
+def _k(backend: str, like: Tensor):
+    if backend not in ("torch", "ext", "triton"):
+        backend = resolve_backend(backend, like.device)
+    return kernels(backend)
+
+
+def segment_sumsq(x: Tensor, offsets: Tensor, scale: Tensor | None = None, *,
+                  backend: str = "auto") -> Tensor:
+    """Per-segment ``sum (T x)^2``; see :func:`mtlsam_ext.kernels.torch_ref.segment_sumsq`."""
+    validate.flat("x", x)
+    validate.offsets("offsets", offsets, x.numel())
+    if scale is not None:
+        validate.flat("scale", scale, like=x)
+    return _k(backend, x).segment_sumsq(x, offsets, scale)
+
+
+def gl_layer_stats(g0: Tensor, local: Tensor, starts: Tensor, lengths: Tensor,
+                   local_starts: Tensor, scale: Tensor | None = None, *,
+                   backend: str = "auto") -> tuple[Tensor, Tensor]:
+    """Per sampled layer ``<T g0, T ghat_i>`` and ``||T ghat_i||^2`` for all tasks in one read."""
+    validate.flat("g0", g0)
+    validate.rows("local", local)
+    if local.device != g0.device or local.dtype != g0.dtype:
+        raise ValueError(f"local ({local.dtype}, {local.device}) must match g0 "
+                         f"({g0.dtype}, {g0.device})")
+    validate.sampled(starts, lengths, local_starts, g0.numel(), local.shape[1])
+    if scale is not None:
+        validate.flat("scale", scale, like=g0)
+    return _k(backend, g0).gl_layer_stats(g0, local, starts, lengths, local_starts, scale)
+
+
+def mix_perturb_(param: Tensor, backup: Tensor, g0: Tensor, coef: Tensor, offsets: Tensor,
+                 local: Tensor | None = None, local_coef: Tensor | None = None,
+                 starts: Tensor | None = None, lengths: Tensor | None = None,
+                 local_starts: Tensor | None = None, *, adaptive: bool = False,
+                 save_backup: bool = True, backend: str = "auto") -> None:
+    """``theta = theta0 + T^2 (a g0 + b ghat)`` in place, ``theta0`` kept in ``backup``."""
+    validate.flat("param", param)
+    validate.flat("backup", backup, like=param)
+    validate.flat("g0", g0, like=param)
+    validate.offsets("offsets", offsets, param.numel())
+    if coef.dim() != 1 or coef.numel() != offsets.numel() - 1:
+        raise ValueError(f"coef must hold one value per segment ({offsets.numel() - 1}), "
+                         f"got shape {tuple(coef.shape)}")
+    if local is not None:
+        validate.flat("local", local, like=None)
+        if local.dtype != param.dtype or local.device != param.device:
+            raise ValueError("local must match param's dtype and device")
+        if local_coef is None or starts is None or lengths is None or local_starts is None:
+            raise ValueError("local needs local_coef, starts, lengths and local_starts")
+        validate.sampled(starts, lengths, local_starts, param.numel(), local.numel())
+        if local_coef.dim() != 1 or local_coef.numel() != starts.numel():
+            raise ValueError("local_coef must hold one value per sampled segment")
+    _k(backend, param).mix_perturb_(param, backup, g0, coef, offsets, local, local_coef, starts,
+                                    lengths, local_starts, adaptive, save_backup)
+
+
+def restore_(param: Tensor, backup: Tensor, *, backend: str = "auto") -> None:
+    """Bit-exact restore of the parameters saved by :func:`mix_perturb_`."""
+    validate.flat("param", param)
+    validate.flat("backup", backup, like=param)
+    _k(backend, param).restore_(param, backup)
+
+
+def gram(rows: Tensor, *, backend: str = "auto") -> Tensor:
+    """K x K Gram matrix of an ``[K, N]`` row matrix, in the accumulation dtype."""
+    validate.rows("rows", rows)
+    return _k(backend, rows).gram(rows)
+
+
+def combine_(out: Tensor, rows: Tensor, weights: Tensor, *, backend: str = "auto") -> None:
+    """``out = sum_i w_i rows_i`` written into the flat buffer ``out``."""
+    validate.flat("out", out)
+    validate.rows("rows", rows, out.numel())
+    if rows.dtype != out.dtype or rows.device != out.device:
+        raise ValueError("rows must match out's dtype and device")
+    if weights.dim() != 1 or weights.numel() != rows.shape[0]:
+        raise ValueError(f"weights must have {rows.shape[0]} entries, got shape "
+                         f"{tuple(weights.shape)}")
+    _k(backend, out).combine_(out, rows, weights)
+
+
+def sub_(rows: Tensor, other: Tensor, *, backend: str = "auto") -> None:
+    """``rows -= other`` (F-MTL's flat gradients over the SAM rows, in place)."""
+    if rows.shape != other.shape or rows.dtype != other.dtype or rows.device != other.device:
+        raise ValueError("sub_ needs two tensors of equal shape, dtype and device")
+    _k(backend, rows).sub_(rows, other)

@@ -1,0 +1,92 @@
+"""Backend resolution: which kernel module runs an op on given tensors.
+
+``auto`` picks the compiled extension, then Triton, then torch on CUDA tensors, and the
+compiled extension, then torch on CPU tensors (DESIGN.md §2). The environment variable
+``MTLSAM_BACKEND`` overrides ``auto``; an explicit backend that is not available is an error,
+never a silent fallback.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from types import ModuleType
+
+import torch
+
+BACKENDS = ("auto", "torch", "ext", "triton")
+
+
+def _load_ext() -> ModuleType | None:
+    try:
+        return importlib.import_module("mtlsam_ext.kernels.ext")
+    except ImportError:
+        return None
+
+
+def _load_triton() -> ModuleType | None:
+    try:
+        return importlib.import_module("mtlsam_ext.kernels.triton_kernels")
+    except ImportError:
+        return None
+
+
+def available_backends(device: torch.device | str = "cpu") -> list[str]:
+    """Backends that can run on ``device``, in the order ``auto`` tries them."""
+    device = torch.device(device)
+    found = []
+    ext = _load_ext()
+    if ext is not None and ext.supports(device):
+        found.append("ext")
+    if device.type == "cuda":
+        tri = _load_triton()
+        if tri is not None and tri.supports(device):
+            found.append("triton")
+    found.append("torch")
+    return found
+
+
+def check_backend_name(name: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    return name
+
+
+def resolve_backend(requested: str, device: torch.device | str) -> str:
+    """Turn ``requested`` (or ``MTLSAM_BACKEND`` when ``auto``) into a concrete backend name."""
+    check_backend_name(requested)
+    if requested == "auto":
+        env = os.environ.get("MTLSAM_BACKEND", "auto")
+        if env not in BACKENDS:
+            raise ValueError(f"MTLSAM_BACKEND must be one of {BACKENDS}, got {env!r}")
+        requested = env
+    device = torch.device(device)
+    usable = available_backends(device)
+    if requested == "auto":
+        return usable[0]
+    if requested not in usable:
+        why = {
+            "ext": "the compiled extension mtlsam_ext._C is not built for this device "
+                   "(install with a C++ compiler, and a CUDA toolkit for GPU tensors)",
+            "triton": "Triton kernels need CUDA tensors and the optional 'triton' package "
+                      "(pip install mtlsam_ext[triton])",
+        }[requested]
+        raise RuntimeError(f"backend={requested!r} is not available on {device}: {why}")
+    return requested
+
+
+def kernels(backend: str) -> ModuleType:
+    """The kernel module implementing ``backend`` (already resolved)."""
+    if backend == "torch":
+        from mtlsam_ext.kernels import torch_ref
+
+        return torch_ref
+    if backend == "ext":
+        mod = _load_ext()
+    elif backend == "triton":
+        mod = _load_triton()
+    else:
+        raise ValueError(f"unresolved backend {backend!r}")
+    if mod is None:
+        raise RuntimeError(f"backend {backend!r} is not available")
+    return mod

@@ -1,0 +1,74 @@
+"""Argument checks shared by the ops: clear ``ValueError``s before any kernel touches memory."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def flat(name: str, x: Tensor, like: Tensor | None = None) -> None:
+    """``x`` must be a contiguous 1-D floating tensor (matching ``like``'s device and dtype)."""
+    if not isinstance(x, Tensor):
+        raise ValueError(f"{name} must be a tensor, got {type(x).__name__}")
+    if x.dim() != 1:
+        raise ValueError(f"{name} must be 1-D (a flat buffer), got shape {tuple(x.shape)}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{name} must be a float16/bfloat16/float32/float64 tensor, "
+                         f"got {x.dtype}")
+    if not x.is_contiguous():
+        raise ValueError(f"{name} must be contiguous")
+    if like is not None:
+        same(name, x, like)
+
+
+def rows(name: str, x: Tensor, n: int | None = None) -> None:
+    """``x`` must be a contiguous ``[R, N]`` floating matrix (with ``N == n`` when given)."""
+    if x.dim() != 2:
+        raise ValueError(f"{name} must be a 2-D [rows, N] matrix, got shape {tuple(x.shape)}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{name} must be floating, got {x.dtype}")
+    if not x.is_contiguous():
+        raise ValueError(f"{name} must be contiguous")
+    if n is not None and x.shape[1] != n:
+        raise ValueError(f"{name} has {x.shape[1]} columns, expected {n}")
+
+
+def same(name: str, x: Tensor, like: Tensor) -> None:
+    if x.device != like.device:
+        raise ValueError(f"{name} is on {x.device}, expected {like.device}")
+    if x.dtype != like.dtype:
+        raise ValueError(f"{name} has dtype {x.dtype}, expected {like.dtype}")
+    if x.dim() == 1 and like.dim() == 1 and x.numel() != like.numel():
+        raise ValueError(f"{name} has {x.numel()} elements, expected {like.numel()}")
+
+
+def offsets(name: str, off: Tensor, n: int) -> None:
+    """A segment table: int64, 1-D, starts at 0, non-decreasing, ends at ``n``."""
+    if off.dtype != torch.int64 or off.dim() != 1 or off.numel() < 1:
+        raise ValueError(f"{name} must be a non-empty 1-D int64 tensor of segment offsets")
+    if off.device.type != "cpu":
+        return  # device tables are checked by the kernels that read them
+    if int(off[0]) != 0 or int(off[-1]) != n:
+        raise ValueError(f"{name} must start at 0 and end at {n}, got "
+                         f"[{int(off[0])}, ..., {int(off[-1])}]")
+    if off.numel() > 1 and bool((off[1:] < off[:-1]).any()):
+        raise ValueError(f"{name} must be non-decreasing")
+
+
+def sampled(starts: Tensor, lengths: Tensor, local_starts: Tensor, n: int, m: int) -> None:
+    """A sampled-segment table: equal-length int64 vectors, every range inside its buffer."""
+    for nm, t in (("starts", starts), ("lengths", lengths), ("local_starts", local_starts)):
+        if t.dtype != torch.int64 or t.dim() != 1:
+            raise ValueError(f"sampled {nm} must be a 1-D int64 tensor")
+    if not starts.numel() == lengths.numel() == local_starts.numel():
+        raise ValueError("sampled starts, lengths and local_starts must have equal length")
+    if starts.device.type != "cpu" or starts.numel() == 0:
+        return
+    if bool((starts < 0).any() or (lengths < 0).any() or (local_starts < 0).any()):
+        raise ValueError("sampled segment table has negative entries")
+    if bool((starts + lengths > n).any()):
+        raise ValueError(f"a sampled segment runs past the flat buffer ({n} elements)")
+    if bool((local_starts + lengths > m).any()):
+        raise ValueError(f"a sampled segment runs past the local-gradient buffer ({m} columns)")

@@ -1,0 +1,384 @@
+"""The passes of one step for each method, written against flat buffers and fused ops.
+
+``step_gl`` (global-local sampled SAM, report Alg. 1), ``step_fmtl`` (F-MTL, Phan et al.
+Alg. 1), ``step_sam`` (SAM on the weighted average loss, then the aggregator at the perturbed
+point) and ``step_erm`` (the aggregator alone). Each returns the K losses at the unperturbed
+point; the shared update is left in the flat gradient buffer and head i's gradient in its
+segment of the heads' buffer, for the base optimizer to apply.
+
+Gradients reach the flat buffers because ``p.grad`` are views of them and autograd
+accumulates in place; a per-task gradient is ``zero -> backward -> copy into row i``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from mtlsam_ext import ops
+from mtlsam_ext.optim.checks import finite_report
+from mtlsam_ext.optim.perturbation import global_local_coefs, safe_scale
+
+if TYPE_CHECKING:
+    from mtlsam_ext.optim.mtlsam import MTLSAM
+
+
+def _whole(n: int) -> Tensor:
+    return torch.tensor([0, n], dtype=torch.int64)
+
+
+class Run:
+    """State of one step in flight: backups, finiteness checks and the undo path."""
+
+    def __init__(self, opt: MTLSAM, closure: Callable[[], Any]) -> None:
+        self.opt = opt
+        self.closure = closure
+        self.be = opt.backend
+        self.shared = opt.shared
+        self.heads = opt.heads
+        self.checks: list[Tensor] = []
+        self.unperturbed: Tensor | None = None
+        self.perturbed_losses: list[Tensor] = []
+        self.shared_saved = False
+        self.heads_saved = False
+        self.backup = opt.buffers("backup", 1)
+        self.head_backup = opt.buffers("head_backup", 1, self.heads) if self.heads else []
+        self.on_commit: list[Callable[[], None]] = []
+
+    # -- closure and losses ---------------------------------------------------------------------
+    def first_losses(self) -> list[Tensor]:
+        losses = self.opt.call_closure(self.closure)
+        self.opt.check_graph(losses)
+        self.k = len(losses)
+        self.unperturbed = torch.stack([loss.detach() for loss in losses])
+        self.checks.append(self.unperturbed)
+        return losses
+
+    def perturbed_loss(self, i: int) -> Tensor:
+        loss = self.opt.call_closure(self.closure)[i]
+        self.perturbed_losses.append(loss.detach())
+        self.checks.append(loss.detach().reshape(1))
+        return loss
+
+    def average_loss(self, losses: list[Tensor]) -> Tensor:
+        w = self.opt.task_weights(len(losses), losses[0].device)
+        with torch.enable_grad():
+            return sum(w[i].to(loss.dtype) * loss for i, loss in enumerate(losses))
+
+    # -- gradients ------------------------------------------------------------------------------
+    def zero_shared(self) -> None:
+        self.shared.zero_grad()
+
+    def zero_all(self) -> None:
+        self.shared.zero_grad()
+        if self.heads is not None:
+            self.heads.zero_grad()
+
+    def grads(self) -> list[Tensor]:
+        return [b.grad for b in self.shared.buckets]
+
+    def capture(self, rows: list[Tensor], i: int) -> None:
+        """Row ``i`` of the per-bucket row matrices := the current shared gradient."""
+        for r, b in zip(rows, self.shared.buckets):
+            r[i].copy_(b.grad)
+
+    def gram(self, rows: list[Tensor]) -> Tensor:
+        grams = [ops.gram(r, backend=self.be) for r in rows]
+        g = grams[0] if len(grams) == 1 else sum(x.double() for x in grams)
+        self.checks.append(g.reshape(-1))
+        return g
+
+    def combine(self, rows: list[Tensor], w: Tensor) -> None:
+        for r, b in zip(rows, self.shared.buckets):
+            ops.combine_(b.grad, r, w, backend=self.be)
+
+    def aggregate(self, gram: Tensor) -> Tensor:
+        w = self.opt.aggregate(gram)
+        self.checks.append(w.reshape(-1))
+        return w
+
+    # -- norms ----------------------------------------------------------------------------------
+    def _scale(self, b) -> Tensor | None:
+        return b.data if self.opt.adaptive else None
+
+    def global_coef(self, vecs: list[Tensor], rho: float) -> Tensor:
+        """``rho / ||T v||`` over all buckets (0 for a zero vector)."""
+        sq = sum(ops.segment_sumsq(v, _whole(v.numel()), self._scale(b), backend=self.be)
+                 .double() for v, b in zip(vecs, self.shared.buckets))
+        return safe_scale(rho, sq.sqrt())
+
+    def head_coefs(self) -> Tensor:
+        """``rho_heads / ||T g_ns^i||`` per head, from the heads' current gradients."""
+        h = self.heads
+        sq = torch.zeros(len(h.layers), dtype=torch.float64, device=h.device)
+        for b, seg in zip(h.buckets, h.segment_layers()):
+            s = ops.segment_sumsq(b.grad, b.seg_offsets, b.data if self.opt.adaptive else None,
+                                  backend=self.be)
+            sq.index_add_(0, seg, s.double())
+        return safe_scale(self.opt.rho_heads, sq.sqrt())
+
+    # -- perturbation -------------------------------------------------------------------------
+    def perturb_shared(self, directions: list[Tensor], coefs: list[Tensor],
+                       offsets: list[Tensor], local: list[Tensor | None] | None = None,
+                       local_coefs: list[Tensor] | None = None,
+                       tables: list[tuple[Tensor, Tensor, Tensor, int]] | None = None) -> None:
+        first = not self.shared_saved
+        for j, b in enumerate(self.shared.buckets):
+            kw: dict[str, Any] = {}
+            if local is not None and local[j] is not None and tables[j][0].numel():
+                st, ln, ls, _ = tables[j]
+                kw = dict(local=local[j], local_coef=local_coefs[j], starts=st, lengths=ln,
+                          local_starts=ls)
+            ops.mix_perturb_(b.data, self.backup[j][0], directions[j],
+                             coefs[j].to(b.dtype if b.dtype == torch.float64 else torch.float32),
+                             offsets[j], adaptive=self.opt.adaptive, save_backup=first,
+                             backend=self.be, **kw)
+        self.shared_saved = True
+
+    def restore_shared(self) -> None:
+        if self.shared_saved:
+            for j, b in enumerate(self.shared.buckets):
+                ops.restore_(b.data, self.backup[j][0], backend=self.be)
+            self.shared_saved = False
+
+    def save_heads(self) -> None:
+        if self.heads is not None and not self.heads_saved:
+            for j, b in enumerate(self.heads.buckets):
+                self.head_backup[j][0].copy_(b.data)
+            self.heads_saved = True
+
+    def perturb_head(self, i: int, coef: Tensor, zero_grad_after: bool = True) -> None:
+        """Head i := backup + coef T^2 g_ns^i (its own gradient), then zero its gradient."""
+        if self.heads is None:
+            return
+        self.save_heads()
+        for j, b in enumerate(self.heads.buckets):
+            s, e = b.layer_range(i)
+            if e == s:
+                continue
+            acc = torch.float64 if b.dtype == torch.float64 else torch.float32
+            ops.mix_perturb_(b.data[s:e], self.head_backup[j][0][s:e], b.grad[s:e],
+                             coef[i:i + 1].to(acc), _whole(e - s), adaptive=self.opt.adaptive,
+                             save_backup=False, backend=self.be)
+            if zero_grad_after:
+                b.grad[s:e].zero_()
+
+    def restore_head(self, i: int) -> None:
+        if self.heads is None or not self.heads_saved:
+            return
+        for j, b in enumerate(self.heads.buckets):
+            s, e = b.layer_range(i)
+            if e > s:
+                ops.restore_(b.data[s:e], self.head_backup[j][0][s:e], backend=self.be)
+
+    def restore_all(self) -> None:
+        self.restore_shared()
+        if self.heads is not None and self.heads_saved:
+            for j, b in enumerate(self.heads.buckets):
+                ops.restore_(b.data, self.head_backup[j][0], backend=self.be)
+            self.heads_saved = False
+
+    # -- end of step ----------------------------------------------------------------------------
+    def all_finite(self) -> Tensor:
+        return torch.stack([torch.isfinite(c).all() for c in self.checks]).all()
+
+    def nonfinite_message(self) -> str:
+        parts = [finite_report(list(self.unperturbed), "loss")]
+        if self.perturbed_losses:
+            bad = [i for i, v in enumerate(self.perturbed_losses)
+                   if not bool(torch.isfinite(v).all())]
+            if bad:
+                parts.append(f"loss at the perturbed point not finite for task(s) {bad}")
+        msg = "; ".join(p for p in parts if p)
+        return ("non-finite values in the step (" + (msg or "gradients, Gram matrix or "
+                "aggregator weights are NaN/Inf") + "); parameters left unchanged")
+
+    def commit(self) -> None:
+        for fn in self.on_commit:
+            fn()
+
+
+# -- methods ------------------------------------------------------------------------------------
+def _per_task_rows(run: Run, losses: list[Tensor], rows: list[Tensor], first_row: int = 0
+                   ) -> None:
+    """Rows ``first_row + i`` := the shared gradient of ``losses[i]`` (K backward passes).
+
+    Heads accumulate across the passes, which leaves head i with its own gradient since only
+    loss i reaches it (checked on the first step).
+    """
+    k = len(losses)
+    for i, loss in enumerate(losses):
+        if i:
+            run.zero_shared()
+        loss.backward(retain_graph=i < k - 1)
+        run.capture(rows, first_row + i)
+
+
+def _finish(run: Run, rows: list[Tensor]) -> None:
+    w = run.aggregate(run.gram(rows))
+    run.combine(rows, w)
+
+
+def step_erm(run: Run) -> Tensor:
+    """No perturbation: per-task gradients, then ``d = M(g_1..g_K)`` (the cost baseline)."""
+    losses = run.first_losses()
+    rows = run.opt.buffers("rows", run.k)
+    run.zero_all()
+    _per_task_rows(run, losses, rows)
+    _finish(run, rows)
+    return run.unperturbed
+
+
+def step_sam(run: Run) -> Tensor:
+    """SAM on ``l_0 = sum w_i l_i`` (Foret et al. eq. 2), then ``M`` of the per-task gradients
+    at the perturbed point; heads perturbed by their own normalised gradients."""
+    opt = run.opt
+    losses = run.first_losses()
+    run.zero_all()
+    run.average_loss(losses).backward()
+    coef = run.global_coef(run.grads(), opt.rho)
+    hc = run.head_coefs() if run.heads is not None else None
+    offs = [_whole(b.numel) for b in run.shared.buckets]
+    run.perturb_shared(run.grads(), [coef.reshape(1)] * len(offs), offs)
+    if hc is not None:
+        for i in range(run.k):
+            run.perturb_head(i, hc, zero_grad_after=False)
+        run.heads.zero_grad()
+    run.zero_shared()
+    pert = opt.call_closure(run.closure)
+    run.perturbed_losses.extend(x.detach() for x in pert)
+    run.checks.append(torch.stack([x.detach() for x in pert]))
+    rows = opt.buffers("rows", run.k)
+    _per_task_rows(run, pert, rows)
+    run.restore_all()
+    _finish(run, rows)
+    return run.unperturbed
+
+
+def step_fmtl(run: Run) -> Tensor:
+    """F-MTL (Phan et al., Alg. 1): per task ``g_loss``, ``eps_i = rho g_loss/||g_loss||``,
+    ``g_SAM`` at ``theta + eps_i``, ``g_flat = g_SAM - g_loss``; shared update
+    ``M(g_loss) + M(g_flat)`` (``decompose``) or ``M(g_SAM)``. Rows 0..K-1 hold the loss
+    gradients, rows K..2K-1 the SAM (then flat) gradients: (2K + 1) |theta_sh| with the backup.
+    """
+    opt = run.opt
+    losses = run.first_losses()
+    k = run.k
+    rows = opt.buffers("rows2", 2 * k)
+    run.zero_all()
+    _per_task_rows(run, losses, rows)
+    hc = run.head_coefs() if run.heads is not None else None
+    offs = [_whole(b.numel) for b in run.shared.buckets]
+    coefs = [run.global_coef([r[i] for r in rows], opt.rho) for i in range(k)]
+    for i in range(k):
+        run.perturb_shared([r[i] for r in rows], [coefs[i].reshape(1)] * len(offs), offs)
+        if hc is not None:
+            run.perturb_head(i, hc)
+        run.zero_shared()
+        run.perturbed_loss(i).backward()
+        run.capture(rows, k + i)
+        run.restore_head(i)
+    run.restore_shared()
+    if opt.decompose:
+        for r in rows:
+            ops.sub_(r[k:], r[:k], backend=run.be)
+        g = run.gram(rows)
+        w = torch.cat([run.aggregate(g[:k, :k].contiguous()),
+                       run.aggregate(g[k:, k:].contiguous()).to(g.dtype)])
+        run.combine(rows, w)
+    else:
+        sam_rows = [r[k:] for r in rows]
+        _finish(run, sam_rows)
+    return run.unperturbed
+
+
+def step_gl(run: Run) -> Tensor:
+    """Global-local sampled SAM (report Alg. 1, DESIGN.md §1a): one average-loss gradient g0,
+    task-local gradients on the sampled layers only, per-layer mixed and magnitude-matched
+    perturbations, then K SAM gradients and ``d = M(g_1^SAM..g_K^SAM)``."""
+    opt = run.opt
+    sh = run.shared
+    losses = run.first_losses()
+    k = run.k
+    sampled = opt.sampled_layers
+    if opt._tables is None:
+        opt._tables = sh.sampled_tables(sampled, compact=True)
+    tables = opt._tables
+    lag = opt._buffers.get("lag")
+    if opt.local_grad == "lagged" and opt._lag_valid and lag is not None \
+            and all(t.shape == (k, tb[3]) for t, tb in zip(lag, tables)):
+        local = lag  # the previous step's SAM gradients on the sampled layers
+    else:
+        local = [torch.zeros(k, t[3], dtype=b.dtype, device=b.device)
+                 for t, b in zip(tables, sh.buckets)]
+        params_s = sh.layer_params(sampled)
+        for i in range(k):
+            got = torch.autograd.grad(losses[i], params_s, retain_graph=True, allow_unused=True)
+            views = sh.local_views(local, i, sampled)
+            torch._foreach_copy_([v for v, g in zip(views, got) if g is not None],
+                                 [g for g in got if g is not None])
+    run.zero_all()
+    run.average_loss(losses).backward()
+    g0 = opt.buffers("g0", 1)
+    for j, b in enumerate(sh.buckets):
+        g0[j][0].copy_(b.grad)
+    hc = run.head_coefs() if run.heads is not None else None
+
+    n_layers = len(sh.layers)
+    dev = sh.device
+    layer_sq = torch.zeros(n_layers, dtype=torch.float64, device=dev)
+    dots = torch.zeros(k, n_layers, dtype=torch.float64, device=dev)
+    loc_sq = torch.zeros_like(dots)
+    seg_layers = sh.segment_layers()
+    samp_layers = []
+    for j, b in enumerate(sh.buckets):
+        scale = b.data if opt.adaptive else None
+        layer_sq.index_add_(0, seg_layers[j], ops.segment_sumsq(
+            g0[j][0], b.seg_offsets, scale, backend=run.be).double())
+        st, ln, ls, _ = tables[j]
+        ids = torch.tensor([li for li in b.seg_layers if li in sampled], dtype=torch.int64,
+                           device=dev)
+        samp_layers.append(ids)
+        if st.numel():
+            d, q = ops.gl_layer_stats(g0[j][0], local[j], st, ln, ls, scale, backend=run.be)
+            dots.index_add_(1, ids, d.double())
+            loc_sq.index_add_(1, ids, q.double())
+    mask = torch.zeros(n_layers, dtype=torch.bool, device=dev)
+    mask[sampled] = True
+    coef_a, coef_b = global_local_coefs(layer_sq, dots, loc_sq, mask, opt.rho, opt.alpha,
+                                        opt.norm)
+
+    rows = opt.buffers("rows", k)
+    offs = [b.seg_offsets for b in sh.buckets]
+    for i in range(k):
+        run.perturb_shared([g[0] for g in g0], [coef_a[i, s] for s in seg_layers], offs,
+                           local=[loc[i] for loc in local],
+                           local_coefs=[coef_b[i, ids] for ids in samp_layers], tables=tables)
+        if hc is not None:
+            run.perturb_head(i, hc)
+        run.zero_shared()
+        run.perturbed_loss(i).backward()
+        run.capture(rows, i)
+        run.restore_head(i)
+    run.restore_shared()
+    _finish(run, rows)
+
+    if opt.local_grad == "lagged":
+
+        def keep_lagged() -> None:
+            # Next step's local gradients: this step's SAM rows on the sampled layers. Written
+            # only once the step has succeeded, so a failed step leaves the history intact.
+            lag = opt._buffers.get("lag")
+            if lag is None or lag[0].shape[0] != k:
+                lag = opt._buffers["lag"] = [torch.empty(k, t[3], dtype=b.dtype, device=b.device)
+                                             for t, b in zip(tables, sh.buckets)]
+            for r, t, dst in zip(rows, tables, lag):
+                for s, n, ls in zip(t[0].tolist(), t[1].tolist(), t[2].tolist()):
+                    dst[:, ls:ls + n].copy_(r[:, s:s + n])
+            opt._lag_valid = True
+
+        run.on_commit.append(keep_lagged)
+    return run.unperturbed
