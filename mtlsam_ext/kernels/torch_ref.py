@@ -117,7 +117,10 @@ def restore_(param: Tensor, backup: Tensor) -> None:
 def gram(rows: Tensor) -> Tensor:
     """``G[i, j] = <m_i, m_j>`` of an ``[R, N]`` matrix (DESIGN.md §1c), accumulated in fp32/fp64."""
     m = rows.to(acc_dtype(rows.dtype))
-    return m @ m.T
+    g = m @ m.T
+    # BLAS need not give G[i, j] == G[j, i] bit for bit; mirror the upper triangle so the
+    # aggregators always see an exactly symmetric matrix.
+    return torch.triu(g) + torch.triu(g, 1).T
 
 
 def combine_(out: Tensor, rows: Tensor, weights: Tensor) -> None:

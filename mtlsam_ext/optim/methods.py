@@ -285,10 +285,11 @@ def step_fmtl(run: Run) -> Tensor:
     if opt.decompose:
         for r in rows:
             ops.sub_(r[k:], r[:k], backend=run.be)
-        g = run.gram(rows)
-        w = torch.cat([run.aggregate(g[:k, :k].contiguous()),
-                       run.aggregate(g[k:, k:].contiguous()).to(g.dtype)])
-        run.combine(rows, w)
+        # Two K x K Grams rather than one 2K x 2K: the loss block then has exactly the bits
+        # ERM computes, so rho = 0 reproduces ERM's update (the cross block is never used).
+        w_loss = run.aggregate(run.gram([r[:k] for r in rows]))
+        w_flat = run.aggregate(run.gram([r[k:] for r in rows]))
+        run.combine(rows, torch.cat([w_loss, w_flat.to(w_loss.dtype)]))
     else:
         sam_rows = [r[k:] for r in rows]
         _finish(run, sam_rows)
