@@ -5,8 +5,8 @@ aggregators on the K x K Gram matrix), :class:`FlatParams` (flat parameter buffe
 :mod:`mtlsam_ext.ops` (the fused ops with backend dispatch).
 """
 
-from mtlsam_ext._version import __version__
 from mtlsam_ext import aggregators, ops
+from mtlsam_ext._version import __version__
 from mtlsam_ext.flat import FlatParams
 from mtlsam_ext.optim import MTLSAM
 

@@ -50,8 +50,8 @@ def test_iterable_and_named_layers():
     a, b, c = (torch.randn(n, requires_grad=True) for n in (1, 5, 2))
     f = FlatParams([a, b, c], "p")
     assert f.layer_names == ["p[0]", "p[1]", "p[2]"]
-    g = FlatParams({"first": [torch.randn(2, requires_grad=True), torch.randn(3, requires_grad=True)],
-                    "second": torch.randn(4, requires_grad=True)})
+    first = [torch.randn(2, requires_grad=True), torch.randn(3, requires_grad=True)]
+    g = FlatParams({"first": first, "second": torch.randn(4, requires_grad=True)})
     assert g.layer_names == ["first", "second"]
     assert g.buckets[0].seg_offsets.tolist() == [0, 5, 9]
     assert g.layer_index("second") == 1 and g.layer_index(-1) == 1

@@ -115,7 +115,7 @@ def restore_(param: Tensor, backup: Tensor) -> None:
 
 
 def gram(rows: Tensor) -> Tensor:
-    """``G[i, j] = <m_i, m_j>`` of an ``[R, N]`` matrix (DESIGN.md §1c), accumulated in fp32/fp64."""
+    """``G[i, j] = <m_i, m_j>`` of an ``[R, N]`` matrix (DESIGN.md §1c), in fp32/fp64."""
     m = rows.to(acc_dtype(rows.dtype))
     g = m @ m.T
     # BLAS need not give G[i, j] == G[j, i] bit for bit; mirror the upper triangle so the
@@ -138,5 +138,5 @@ def combine_(out: Tensor, rows: Tensor, weights: Tensor) -> None:
 
 
 def sub_(rows: Tensor, other: Tensor) -> None:
-    """``rows -= other`` in place: F-MTL's flat gradient ``g_flat = g_SAM - g_loss`` (Alg. 1 l.5)."""
+    """``rows -= other`` in place: F-MTL's ``g_flat = g_SAM - g_loss`` (Alg. 1 line 5)."""
     rows.sub_(other)

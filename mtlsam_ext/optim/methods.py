@@ -46,6 +46,10 @@ class Run:
         self.heads_saved = False
         self.backup = opt.buffers("backup", 1)
         self.head_backup = opt.buffers("head_backup", 1, self.heads) if self.heads else []
+        # Head directions and head results live outside .grad: a closure that zeroes the
+        # model's gradients between tasks must not wipe another head's values.
+        self.head_dir = opt.buffers("head_dir", 1, self.heads) if self.heads else []
+        self.head_out = opt.buffers("head_out", 1, self.heads) if self.heads else []
         self.on_commit: list[Callable[[], None]] = []
 
     # -- closure and losses ---------------------------------------------------------------------
@@ -111,10 +115,12 @@ class Run:
         return safe_scale(rho, sq.sqrt())
 
     def head_coefs(self) -> Tensor:
-        """``rho_heads / ||T g_ns^i||`` per head, from the heads' current gradients."""
+        """``rho_heads / ||T g_ns^i||`` per head, from the heads' current gradients, which are
+        kept as the heads' perturbation directions."""
         h = self.heads
         sq = torch.zeros(len(h.layers), dtype=torch.float64, device=h.device)
-        for b, seg in zip(h.buckets, h.segment_layers()):
+        for j, (b, seg) in enumerate(zip(h.buckets, h.segment_layers())):
+            self.head_dir[j][0].copy_(b.grad)
             s = ops.segment_sumsq(b.grad, b.seg_offsets, b.data if self.opt.adaptive else None,
                                   backend=self.be)
             sq.index_add_(0, seg, s.double())
@@ -151,7 +157,8 @@ class Run:
             self.heads_saved = True
 
     def perturb_head(self, i: int, coef: Tensor, zero_grad_after: bool = True) -> None:
-        """Head i := backup + coef T^2 g_ns^i (its own gradient), then zero its gradient."""
+        """Head i := backup + coef T^2 g_ns^i (the direction kept by :meth:`head_coefs`), then
+        zero its gradient so the next backward leaves head i's SAM gradient there."""
         if self.heads is None:
             return
         self.save_heads()
@@ -160,19 +167,27 @@ class Run:
             if e == s:
                 continue
             acc = torch.float64 if b.dtype == torch.float64 else torch.float32
-            ops.mix_perturb_(b.data[s:e], self.head_backup[j][0][s:e], b.grad[s:e],
+            ops.mix_perturb_(b.data[s:e], self.head_backup[j][0][s:e], self.head_dir[j][0][s:e],
                              coef[i:i + 1].to(acc), _whole(e - s), adaptive=self.opt.adaptive,
                              save_backup=False, backend=self.be)
             if zero_grad_after:
                 b.grad[s:e].zero_()
 
-    def restore_head(self, i: int) -> None:
+    def finish_head(self, i: int) -> None:
+        """Keep head i's SAM gradient (from the backward just run) and restore head i."""
         if self.heads is None or not self.heads_saved:
             return
         for j, b in enumerate(self.heads.buckets):
             s, e = b.layer_range(i)
             if e > s:
+                self.head_out[j][0][s:e].copy_(b.grad[s:e])
                 ops.restore_(b.data[s:e], self.head_backup[j][0][s:e], backend=self.be)
+
+    def heads_to_grad(self) -> None:
+        """Heads' gradients := the SAM gradients kept by :meth:`finish_head`."""
+        if self.heads is not None:
+            for j, b in enumerate(self.heads.buckets):
+                b.grad.copy_(self.head_out[j][0])
 
     def restore_all(self) -> None:
         self.restore_shared()
@@ -280,8 +295,9 @@ def step_fmtl(run: Run) -> Tensor:
         run.zero_shared()
         run.perturbed_loss(i).backward()
         run.capture(rows, k + i)
-        run.restore_head(i)
+        run.finish_head(i)
     run.restore_shared()
+    run.heads_to_grad()
     if opt.decompose:
         for r in rows:
             ops.sub_(r[k:], r[:k], backend=run.be)
@@ -363,8 +379,9 @@ def step_gl(run: Run) -> Tensor:
         run.zero_shared()
         run.perturbed_loss(i).backward()
         run.capture(rows, i)
-        run.restore_head(i)
+        run.finish_head(i)
     run.restore_shared()
+    run.heads_to_grad()
     _finish(run, rows)
 
     if opt.local_grad == "lagged":

@@ -36,7 +36,10 @@ class MTLSAM(torch.optim.Optimizer):
         base_optimizer: a ``torch.optim.Optimizer`` class, built over all parameters with
             ``**base_kwargs``; its ``param_groups`` are this optimizer's, so LR schedulers work.
         heads: optional list of K modules / iterables of task-specific parameters; head i may
-            only influence loss i. Heads get plain SAM with radius ``rho_heads``.
+            only influence loss i. Heads get plain SAM with radius ``rho_heads``. For ``gl``
+            and ``sam`` the head direction is taken from the one backward of ``l_0``, i.e.
+            ``w_i * grad l_i``: the same direction for ``w_i > 0``, and no head perturbation
+            for a task whose weight is 0.
         method: ``"gl"`` global-local sampled SAM (report Alg. 1), ``"fmtl"`` F-MTL
             (Phan et al. Alg. 1), ``"sam"`` plain SAM on the weighted average loss, ``"erm"``
             no perturbation.
@@ -56,6 +59,8 @@ class MTLSAM(torch.optim.Optimizer):
         backend: ``"auto"``, ``"torch"``, ``"ext"`` or ``"triton"`` for the fused ops.
         generator: ``torch.Generator`` for random aggregators (PCGrad); default: one seeded
             from the global RNG at construction.
+        aggregator_options: keyword options of a named aggregator, e.g. ``{"c": 0.5}`` for
+            CAGrad.
     """
 
     def __init__(self, shared: Params, base_optimizer: type[torch.optim.Optimizer], *,
@@ -65,7 +70,8 @@ class MTLSAM(torch.optim.Optimizer):
                  layers: Sequence[int | str] | None = None, norm: str = "match",
                  local_grad: str = "autograd", adaptive: bool = False, decompose: bool = True,
                  task_weights: Sequence[float] | Tensor | None = None, backend: str = "auto",
-                 generator: torch.Generator | None = None, **base_kwargs: Any) -> None:
+                 generator: torch.Generator | None = None,
+                 aggregator_options: dict[str, Any] | None = None, **base_kwargs: Any) -> None:
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
         if local_grad == "zo":
@@ -108,7 +114,7 @@ class MTLSAM(torch.optim.Optimizer):
 
         self.method = method
         self.aggregator_spec = aggregator
-        self._aggregate = get_aggregator(aggregator)
+        self._aggregate = get_aggregator(aggregator, **(aggregator_options or {}))
         self.rho = float(rho)
         self.rho_heads = float(rho if rho_heads is None else rho_heads)
         self.alpha = float(alpha)
@@ -286,6 +292,11 @@ class MTLSAM(torch.optim.Optimizer):
         with torch.enable_grad():  # step() runs under no_grad; the losses need graphs
             out = closure()
             losses = as_loss_list(out, self.num_tasks)
+        # A closure may call model.zero_grad() (set_to_none=True): put the flat views back
+        # before autograd would write fresh tensors the flat buffers never see.
+        self.shared.attach_grads()
+        if self.heads is not None:
+            self.heads.attach_grads()
         if self.num_tasks is None:
             self.num_tasks = len(losses)
         for loss in losses:

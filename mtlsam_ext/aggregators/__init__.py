@@ -1,0 +1,142 @@
+"""Gram-matrix aggregators for multi-task gradients.
+
+Every aggregator is a pure function ``agg(G, *, generator=None, **options) -> w`` of the
+K x K Gram matrix ``G[i, j] = <g_i, g_j>`` of the task gradients, returning K weights in
+G's dtype and on G's device; the combined update is ``d = sum_i w_i g_i``.  Internally all
+of them compute in float64.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable
+
+import torch
+
+from .cagrad import cagrad
+from .imtl import imtl
+from .ls import ls, mean
+from .mgda import mgda
+from .nash import nash
+from .pcgrad import draw_permutations, pcgrad
+
+__all__ = [
+    "AGGREGATORS",
+    "Aggregator",
+    "cagrad",
+    "check_weights",
+    "draw_permutations",
+    "get_aggregator",
+    "imtl",
+    "ls",
+    "mean",
+    "mgda",
+    "nash",
+    "pcgrad",
+]
+
+#: What :func:`get_aggregator` returns: ``agg(G, generator=None) -> w``.
+Aggregator = Callable[[torch.Tensor, "torch.Generator | None"], torch.Tensor]
+
+AGGREGATORS: dict[str, Callable[..., torch.Tensor]] = {
+    "ls": ls,
+    "mean": mean,
+    "mgda": mgda,
+    "pcgrad": pcgrad,
+    "cagrad": cagrad,
+    "imtl": imtl,
+    "nash": nash,
+}
+
+
+def _option_names(fn: Callable[..., torch.Tensor]) -> list[str]:
+    """Keyword options of a built-in aggregator (everything keyword-only but ``generator``)."""
+    params = inspect.signature(fn).parameters.values()
+    return [
+        p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name != "generator"
+    ]
+
+
+def _accepts_generator(fn: Callable[..., object]) -> bool:
+    """Whether ``fn`` can be called with a ``generator=`` keyword argument."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):  # some builtins have no inspectable signature
+        return False
+    for p in params:
+        if p.kind is inspect.Parameter.VAR_KEYWORD:
+            return True
+        if p.name == "generator" and p.kind is not inspect.Parameter.POSITIONAL_ONLY:
+            return True
+    return False
+
+
+def get_aggregator(spec: str | Callable[..., torch.Tensor], **options: object) -> Aggregator:
+    """Resolve ``spec`` to a callable ``agg(G, generator=None) -> w`` with ``options`` bound.
+
+    ``spec`` is either a registered name (see :data:`AGGREGATORS`; case-insensitive) or a
+    user callable.  For a name, ``options`` must be keyword options of that aggregator
+    (e.g. ``get_aggregator("cagrad", c=0.5)``); an unknown name or option raises
+    ``ValueError`` listing the valid ones.
+
+    A user callable takes ``G`` positionally and, optionally, a ``generator=`` keyword:
+    it is called as ``fn(G, generator=generator, **options)`` if its signature accepts a
+    ``generator`` keyword (or ``**kwargs``), else as ``fn(G, **options)``.  Its result is
+    not checked here; use :func:`check_weights`.
+    """
+    if isinstance(spec, str):
+        key = spec.strip().lower()
+        if key not in AGGREGATORS:
+            raise ValueError(
+                f"unknown aggregator {spec!r}; valid names are: {', '.join(sorted(AGGREGATORS))}"
+            )
+        fn = AGGREGATORS[key]
+        valid = _option_names(fn)
+        unknown = sorted(set(options) - set(valid))
+        if unknown:
+            raise ValueError(
+                f"aggregator {key!r} got unknown option(s) {unknown}; "
+                f"valid options: {valid if valid else 'none'}"
+            )
+        bound = functools.partial(fn, **options)
+
+        def builtin(G: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+            return bound(G, generator=generator)
+
+        builtin.__name__ = key
+        builtin.__doc__ = fn.__doc__
+        return builtin
+    if callable(spec):
+        user = spec
+        takes_generator = _accepts_generator(user)
+
+        def wrapped(G: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+            if takes_generator:
+                return user(G, generator=generator, **options)
+            return user(G, **options)
+
+        wrapped.__name__ = getattr(user, "__name__", "user_aggregator")
+        wrapped.__doc__ = getattr(user, "__doc__", None)
+        return wrapped
+    raise ValueError(
+        f"aggregator spec must be a name ({', '.join(sorted(AGGREGATORS))}) or a callable, "
+        f"got {type(spec).__name__}"
+    )
+
+
+def check_weights(w: object, K: int, name: str = "aggregator") -> torch.Tensor:
+    """Validate the weights returned by an aggregator and return them unchanged.
+
+    Raises ``ValueError`` unless ``w`` is a floating-point ``torch.Tensor`` of shape ``[K]``
+    with only finite entries.  (The finiteness test reads one boolean from the device.)
+    """
+    if not isinstance(w, torch.Tensor):
+        raise ValueError(f"{name}: weights must be a torch.Tensor, got {type(w).__name__}")
+    if w.dim() != 1 or w.shape[0] != K:
+        raise ValueError(f"{name}: weights must have shape [{K}], got {tuple(w.shape)}")
+    if not w.is_floating_point():
+        raise ValueError(f"{name}: weights must have a floating dtype, got {w.dtype}")
+    if not bool(torch.isfinite(w).all()):
+        raise ValueError(f"{name}: weights contain NaN or infinite entries")
+    return w

@@ -1,0 +1,259 @@
+"""Float64 reference implementations of the aggregators, on stacked gradients.
+
+Each oracle takes the task gradients stacked as ``g`` ([K, n], float64 NumPy array or
+tensor) and returns the aggregated update vector ``d`` ([n]) computed literally from the
+papers' definitions with explicit vectors.  They are deliberately slow and simple, and they
+do not import any of ``mtlsam_ext``'s aggregator code, so that the tests compare two
+independent implementations.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import scipy.optimize
+import torch
+
+__all__ = ["ls", "mean", "mgda", "pcgrad", "cagrad", "imtl", "nash", "mgda_objective"]
+
+
+def _as_array(g: object) -> np.ndarray:
+    if isinstance(g, torch.Tensor):
+        g = g.detach().cpu().numpy()
+    arr = np.array(g, dtype=np.float64)
+    if arr.ndim != 2:
+        raise ValueError(f"oracle expects stacked gradients [K, n], got shape {arr.shape}")
+    return arr
+
+
+def ls(g: object) -> np.ndarray:
+    """Linear scalarisation: d = sum_i g_i."""
+    g = _as_array(g)
+    return g.sum(axis=0)
+
+
+def mean(g: object) -> np.ndarray:
+    """Average gradient: d = (1/K) sum_i g_i."""
+    g = _as_array(g)
+    return g.mean(axis=0)
+
+
+def mgda(g: object) -> np.ndarray:
+    """Min-norm point of conv{g_1..g_K} (Sener & Koltun 2018), by enumeration.
+
+    For every non-empty subset S, minimise ||sum_{i in S} w_i g_i|| subject to
+    sum_{i in S} w_i = 1 (no sign constraint) by least squares in the parametrisation
+    w_s0 = 1 - sum_{i != s0} v_i:  min_v ||g_s0 + sum_i v_i (g_i - g_s0)||.  Keep the
+    solutions with w >= 0 and return the smallest vector.  The optimum lies in the relative
+    interior of some face, where it is the affine minimiser of that face's vertices, so the
+    enumeration is exact (2^K - 1 least-squares problems; fine for K <= 8).
+    """
+    g = _as_array(g)
+    K = g.shape[0]
+    best = None
+    best_norm = np.inf
+    for size in range(1, K + 1):
+        for S in itertools.combinations(range(K), size):
+            s0, rest = S[0], list(S[1:])
+            if rest:
+                B = (g[rest] - g[s0]).T  # [n, |S|-1]
+                v = np.linalg.lstsq(B, -g[s0], rcond=None)[0]
+                w = np.concatenate([[1.0 - v.sum()], v])
+            else:
+                w = np.array([1.0])
+            if np.any(w < -1e-12):
+                continue
+            d = w @ g[list(S)]
+            nrm = float(d @ d)
+            if nrm < best_norm:
+                best, best_norm = d, nrm
+    assert best is not None
+    return best
+
+
+def mgda_objective(g: object) -> float:
+    """min_{w in simplex} ||sum_i w_i g_i||^2 (via :func:`mgda`)."""
+    d = mgda(g)
+    return float(d @ d)
+
+
+def pcgrad(g: object, generator: torch.Generator | None = None) -> np.ndarray:
+    """PCGrad (Yu et al. 2020, Algorithm 1), literal loop over vectors.
+
+    Permutations: K consecutive calls ``torch.randperm(K, generator=generator)``, the i-th
+    being the visiting order for task i (the documented draw order of the production code).
+    d = sum_i g_i^PC (F-MTL appendix B.2).
+    """
+    g = _as_array(g)
+    K = g.shape[0]
+    perms = [torch.randperm(K, generator=generator).tolist() for _ in range(K)]
+    d = np.zeros(g.shape[1])
+    for i in range(K):
+        gi = g[i].copy()
+        for j in perms[i]:
+            dot = float(gi @ g[j])
+            sq = float(g[j] @ g[j])
+            if sq > 0.0 and dot < 0.0:
+                gi = gi - dot / sq * g[j]
+        d += gi
+    return d
+
+
+def cagrad(g: object, c: float = 0.4, rescale: bool = True) -> np.ndarray:
+    """CAGrad (Liu et al. 2021): the dual solved with SLSQP, then the authors' update.
+
+    Dual over the simplex: min_w <g_w, g0> + c ||g0|| ||g_w|| with g_w = sum_i w_i g_i,
+    g0 = mean_i g_i; d = g0 + c ||g0|| / ||g_w|| g_w, divided by (1 + c^2) if rescale.
+    SLSQP is run with an analytic gradient and ftol = 1e-15 from a few starting points and
+    the best objective is kept.  Degenerate ||g0|| = 0 or ||g_w|| = 0: d = g0 (/ (1+c^2)).
+    """
+    g = _as_array(g)
+    K = g.shape[0]
+    g0 = g.mean(axis=0)
+    g0_norm = float(np.linalg.norm(g0))
+    div = 1.0 + c * c if rescale else 1.0
+    if c == 0.0 or g0_norm == 0.0:
+        return g0 / div
+    A = g @ g.T
+    b = g @ g0
+    a = c * g0_norm
+
+    def obj(w: np.ndarray) -> float:
+        return float(w @ b + a * np.sqrt(max(w @ A @ w, 0.0)))
+
+    def jac(w: np.ndarray) -> np.ndarray:
+        q = float(w @ A @ w)
+        return b + (a / np.sqrt(q)) * (A @ w) if q > 0 else b
+
+    simplex = {"type": "eq", "fun": lambda w: w.sum() - 1.0, "jac": lambda w: np.ones(K)}
+    starts = [np.full(K, 1.0 / K)] + [np.eye(K)[i] * 0.5 + 0.5 / K for i in range(K)]
+    best_w, best_f = None, np.inf
+    for w0 in starts:
+        res = scipy.optimize.minimize(
+            obj,
+            w0,
+            jac=jac,
+            method="SLSQP",
+            bounds=[(0.0, 1.0)] * K,
+            constraints=[simplex],
+            options={"ftol": 1e-15, "maxiter": 2000},
+        )
+        w = np.clip(res.x, 0.0, None)
+        w = w / w.sum()
+        f = obj(w)
+        if f < best_f:
+            best_w, best_f = w, f
+    gw = best_w @ g
+    gw_norm = float(np.linalg.norm(gw))
+    if gw_norm == 0.0:
+        return g0 / div
+    return (g0 + a / gw_norm * gw) / div
+
+
+def imtl(g: object, rcond: float | None = None) -> np.ndarray:
+    """IMTL-G closed form (Liu et al. 2021; F-MTL appendix B.4), with explicit vectors.
+
+    u_i = g_i / ||g_i||, U = [u_1 - u_2, ..., u_1 - u_K], D = [g_1 - g_2, ..., g_1 - g_K],
+    alpha_{2..K} = g_1 U^T (D U^T)^{-1}, alpha_1 = 1 - sum alpha_{2..K}, d = sum alpha_i g_i.
+    Conventions shared with the production code (documented there): tasks with g_i = 0 are
+    left out (weight 0) and "task 1" is the first nonzero one; if D U^T is numerically
+    singular (smallest singular value <= rcond * largest, rcond default 100 K eps) the
+    pseudo-inverse with that cutoff replaces the inverse; all-zero g gives d = 0.
+    """
+    g = _as_array(g)
+    K = g.shape[0]
+    if rcond is None:
+        rcond = 100.0 * K * np.finfo(np.float64).eps
+    norms = np.linalg.norm(g, axis=1)
+    idx = [i for i in range(K) if norms[i] > 0.0]
+    if not idx:
+        return np.zeros(g.shape[1])
+    gs = g[idx]
+    if len(idx) == 1:
+        return gs[0].copy()
+    u = gs / np.linalg.norm(gs, axis=1, keepdims=True)
+    U = u[0] - u[1:]  # rows u_1 - u_i
+    D = gs[0] - gs[1:]  # rows g_1 - g_i
+    M = D @ U.T
+    r = gs[0] @ U.T
+    s = np.linalg.svd(M, compute_uv=False)
+    if s[-1] <= rcond * s[0]:
+        inv = np.linalg.pinv(M, rcond=rcond)
+    else:
+        inv = np.linalg.inv(M)
+    alpha_rest = r @ inv
+    alpha = np.concatenate([[1.0 - alpha_rest.sum()], alpha_rest])
+    return alpha @ gs
+
+
+def nash(g: object) -> np.ndarray:
+    """Nash-MTL (Navon et al. 2022): alpha > 0 with <g_i, d> alpha_i = 1.
+
+    The literal residual F_i(alpha) = <g_i, sum_j alpha_j g_j> alpha_i - 1 is driven to zero
+    by independent scipy solvers and the candidate with the smallest residual is kept
+    (it must be below 1e-9): MINPACK hybrd and Levenberg-Marquardt in log-coordinates
+    alpha = exp(beta) (which keep alpha > 0), and trust-exact minimisation of the convex
+    f(alpha) = 1/2 ||sum_i alpha_i g_i||^2 - sum_i log alpha_i (+inf outside alpha > 0),
+    whose result is polished by hybrd started there.
+    Zero gradients get alpha_i = 0 (the production code's documented convention).
+    Returns d = sum_i alpha_i g_i.
+    """
+    g = _as_array(g)
+    K = g.shape[0]
+    idx = [i for i in range(K) if np.linalg.norm(g[i]) > 0.0]
+    if not idx:
+        return np.zeros(g.shape[1])
+    gs = g[idx]
+    Gmat = gs @ gs.T
+
+    def residual_alpha(alpha: np.ndarray) -> np.ndarray:
+        d = alpha @ gs
+        return (gs @ d) * alpha - 1.0
+
+    def residual(beta: np.ndarray) -> np.ndarray:
+        return residual_alpha(np.exp(beta))
+
+    def jacobian(beta: np.ndarray) -> np.ndarray:
+        alpha = np.exp(beta)
+        d = alpha @ gs
+        return (Gmat * alpha[None, :]) * alpha[:, None] + np.diag((gs @ d) * alpha)
+
+    def f(alpha: np.ndarray) -> float:
+        if np.any(alpha <= 0.0):
+            return np.inf
+        d = alpha @ gs
+        return float(0.5 * d @ d - np.sum(np.log(alpha)))
+
+    beta0 = -np.log(np.linalg.norm(gs, axis=1))
+    candidates = []
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        for method, options in (
+            ("hybr", {"xtol": 1e-15}),
+            ("lm", {"xtol": 1e-15, "ftol": 1e-15}),
+        ):
+            sol = scipy.optimize.root(residual, beta0, jac=jacobian, method=method, options=options)
+            candidates.append(np.exp(sol.x))
+        sol = scipy.optimize.minimize(
+            f,
+            np.exp(beta0),
+            jac=lambda a: Gmat @ a - 1.0 / a,
+            hess=lambda a: Gmat + np.diag(1.0 / (a * a)),
+            method="trust-exact",
+            options={"gtol": 1e-14},
+        )
+        candidates.append(sol.x)
+        if np.all(sol.x > 0):
+            # trust-exact may stop slightly short (~1e-8); polish its point with hybrd.
+            sol = scipy.optimize.root(
+                residual, np.log(sol.x), jac=jacobian, method="hybr", options={"xtol": 1e-15}
+            )
+            candidates.append(np.exp(sol.x))
+        errors = [
+            float(np.max(np.abs(residual_alpha(a)))) if np.all(a > 0) else np.inf
+            for a in candidates
+        ]
+    best = int(np.argmin(errors))
+    if not errors[best] < 1e-9:
+        raise RuntimeError(f"nash oracle did not converge (residual {errors[best]:.2e})")
+    return candidates[best] @ gs
