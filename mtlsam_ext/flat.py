@@ -199,6 +199,10 @@ class FlatParams:
                     raise RuntimeError(f"{self.prefix}: parameter {n!r} no longer lives in the "
                                        "flat buffer (was p.data reassigned?)")
 
+    def new_rows(self, k: int) -> list[Tensor]:
+        """Per bucket an uninitialised ``[k, N_b]`` matrix: one row per task gradient."""
+        return [torch.empty(k, b.numel, dtype=b.dtype, device=b.device) for b in self.buckets]
+
     # -- layers -------------------------------------------------------------------------------
     def layer_index(self, spec: int | str) -> int:
         """Index of a layer given by position (negative allowed) or by name."""

@@ -105,3 +105,19 @@ def test_info_reports_configuration():
     info = opt.info()
     assert info["backend"] == "torch"
     assert info["sampled_layers"] == ["0", "2", "4"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: "-".join(f"{v}" for v in c.values()))
+def test_low_precision_parameters(cfg, dtype):
+    """fp16/bf16 parameters: the step runs, restores bit-exactly, and moves the parameters."""
+    m = TwoTask(k=2, dtype=dtype)
+    opt = MTLSAM(m.body, torch.optim.SGD, heads=list(m.heads), aggregator="mgda", lr=0.0,
+                 backend="torch", **cfg)
+    before = m.snapshot()
+    opt.step(m.losses)
+    assert all(torch.equal(a, b) for a, b in zip(before, m.parameters()))
+    opt.base_optimizer.param_groups[0]["lr"] = 0.1
+    losses = opt.step(m.losses)
+    assert losses.dtype == dtype and bool(torch.isfinite(losses).all())
+    assert any(not torch.equal(a, b) for a, b in zip(before, m.parameters()))

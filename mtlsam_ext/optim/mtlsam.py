@@ -243,8 +243,7 @@ class MTLSAM(torch.optim.Optimizer):
         flat = flat or self.shared
         bufs = self._buffers.get(name)
         if bufs is None or bufs[0].shape[0] != rows:
-            bufs = [torch.empty(rows, b.numel, dtype=b.dtype, device=b.device)
-                    for b in flat.buckets]
+            bufs = flat.new_rows(rows)
             self._buffers[name] = bufs
         return bufs
 
@@ -278,8 +277,8 @@ class MTLSAM(torch.optim.Optimizer):
                              " receive no gradient from any task loss; freeze them "
                              "(requires_grad=False) or leave them out of `shared`")
         if self.heads is not None:
-            for i, la in enumerate(self.heads.layers):
-                ids = {id(p) for p in la.params}
+            for i in range(len(self.heads.layers)):
+                ids = self.heads.layer_param_ids(i)
                 if not ids & reach[i]:
                     raise ValueError(f"head {i} receives no gradient from loss {i}")
                 for j, r in enumerate(reach):
