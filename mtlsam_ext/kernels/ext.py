@@ -1,0 +1,85 @@
+"""The compiled backend: thin wrappers over the ``torch.ops.mtlsam`` ops of ``mtlsam_ext._C``.
+
+Importing this module raises ``ImportError`` when the extension was not built, which the
+dispatcher treats as "backend not available". Fake (meta) implementations are registered so
+the ops are traceable by ``torch.compile``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+import mtlsam_ext._C  # noqa: F401  (registers torch.ops.mtlsam.*)
+
+_ops = torch.ops.mtlsam
+
+
+def supports(device: torch.device) -> bool:
+    """Whether the extension has kernels for ``device``'s dispatch key."""
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(torch.device(device).type)
+    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(
+        "mtlsam::gram", key)
+
+
+def _table(t: Tensor | None, device: torch.device) -> Tensor | None:
+    """CUDA kernels read segment tables from device memory; the flat-buffer module keeps them
+    on the CPU, so copy them over (a few bytes per call; no caching by pointer, which a
+    freed and reused CPU allocation could alias)."""
+    if t is None or t.device == device:
+        return t
+    return t.to(device, non_blocking=True)
+
+
+def segment_sumsq(x: Tensor, offsets: Tensor, scale: Tensor | None = None) -> Tensor:
+    return _ops.segment_sumsq(x, _table(offsets, x.device), scale)
+
+
+def gl_layer_stats(g0, local, starts, lengths, local_starts, scale=None):
+    d = g0.device
+    return _ops.gl_layer_stats(g0, local, _table(starts, d), _table(lengths, d),
+                               _table(local_starts, d), scale)
+
+
+def mix_perturb_(param, backup, g0, coef, offsets, local=None, local_coef=None, starts=None,
+                 lengths=None, local_starts=None, adaptive=False, save_backup=True) -> None:
+    d = param.device
+    _ops.mix_perturb_(param, backup, g0, coef.to(d), _table(offsets, d), local,
+                      None if local_coef is None else local_coef.to(d), _table(starts, d),
+                      _table(lengths, d), _table(local_starts, d), adaptive, save_backup)
+
+
+def restore_(param: Tensor, backup: Tensor) -> None:
+    _ops.restore_(param, backup)
+
+
+def gram(rows: Tensor) -> Tensor:
+    return _ops.gram(rows)
+
+
+def combine_(out: Tensor, rows: Tensor, weights: Tensor) -> None:
+    _ops.combine_(out, rows, weights.to(out.device))
+
+
+def sub_(rows: Tensor, other: Tensor) -> None:
+    _ops.sub_(rows, other)
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@torch.library.register_fake("mtlsam::segment_sumsq")
+def _(x, offsets, scale):
+    return x.new_empty(offsets.shape[0] - 1, dtype=_acc(x.dtype))
+
+
+@torch.library.register_fake("mtlsam::gl_layer_stats")
+def _(g0, local, starts, lengths, local_starts, scale):
+    shape = (local.shape[0], starts.shape[0])
+    return g0.new_empty(shape, dtype=_acc(g0.dtype)), g0.new_empty(shape, dtype=_acc(g0.dtype))
+
+
+@torch.library.register_fake("mtlsam::gram")
+def _(rows):
+    return rows.new_empty((rows.shape[0], rows.shape[0]), dtype=_acc(rows.dtype))
