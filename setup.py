@@ -53,7 +53,7 @@ def extension_setup() -> dict:
         return {}
 
     sources = _sources("csrc/registration.cpp") + _sources("csrc/cpu/*.cpp")
-    cxx_flags = ["-O3", "-fopenmp", "-std=c++17", "-Wall", "-Wno-unknown-pragmas"]
+    cxx_flags = ["-O3", "-fopenmp", "-Wall", "-Wno-unknown-pragmas"]
     cuda_home = cpp_extension.CUDA_HOME
     nvcc = os.path.join(cuda_home, "bin", "nvcc") if cuda_home else None
     have_nvcc = bool(nvcc and os.path.exists(nvcc))
@@ -70,7 +70,7 @@ def extension_setup() -> dict:
             "mtlsam_ext._C", sources + cu,
             define_macros=[("MTLSAM_WITH_CUDA", "1")],
             extra_compile_args={"cxx": cxx_flags,
-                                "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr",
+                                "nvcc": ["-O3", "--expt-relaxed-constexpr",
                                          "-Xcompiler", "-fopenmp"]},
             extra_link_args=["-fopenmp"])
     else:

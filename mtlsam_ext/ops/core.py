@@ -9,9 +9,9 @@ from mtlsam_ext.ops.dispatch import kernels, resolve_backend
 
 
 def _k(backend: str, like: Tensor):
-    if backend not in ("torch", "ext", "triton"):
-        backend = resolve_backend(backend, like.device)
-    return kernels(backend)
+    # Explicit names are resolved too: asking for a backend that cannot run on these tensors
+    # is an error, never a silent fallback.
+    return kernels(resolve_backend(backend, like.device))
 
 
 def segment_sumsq(x: Tensor, offsets: Tensor, scale: Tensor | None = None, *,

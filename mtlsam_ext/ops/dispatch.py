@@ -8,6 +8,7 @@ never a silent fallback.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 from types import ModuleType
@@ -33,7 +34,13 @@ def _load_triton() -> ModuleType | None:
 
 def available_backends(device: torch.device | str = "cpu") -> list[str]:
     """Backends that can run on ``device``, in the order ``auto`` tries them."""
-    device = torch.device(device)
+    return list(_available(torch.device(device)))
+
+
+@functools.cache
+def _available(device: torch.device) -> tuple[str, ...]:
+    # Cached: op calls resolve their backend on every call, and the answer for a device does
+    # not change within a process (the extension and triton are imported once).
     found = []
     ext = _load_ext()
     if ext is not None and ext.supports(device):
@@ -43,7 +50,7 @@ def available_backends(device: torch.device | str = "cpu") -> list[str]:
         if tri is not None and tri.supports(device):
             found.append("triton")
     found.append("torch")
-    return found
+    return tuple(found)
 
 
 def check_backend_name(name: str) -> str:

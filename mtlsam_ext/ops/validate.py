@@ -72,3 +72,5 @@ def sampled(starts: Tensor, lengths: Tensor, local_starts: Tensor, n: int, m: in
         raise ValueError(f"a sampled segment runs past the flat buffer ({n} elements)")
     if bool((local_starts + lengths > m).any()):
         raise ValueError(f"a sampled segment runs past the local-gradient buffer ({m} columns)")
+    if starts.numel() > 1 and bool((starts[:-1] + lengths[:-1] > starts[1:]).any()):
+        raise ValueError("sampled segments must be sorted by start and must not overlap")

@@ -1,0 +1,121 @@
+// Shared pieces of the CPU kernels: argument checks, the fixed chunking that makes every
+// reduction independent of the thread count, and lane-split accumulation.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cstdint>
+#include <vector>
+
+namespace mtlsam {
+namespace cpu {
+
+// Work is cut into chunks of at most kChunk elements that never straddle a segment. Each
+// chunk's partial result is computed by one thread in a fixed order; partials are then summed
+// per segment in chunk order, so results do not depend on how chunks are spread over threads.
+// 4096 elements (16 KiB of fp32) keeps a chunk of g0 in L1 while it is re-read for each task
+// in gl_layer_stats; the CPU benchmark (bench/cpu_ops_bench.py) saw 2048..16384 within 3%.
+constexpr int64_t kChunk = 4096;
+// Independent accumulators per reduction: lets the compiler keep 8 lanes in SIMD registers
+// without reassociating floating-point sums (the lane order is part of the definition).
+constexpr int kLanes = 8;
+
+struct Chunk {
+  int64_t seg;    // segment index
+  int64_t begin;  // element range [begin, end)
+  int64_t end;
+};
+
+inline void check_flat(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor, got ", t.device());
+  TORCH_CHECK(t.dim() == 1, name, " must be 1-D (a flat buffer), got ", t.dim(), "-D");
+  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
+  TORCH_CHECK(at::isFloatingType(t.scalar_type()), name, " must be floating point, got ",
+              t.scalar_type());
+}
+
+inline void check_like(const at::Tensor& t, const at::Tensor& ref, const char* name) {
+  check_flat(t, name);
+  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), name, " has dtype ", t.scalar_type(),
+              ", expected ", ref.scalar_type());
+  TORCH_CHECK(t.numel() == ref.numel(), name, " has ", t.numel(), " elements, expected ",
+              ref.numel());
+}
+
+inline void check_table(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU int64 tensor");
+  TORCH_CHECK(t.scalar_type() == at::kLong, name, " must be int64, got ", t.scalar_type());
+  TORCH_CHECK(t.dim() == 1 && t.is_contiguous(), name, " must be a contiguous 1-D tensor");
+}
+
+// Offsets: non-empty, starting at 0, non-decreasing, ending at n.
+inline void check_offsets(const at::Tensor& off, int64_t n) {
+  check_table(off, "offsets");
+  TORCH_CHECK(off.numel() >= 1, "offsets must have at least one entry");
+  const int64_t* o = off.data_ptr<int64_t>();
+  const int64_t s = off.numel() - 1;
+  TORCH_CHECK(o[0] == 0 && o[s] == n, "offsets must start at 0 and end at ", n, ", got [",
+              o[0], ", ..., ", o[s], "]");
+  for (int64_t i = 0; i < s; ++i) {
+    TORCH_CHECK(o[i] <= o[i + 1], "offsets must be non-decreasing (at segment ", i, ")");
+  }
+}
+
+// Sampled table: equal lengths, ranges inside the flat buffer (n) and the local buffer (m),
+// sorted by start and non-overlapping in the flat buffer.
+inline void check_sampled(const at::Tensor& st, const at::Tensor& ln, const at::Tensor& ls,
+                          int64_t n, int64_t m) {
+  check_table(st, "starts");
+  check_table(ln, "lengths");
+  check_table(ls, "local_starts");
+  TORCH_CHECK(st.numel() == ln.numel() && st.numel() == ls.numel(),
+              "starts, lengths and local_starts must have equal length");
+  const int64_t* s = st.data_ptr<int64_t>();
+  const int64_t* l = ln.data_ptr<int64_t>();
+  const int64_t* q = ls.data_ptr<int64_t>();
+  for (int64_t p = 0; p < st.numel(); ++p) {
+    TORCH_CHECK(s[p] >= 0 && l[p] >= 0 && q[p] >= 0, "sampled segment ", p,
+                " has negative entries");
+    TORCH_CHECK(s[p] + l[p] <= n, "sampled segment ", p, " runs past the flat buffer (", n,
+                " elements)");
+    TORCH_CHECK(q[p] + l[p] <= m, "sampled segment ", p,
+                " runs past the local-gradient buffer (", m, " columns)");
+    TORCH_CHECK(p == 0 || s[p - 1] + l[p - 1] <= s[p],
+                "sampled segments must be sorted by start and must not overlap");
+  }
+}
+
+// Chunks of segments given by (begin, length) pairs.
+inline std::vector<Chunk> make_chunks(const int64_t* begin, const int64_t* length,
+                                      int64_t nseg) {
+  std::vector<Chunk> out;
+  for (int64_t s = 0; s < nseg; ++s) {
+    const int64_t b = begin[s], e = begin[s] + length[s];
+    for (int64_t c = b; c < e; c += kChunk) out.push_back({s, c, std::min(c + kChunk, e)});
+  }
+  return out;
+}
+
+inline std::vector<Chunk> chunks_of_offsets(const at::Tensor& offsets) {
+  const int64_t* o = offsets.data_ptr<int64_t>();
+  const int64_t nseg = offsets.numel() - 1;
+  std::vector<int64_t> len(nseg);
+  for (int64_t s = 0; s < nseg; ++s) len[s] = o[s + 1] - o[s];
+  return make_chunks(o, len.data(), nseg);
+}
+
+// Sum the lanes in a fixed tree order.
+template <typename acc_t>
+inline acc_t lane_sum(const acc_t* a) {
+  static_assert(kLanes == 8, "lane_sum assumes 8 lanes");
+  return ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
+}
+
+// Grain for at::parallel_for over chunks: a few chunks per task keeps scheduling cheap.
+constexpr int64_t kGrain = 4;
+
+}  // namespace cpu
+}  // namespace mtlsam

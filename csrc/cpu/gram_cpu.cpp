@@ -1,0 +1,120 @@
+// Gram matrix of a [K, N] row matrix and the weighted combine of its rows.
+#include <type_traits>
+
+#include "common.h"
+
+namespace mtlsam {
+namespace cpu {
+
+namespace {
+
+template <typename acc_t>
+acc_t dot_lanes(const acc_t* x, const acc_t* y, int64_t n) {
+  acc_t a[kLanes] = {};
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes) {
+    for (int l = 0; l < kLanes; ++l) a[l] += x[j + l] * y[j + l];
+  }
+  for (int l = 0; j < n; ++j, ++l) a[l] += x[j] * y[j];
+  return lane_sum(a);
+}
+
+// The chunk of a row in the accumulation type: the row itself when no conversion is needed
+// (the more specialised overload wins), else a converted copy in buf.
+template <typename acc_t>
+const acc_t* as_acc(const acc_t* src, int64_t, acc_t*) {
+  return src;
+}
+
+template <typename scalar_t, typename acc_t>
+const acc_t* as_acc(const scalar_t* src, int64_t len, acc_t* buf) {
+  for (int64_t j = 0; j < len; ++j) buf[j] = static_cast<acc_t>(src[j]);
+  return buf;
+}
+
+}  // namespace
+
+at::Tensor gram(const at::Tensor& rows) {
+  TORCH_CHECK(rows.device().is_cpu(), "rows must be a CPU tensor");
+  TORCH_CHECK(rows.dim() == 2 && rows.is_contiguous(), "rows must be a contiguous [K, N] matrix");
+  TORCH_CHECK(at::isFloatingType(rows.scalar_type()), "rows must be floating point");
+  const int64_t k = rows.size(0), n = rows.size(1);
+  const auto acc_type = rows.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor out = at::zeros({k, k}, rows.options().dtype(acc_type));
+  const int64_t npairs = k * (k + 1) / 2;
+  const int64_t nchunks = (n + kChunk - 1) / kChunk;
+  if (k == 0 || nchunks == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, rows.scalar_type(), "gram", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* rp = rows.data_ptr<scalar_t>();
+    // One read of the matrix: every chunk of all K rows is loaded once (into L2) and all
+    // K(K+1)/2 inner products of the chunk are taken from there.
+    std::vector<acc_t> partial(nchunks * npairs);
+    at::parallel_for(0, nchunks, 1, [&](int64_t cb, int64_t ce) {
+      std::vector<acc_t> buf;
+      if (!std::is_same<scalar_t, acc_t>::value) buf.resize(k * kChunk);
+      std::vector<const acc_t*> row(k);
+      for (int64_t c = cb; c < ce; ++c) {
+        const int64_t b = c * kChunk, len = std::min(kChunk, n - b);
+        for (int64_t i = 0; i < k; ++i) {
+          acc_t* scratch = buf.empty() ? nullptr : buf.data() + i * kChunk;
+          row[i] = as_acc(rp + i * n + b, len, scratch);
+        }
+        acc_t* out_c = partial.data() + c * npairs;
+        int64_t q = 0;
+        for (int64_t i = 0; i < k; ++i) {
+          for (int64_t j = i; j < k; ++j) out_c[q++] = dot_lanes(row[i], row[j], len);
+        }
+      }
+    });
+    acc_t* g = out.data_ptr<acc_t>();
+    int64_t q = 0;
+    for (int64_t i = 0; i < k; ++i) {
+      for (int64_t j = i; j < k; ++j, ++q) {
+        acc_t s = 0;
+        for (int64_t c = 0; c < nchunks; ++c) s += partial[c * npairs + q];
+        g[i * k + j] = s;
+        g[j * k + i] = s;
+      }
+    }
+  });
+  return out;
+}
+
+void combine_(at::Tensor& out, const at::Tensor& rows, const at::Tensor& weights) {
+  check_flat(out, "out");
+  TORCH_CHECK(rows.device().is_cpu() && rows.dim() == 2 && rows.is_contiguous(),
+              "rows must be a contiguous [K, N] CPU matrix");
+  TORCH_CHECK(rows.scalar_type() == out.scalar_type(), "rows has dtype ", rows.scalar_type(),
+              ", expected ", out.scalar_type());
+  TORCH_CHECK(rows.size(1) == out.numel(), "rows has ", rows.size(1), " columns, expected ",
+              out.numel());
+  TORCH_CHECK(weights.dim() == 1 && weights.numel() == rows.size(0), "weights must have ",
+              rows.size(0), " entries");
+  const int64_t k = rows.size(0), n = rows.size(1);
+  const auto acc_type = out.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const at::Tensor w = weights.to(at::kCPU, acc_type).contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "combine_", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    scalar_t* op = out.data_ptr<scalar_t>();
+    const scalar_t* rp = rows.data_ptr<scalar_t>();
+    const acc_t* wp = w.data_ptr<acc_t>();
+    at::parallel_for(0, (n + kChunk - 1) / kChunk, 1, [&](int64_t cb, int64_t ce) {
+      std::vector<acc_t> acc(kChunk);
+      for (int64_t c = cb; c < ce; ++c) {
+        const int64_t b = c * kChunk, len = std::min(kChunk, n - b);
+        std::fill(acc.begin(), acc.begin() + len, acc_t(0));
+        // Rows in order 0..K-1, as torch_ref.combine_ defines it.
+        for (int64_t i = 0; i < k; ++i) {
+          const scalar_t* r = rp + i * n + b;
+          const acc_t wi = wp[i];
+          for (int64_t j = 0; j < len; ++j) acc[j] += static_cast<acc_t>(r[j]) * wi;
+        }
+        for (int64_t j = 0; j < len; ++j) op[b + j] = static_cast<scalar_t>(acc[j]);
+      }
+    });
+  });
+}
+
+}  // namespace cpu
+}  // namespace mtlsam

@@ -1,0 +1,129 @@
+// Element-wise kernels: fused mix-and-perturb with backup, bit-exact restore, in-place sub.
+#include <algorithm>
+
+#include "common.h"
+
+namespace mtlsam {
+namespace cpu {
+
+void mix_perturb_(at::Tensor& param, at::Tensor& backup, const at::Tensor& g0,
+                  const at::Tensor& coef, const at::Tensor& offsets,
+                  const c10::optional<at::Tensor>& local,
+                  const c10::optional<at::Tensor>& local_coef,
+                  const c10::optional<at::Tensor>& starts,
+                  const c10::optional<at::Tensor>& lengths,
+                  const c10::optional<at::Tensor>& local_starts, bool adaptive,
+                  bool save_backup) {
+  check_flat(param, "param");
+  check_like(backup, param, "backup");
+  check_like(g0, param, "g0");
+  check_offsets(offsets, param.numel());
+  const int64_t nseg = offsets.numel() - 1;
+  TORCH_CHECK(coef.dim() == 1 && coef.numel() == nseg, "coef must hold one value per segment (",
+              nseg, "), got ", coef.numel());
+  const bool has_local = local.has_value();
+  int64_t np = 0;
+  if (has_local) {
+    TORCH_CHECK(local_coef.has_value() && starts.has_value() && lengths.has_value() &&
+                    local_starts.has_value(),
+                "local needs local_coef, starts, lengths and local_starts");
+    check_flat(*local, "local");
+    TORCH_CHECK(local->scalar_type() == param.scalar_type(), "local has dtype ",
+                local->scalar_type(), ", expected ", param.scalar_type());
+    check_sampled(*starts, *lengths, *local_starts, param.numel(), local->numel());
+    np = starts->numel();
+    TORCH_CHECK(local_coef->dim() == 1 && local_coef->numel() == np,
+                "local_coef must hold one value per sampled segment (", np, ")");
+  }
+  const auto acc_type = param.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const at::Tensor a = coef.to(at::kCPU, acc_type).contiguous();
+  const at::Tensor b = has_local ? local_coef->to(at::kCPU, acc_type).contiguous() : at::Tensor();
+  const std::vector<Chunk> chunks = chunks_of_offsets(offsets);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, param.scalar_type(), "mix_perturb_",
+                                  [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    scalar_t* pp = param.data_ptr<scalar_t>();
+    scalar_t* bp = backup.data_ptr<scalar_t>();
+    const scalar_t* gp = g0.data_ptr<scalar_t>();
+    const acc_t* ap = a.data_ptr<acc_t>();
+    const scalar_t* lp = has_local ? local->data_ptr<scalar_t>() : nullptr;
+    const acc_t* bq = has_local ? b.data_ptr<acc_t>() : nullptr;
+    const int64_t* st = has_local ? starts->data_ptr<int64_t>() : nullptr;
+    const int64_t* ln = has_local ? lengths->data_ptr<int64_t>() : nullptr;
+    const int64_t* ls = has_local ? local_starts->data_ptr<int64_t>() : nullptr;
+
+    // theta = theta0 + T^2 (a g0 + bl * l) on [u, v); l == nullptr: no local part. The
+    // operation order matches torch_ref.mix_perturb_.
+    auto piece = [&](int64_t u, int64_t v, acc_t av, const scalar_t* l, acc_t bl) {
+      for (int64_t j = u; j < v; ++j) {
+        const scalar_t x0 = save_backup ? pp[j] : bp[j];
+        if (save_backup) bp[j] = x0;
+        const acc_t base = static_cast<acc_t>(x0);
+        acc_t eps = av * static_cast<acc_t>(gp[j]);
+        if (l != nullptr) eps += bl * static_cast<acc_t>(l[j - u]);
+        if (adaptive) eps *= base * base;
+        pp[j] = static_cast<scalar_t>(base + eps);
+      }
+    };
+
+    at::parallel_for(0, static_cast<int64_t>(chunks.size()), kGrain, [&](int64_t cb, int64_t ce) {
+      for (int64_t c = cb; c < ce; ++c) {
+        const Chunk& ch = chunks[c];
+        const acc_t av = ap[ch.seg];
+        if (!has_local || np == 0) {
+          piece(ch.begin, ch.end, av, nullptr, acc_t(0));
+          continue;
+        }
+        // Sampled ranges are sorted and disjoint: walk the ones overlapping this chunk.
+        int64_t p = std::upper_bound(st, st + np, ch.begin) - st - 1;
+        if (p < 0) p = 0;
+        int64_t pos = ch.begin;
+        for (; p < np && st[p] < ch.end && pos < ch.end; ++p) {
+          const int64_t s0 = std::max(st[p], pos), s1 = std::min(st[p] + ln[p], ch.end);
+          if (s1 <= s0) continue;
+          if (pos < s0) piece(pos, s0, av, nullptr, acc_t(0));
+          piece(s0, s1, av, lp + ls[p] + (s0 - st[p]), bq[p]);
+          pos = s1;
+        }
+        if (pos < ch.end) piece(pos, ch.end, av, nullptr, acc_t(0));
+      }
+    });
+  });
+}
+
+void restore_(at::Tensor& param, const at::Tensor& backup) {
+  check_flat(param, "param");
+  check_like(backup, param, "backup");
+  const int64_t bytes = param.numel() * param.element_size();
+  char* dst = static_cast<char*>(param.data_ptr());
+  const char* src = static_cast<const char*>(backup.data_ptr());
+  constexpr int64_t kBytes = 1 << 16;  // 64 KiB per task: large enough to amortise scheduling
+  at::parallel_for(0, (bytes + kBytes - 1) / kBytes, 1, [&](int64_t b, int64_t e) {
+    for (int64_t c = b; c < e; ++c) {
+      const int64_t off = c * kBytes;
+      std::memcpy(dst + off, src + off, std::min(kBytes, bytes - off));
+    }
+  });
+}
+
+void sub_(at::Tensor& rows, const at::Tensor& other) {
+  TORCH_CHECK(rows.device().is_cpu() && rows.is_contiguous() && other.is_contiguous(),
+              "sub_ needs contiguous CPU tensors");
+  TORCH_CHECK(rows.sizes() == other.sizes() && rows.scalar_type() == other.scalar_type(),
+              "sub_ needs two tensors of equal shape and dtype");
+  TORCH_CHECK(at::isFloatingType(rows.scalar_type()), "sub_ needs floating-point tensors");
+  const int64_t n = rows.numel();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, rows.scalar_type(), "sub_", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    scalar_t* r = rows.data_ptr<scalar_t>();
+    const scalar_t* o = other.data_ptr<scalar_t>();
+    at::parallel_for(0, n, 1 << 14, [&](int64_t b, int64_t e) {
+      for (int64_t j = b; j < e; ++j) {
+        r[j] = static_cast<scalar_t>(static_cast<acc_t>(r[j]) - static_cast<acc_t>(o[j]));
+      }
+    });
+  });
+}
+
+}  // namespace cpu
+}  // namespace mtlsam

@@ -1,0 +1,136 @@
+"""The compiled CPU kernels beyond the shared op tests: error no worse than the pure-torch
+path's, determinism across thread counts, and the C++ argument checks themselves."""
+
+import pytest
+import torch
+
+from mtlsam_ext import ops
+from tests.layouts import LAYOUTS, offsets_of, sampled_of
+from tests.oracles import ops as oracle
+from tests.tolerances import DTYPES, REDUCE
+
+pytestmark = pytest.mark.skipif("ext" not in ops.available_backends("cpu"),
+                                reason="compiled CPU extension not built")
+
+
+def _t(v):
+    return torch.tensor(v, dtype=torch.int64)
+
+
+def _data(shape, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=g, dtype=torch.float64).to(dtype)
+
+
+def _run_all(backend, dtype, lengths):
+    """Every op once on a fixed input; returns the list of outputs."""
+    offs = offsets_of(lengths)
+    n = offs[-1]
+    table = sampled_of(lengths)
+    m = sum(t[1] for t in table)
+    x, scale, g0 = _data(n, dtype, 1), _data(n, dtype, 2), _data(n, dtype, 3)
+    local = _data((3, m), dtype, 4)
+    st, ln, ls = (_t([t[j] for t in table]) for j in range(3))
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    coef = torch.linspace(0.1, 0.3, len(lengths), dtype=acc)
+    lcoef = torch.linspace(-0.2, 0.2, len(table), dtype=acc)
+    theta, backup = x.clone(), torch.empty_like(x)
+    ops.mix_perturb_(theta, backup, g0, coef, _t(offs), local[1].contiguous(), lcoef, st, ln, ls,
+                     adaptive=True, backend=backend)
+    rows = _data((4, n), dtype, 5)
+    out = torch.empty(n, dtype=dtype)
+    ops.combine_(out, rows, torch.tensor([0.5, -1.0, 2.0, 0.25]), backend=backend)
+    return [ops.segment_sumsq(x, _t(offs), scale, backend=backend),
+            *ops.gl_layer_stats(g0, local, st, ln, ls, scale, backend=backend),
+            theta, ops.gram(rows, backend=backend), out]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", ["ragged", "long", "many_tiny"])
+def test_same_bits_for_any_thread_count(dtype, layout):
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = _run_all("ext", dtype, LAYOUTS[layout] * 7)
+        torch.set_num_threads(2)
+        two = _run_all("ext", dtype, LAYOUTS[layout] * 7)
+        again = _run_all("ext", dtype, LAYOUTS[layout] * 7)
+    finally:
+        torch.set_num_threads(old)
+    for a, b, c in zip(one, two, again):
+        assert torch.equal(a, b) and torch.equal(b, c)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_error_at_most_twice_the_reference_error(dtype):
+    """Issue rule: |ext - f64| <= 2 |torch - f64| + atol, for every reduction output."""
+    lengths = [1, 4099, 7, 20000, 3]
+    ext = _run_all("ext", dtype, lengths)
+    ref = _run_all("torch", dtype, lengths)
+    offs = offsets_of(lengths)
+    x, scale = _data(offs[-1], dtype, 1), _data(offs[-1], dtype, 2)
+    exact = oracle.segment_sumsq(x, offs, scale)
+    atol = REDUCE[dtype]["atol"] * float(exact.abs().max())
+    err_ext = (ext[0].double() - exact).abs()
+    err_ref = (ref[0].double() - exact).abs()
+    assert bool((err_ext <= 2 * err_ref + atol).all())
+    rows = _data((4, offs[-1]), dtype, 5)
+    g_exact = oracle.gram(rows)
+    atol = REDUCE[dtype]["atol"] * float(g_exact.abs().max())
+    assert bool(((ext[4].double() - g_exact).abs()
+                 <= 2 * (ref[4].double() - g_exact).abs() + atol).all())
+
+
+def test_elementwise_ops_match_the_reference_bit_for_bit():
+    """mix_perturb_ and combine_ use the reference's operation order: same bits in fp32."""
+    ext = _run_all("ext", torch.float32, LAYOUTS["ragged"])
+    ref = _run_all("torch", torch.float32, LAYOUTS["ragged"])
+    assert torch.equal(ext[3], ref[3])
+    assert torch.equal(ext[5], ref[5])
+
+
+class TestCppChecks:
+    """Call the registered ops directly, bypassing the Python validation layer."""
+
+    op = torch.ops.mtlsam
+
+    def test_dtype_mismatch(self):
+        with pytest.raises(RuntimeError, match="backup has dtype"):
+            self.op.restore_(torch.zeros(3), torch.zeros(3, dtype=torch.float64))
+
+    def test_offsets_bounds(self):
+        with pytest.raises(RuntimeError, match="end at 5"):
+            self.op.segment_sumsq(torch.zeros(5), _t([0, 4]), None)
+
+    def test_offsets_int32(self):
+        with pytest.raises(RuntimeError, match="int64"):
+            self.op.segment_sumsq(torch.zeros(5), torch.tensor([0, 5], dtype=torch.int32), None)
+
+    def test_not_contiguous(self):
+        with pytest.raises(RuntimeError, match="contiguous"):
+            self.op.segment_sumsq(torch.zeros(10)[::2], _t([0, 5]), None)
+
+    def test_sampled_overlap(self):
+        with pytest.raises(RuntimeError, match="sorted by start"):
+            self.op.gl_layer_stats(torch.zeros(8), torch.zeros(1, 8), _t([0, 2]), _t([4, 2]),
+                                   _t([0, 4]), None)
+
+    def test_sampled_past_local(self):
+        with pytest.raises(RuntimeError, match="local-gradient buffer"):
+            self.op.gl_layer_stats(torch.zeros(8), torch.zeros(1, 3), _t([0]), _t([4]), _t([0]),
+                                   None)
+
+    def test_coef_count(self):
+        with pytest.raises(RuntimeError, match="one value per segment"):
+            self.op.mix_perturb_(torch.zeros(4), torch.zeros(4), torch.zeros(4), torch.ones(2),
+                                 _t([0, 4]), None, None, None, None, None, False, True)
+
+    def test_combine_shape(self):
+        with pytest.raises(RuntimeError, match="columns"):
+            self.op.combine_(torch.zeros(4), torch.zeros(2, 5), torch.ones(2))
+
+    def test_empty_inputs(self):
+        assert self.op.segment_sumsq(torch.zeros(0), _t([0, 0, 0]), None).tolist() == [0.0, 0.0]
+        assert self.op.gram(torch.zeros(3, 0)).abs().sum() == 0
+        out = torch.zeros(0)
+        self.op.combine_(out, torch.zeros(2, 0), torch.ones(2))
