@@ -197,3 +197,16 @@ def test_bad_structure():
     meta = nn.Linear(8, 1, device="meta")
     with pytest.raises(ValueError, match="mixed devices"):
         MTLSAM(m.body, torch.optim.SGD, heads=[m.heads[0], meta], lr=0.1)
+
+
+@pytest.mark.parametrize("cfg", METHODS, ids=IDS)
+@pytest.mark.parametrize("call", [0, 1], ids=["unperturbed", "perturbed"])
+def test_nonfinite_loss_with_ls_changes_nothing(cfg, call):
+    """LS skips the Gram matrix, so its finiteness check is on the combined gradient."""
+    if cfg["method"] == "erm" and call == 1:
+        pytest.skip("erm calls the closure once")
+    m, opt = _make(cfg, agg="ls")
+    before = _state(m, opt)
+    with pytest.raises(ValueError, match="not finite"):
+        opt.step(_calls(m, call, BAD["nan"][0]))
+    _assert_unchanged(before, m, opt)

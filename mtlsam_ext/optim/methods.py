@@ -98,11 +98,25 @@ class Run:
     def combine(self, rows: list[Tensor], w: Tensor) -> None:
         for r, b in zip(rows, self.shared.buckets):
             ops.combine_(b.grad, r, w, backend=self.be)
+            if self.opt.constant_weights is not None:
+                self.checks.append(b.grad)
 
     def aggregate(self, gram: Tensor) -> Tensor:
         w = self.opt.aggregate(gram)
         self.checks.append(w.reshape(-1))
         return w
+
+    def weights(self, rows: list[Tensor]) -> Tensor:
+        """``M``'s weights for these rows. LS and mean do not depend on G, so the Gram pass
+        (K reads of the rows) is skipped; the finiteness check then falls on the combined
+        gradient instead (one read), see :meth:`combine`."""
+        const = self.opt.constant_weights
+        if const is None:
+            return self.aggregate(self.gram(rows))
+        k = rows[0].shape[0]
+        acc = torch.float64 if rows[0].dtype == torch.float64 else torch.float32
+        return torch.full((k,), 1.0 / k if const == "mean" else 1.0, dtype=acc,
+                          device=rows[0].device)
 
     # -- norms ----------------------------------------------------------------------------------
     def _scale(self, b) -> Tensor | None:
@@ -233,8 +247,7 @@ def _per_task_rows(run: Run, losses: list[Tensor], rows: list[Tensor], first_row
 
 
 def _finish(run: Run, rows: list[Tensor]) -> None:
-    w = run.aggregate(run.gram(rows))
-    run.combine(rows, w)
+    run.combine(rows, run.weights(rows))
 
 
 def step_erm(run: Run) -> Tensor:
@@ -303,8 +316,8 @@ def step_fmtl(run: Run) -> Tensor:
             ops.sub_(r[k:], r[:k], backend=run.be)
         # Two K x K Grams rather than one 2K x 2K: the loss block then has exactly the bits
         # ERM computes, so rho = 0 reproduces ERM's update (the cross block is never used).
-        w_loss = run.aggregate(run.gram([r[:k] for r in rows]))
-        w_flat = run.aggregate(run.gram([r[k:] for r in rows]))
+        w_loss = run.weights([r[:k] for r in rows])
+        w_flat = run.weights([r[k:] for r in rows])
         run.combine(rows, torch.cat([w_loss, w_flat.to(w_loss.dtype)]))
     else:
         sam_rows = [r[k:] for r in rows]

@@ -115,6 +115,10 @@ class MTLSAM(torch.optim.Optimizer):
         self.method = method
         self.aggregator_spec = aggregator
         self._aggregate = get_aggregator(aggregator, **(aggregator_options or {}))
+        # LS and mean weights do not depend on the Gram matrix: the step skips computing it.
+        self.constant_weights: str | None = (
+            aggregator.lower() if isinstance(aggregator, str)
+            and aggregator.lower() in ("ls", "mean") else None)
         self.rho = float(rho)
         self.rho_heads = float(rho if rho_heads is None else rho_heads)
         self.alpha = float(alpha)
