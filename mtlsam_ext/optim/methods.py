@@ -12,6 +12,7 @@ accumulates in place; a per-task gradient is ``zero -> backward -> copy into row
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -26,7 +27,9 @@ if TYPE_CHECKING:
     from mtlsam_ext.optim.mtlsam import MTLSAM
 
 
+@functools.lru_cache(maxsize=256)
 def _whole(n: int) -> Tensor:
+    """The one-segment table ``[0, n]`` (cached: the same tables come back every step)."""
     return torch.tensor([0, n], dtype=torch.int64)
 
 
