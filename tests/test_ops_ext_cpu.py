@@ -134,3 +134,27 @@ class TestCppChecks:
         assert self.op.gram(torch.zeros(3, 0)).abs().sum() == 0
         out = torch.zeros(0)
         self.op.combine_(out, torch.zeros(2, 0), torch.ones(2))
+
+
+def test_opcheck_schemas_and_fakes():
+    """torch.library.opcheck: schema (mutation annotations), fake kernels, dispatcher use."""
+    import mtlsam_ext.kernels.ext  # noqa: F401  (registers the fakes)
+
+    x = _data(37, torch.float32, 20)
+    off = _t([0, 5, 5, 37])
+    rows = _data((3, 37), torch.float32, 21)
+    st, ln, ls = _t([0, 10]), _t([5, 7]), _t([0, 5])
+    local = _data((2, 12), torch.float32, 22)
+    cases = [
+        (torch.ops.mtlsam.segment_sumsq.default, (x, off, None)),
+        (torch.ops.mtlsam.gl_layer_stats.default, (x, local, st, ln, ls, x.abs())),
+        (torch.ops.mtlsam.mix_perturb_.default,
+         (x.clone(), torch.empty(37), x, torch.ones(3), off, local[0].contiguous(),
+          torch.ones(2), st, ln, ls, True, True)),
+        (torch.ops.mtlsam.restore_.default, (x.clone(), x)),
+        (torch.ops.mtlsam.gram.default, (rows,)),
+        (torch.ops.mtlsam.combine_.default, (torch.empty(37), rows, torch.ones(3))),
+        (torch.ops.mtlsam.sub_.default, (rows.clone(), rows)),
+    ]
+    for op, args in cases:
+        torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))

@@ -83,3 +83,25 @@ def _(g0, local, starts, lengths, local_starts, scale):
 @torch.library.register_fake("mtlsam::gram")
 def _(rows):
     return rows.new_empty((rows.shape[0], rows.shape[0]), dtype=_acc(rows.dtype))
+
+
+# The in-place ops return nothing; their fakes only need to exist for tracing.
+@torch.library.register_fake("mtlsam::mix_perturb_")
+def _(param, backup, g0, coef, offsets, local, local_coef, starts, lengths, local_starts,
+      adaptive, save_backup):
+    return None
+
+
+@torch.library.register_fake("mtlsam::restore_")
+def _(param, backup):
+    return None
+
+
+@torch.library.register_fake("mtlsam::combine_")
+def _(out, rows, weights):
+    return None
+
+
+@torch.library.register_fake("mtlsam::sub_")
+def _(rows, other):
+    return None
