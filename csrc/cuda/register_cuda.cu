@@ -1,0 +1,14 @@
+// Registers the CUDA kernels of the mtlsam ops (schemas in csrc/registration.cpp).
+#include <torch/library.h>
+
+#include "common.cuh"
+
+TORCH_LIBRARY_IMPL(mtlsam, CUDA, m) {
+  m.impl("segment_sumsq", &mtlsam_cuda::segment_sumsq);
+  m.impl("gl_layer_stats", &mtlsam_cuda::gl_layer_stats);
+  m.impl("mix_perturb_", &mtlsam_cuda::mix_perturb_);
+  m.impl("restore_", &mtlsam_cuda::restore_);
+  m.impl("gram", &mtlsam_cuda::gram);
+  m.impl("combine_", &mtlsam_cuda::combine_);
+  m.impl("sub_", &mtlsam_cuda::sub_);
+}
