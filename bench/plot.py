@@ -31,7 +31,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import matplotlib.ticker  # noqa: E402
 
 METHOD_ORDER = ["erm", "naive-fmtl", "naive-fmtl-2k", "naive-sam-per-task", "fmtl",
-                "gl-autograd", "gl-lagged", "sam"]
+                "gl-autograd", "gl-lagged", "gl-zo", "sam"]
 
 
 def load(paths: list[str]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:

@@ -19,7 +19,8 @@ forward) are measured in the same run, and each method's time is reported agains
 ``forwards * t_fwd + backwards * t_bwd`` ("pass-cost efficiency" > 1 means overhead beyond
 the passes).
 
-Methods: ``erm``, ``fmtl``, ``sam``, ``gl-autograd``, ``gl-lagged`` (MTLSAM) and
+Methods: ``erm``, ``fmtl``, ``sam``, ``gl-autograd``, ``gl-lagged``, ``gl-zo`` (one
+direction) (MTLSAM) and
 ``naive-fmtl`` (authors' layout, K + 1 forwards), ``naive-fmtl-2k`` (their many-task
 layout, 2K forwards), ``naive-sam-per-task`` (per-task loop over a classic SAM optimizer),
 from :mod:`bench.naive_fmtl`.
@@ -150,6 +151,7 @@ OURS: dict[str, dict[str, Any]] = {
     "sam": dict(method="sam"),
     "gl-autograd": dict(method="gl", local_grad="autograd"),
     "gl-lagged": dict(method="gl", local_grad="lagged"),
+    "gl-zo": dict(method="gl", local_grad="zo", n_dirs=1),
 }
 NAIVE: dict[str, tuple[type, dict[str, Any]]] = {
     "naive-fmtl": (NaiveFMTL, {}),
@@ -157,7 +159,7 @@ NAIVE: dict[str, tuple[type, dict[str, Any]]] = {
     "naive-sam-per-task": (NaiveSAMPerTask, {}),
 }
 ALL_METHODS = ["erm", "naive-fmtl", "naive-fmtl-2k", "naive-sam-per-task", "fmtl",
-               "gl-autograd", "gl-lagged", "sam"]
+               "gl-autograd", "gl-lagged", "gl-zo", "sam"]
 
 
 def make_optimizer(name: str, model: nn.Module, args: argparse.Namespace) -> Any:

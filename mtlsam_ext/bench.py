@@ -29,6 +29,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "sam": dict(method="sam"),
     "gl-autograd": dict(method="gl", local_grad="autograd"),
     "gl-lagged": dict(method="gl", local_grad="lagged"),
+    "gl-zo": dict(method="gl", local_grad="zo", n_dirs=1),
 }
 
 
@@ -40,6 +41,7 @@ def passes(name: str, k: int) -> tuple[int, int]:
         "sam": (2, k + 1),
         "gl-autograd": (k + 1, 2 * k + 1),
         "gl-lagged": (k + 1, k + 1),
+        "gl-zo": (k + 3, k + 1),
     }[name]
 
 

@@ -11,8 +11,8 @@ from mtlsam_ext import MTLSAM
 from tests.models import TwoTask
 
 METHODS = [dict(method="gl", local_grad="lagged"), dict(method="fmtl"), dict(method="sam"),
-           dict(method="erm")]
-IDS = ["gl", "fmtl", "sam", "erm"]
+           dict(method="erm"), dict(method="gl", local_grad="zo", n_dirs=1)]
+IDS = ["gl", "fmtl", "sam", "erm", "gl-zo"]
 
 
 def _make(cfg=None, agg="pcgrad", **kw):
@@ -161,7 +161,6 @@ def test_reassigned_parameter_data():
     (dict(alpha=1.5), "alpha"),
     (dict(rho=-1.0), "rho"),
     (dict(rho_heads=float("nan")), "rho_heads"),
-    (dict(local_grad="zo"), "not available yet"),
     (dict(local_grad="exact"), "local_grad"),
     (dict(norm="l1"), "norm"),
     (dict(backend="cuda"), "backend"),

@@ -12,6 +12,7 @@ CONFIGS = [
     dict(method="gl", local_grad="autograd", norm="match"),
     dict(method="gl", local_grad="lagged", norm="global", alpha=0.2),
     dict(method="gl", adaptive=True, layers=[0, 1]),
+    dict(method="gl", local_grad="zo", n_dirs=2),
     dict(method="fmtl"),
     dict(method="fmtl", decompose=False, adaptive=True),
     dict(method="sam"),

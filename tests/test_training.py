@@ -13,6 +13,7 @@ METHODS = {
     "fmtl-direct": dict(method="fmtl", decompose=False),
     "gl": dict(method="gl"),
     "gl-lagged": dict(method="gl", local_grad="lagged"),
+    "gl-zo": dict(method="gl", local_grad="zo"),
 }
 
 

@@ -22,6 +22,7 @@ from torch import Tensor
 from mtlsam_ext import ops
 from mtlsam_ext.optim.checks import finite_report
 from mtlsam_ext.optim.perturbation import global_local_coefs, safe_scale
+from mtlsam_ext.optim.zeroth_order import zo_local_grads
 
 if TYPE_CHECKING:
     from mtlsam_ext.optim.mtlsam import MTLSAM
@@ -344,6 +345,8 @@ def step_gl(run: Run) -> Tensor:
     if opt.local_grad == "lagged" and opt._lag_valid and lag is not None \
             and all(t.shape == (k, tb[3]) for t, tb in zip(lag, tables)):
         local = lag  # the previous step's SAM gradients on the sampled layers
+    elif opt.local_grad == "zo":
+        local = zo_local_grads(run, tables)
     else:
         local = [torch.zeros(k, t[3], dtype=b.dtype, device=b.device)
                  for t, b in zip(tables, sh.buckets)]

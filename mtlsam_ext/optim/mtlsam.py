@@ -20,7 +20,7 @@ from mtlsam_ext.optim import methods
 from mtlsam_ext.optim.checks import as_loss_list, reachable_leaves
 
 METHODS = ("gl", "fmtl", "sam", "erm")
-LOCAL_GRADS = ("autograd", "lagged")
+LOCAL_GRADS = ("autograd", "lagged", "zo")
 NORMS = ("match", "global")
 
 Params = nn.Module | Iterable[Tensor] | dict
@@ -51,8 +51,10 @@ class MTLSAM(torch.optim.Optimizer):
             otherwise a list of layer indices or names.
         norm: ``"match"`` or ``"global"`` (see :func:`~mtlsam_ext.optim.perturbation.
             global_local_coefs`).
-        local_grad: ``"autograd"`` (exact task gradients on the sampled layers) or
-            ``"lagged"`` (previous step's SAM gradients there; the first step uses autograd).
+        local_grad: ``"autograd"`` (exact task gradients on the sampled layers),
+            ``"lagged"`` (previous step's SAM gradients there; the first step uses autograd)
+            or ``"zo"`` (forward-only central differences along ``n_dirs`` seeded Gaussian
+            directions of size ``mu``; 2 n_dirs forwards, no backward).
         adaptive: ASAM perturbations ``rho T^2 g / ||T g||`` with ``T = |theta|``.
         decompose: F-MTL's M(loss) + M(flat) (``True``) or M(SAM) (``False``).
         task_weights: weights of the average loss ``l_0 = sum_i w_i l_i`` (default 1/K).
@@ -71,11 +73,10 @@ class MTLSAM(torch.optim.Optimizer):
                  local_grad: str = "autograd", adaptive: bool = False, decompose: bool = True,
                  task_weights: Sequence[float] | Tensor | None = None, backend: str = "auto",
                  generator: torch.Generator | None = None,
-                 aggregator_options: dict[str, Any] | None = None, **base_kwargs: Any) -> None:
+                 aggregator_options: dict[str, Any] | None = None, n_dirs: int = 4,
+                 mu: float = 1e-3, **base_kwargs: Any) -> None:
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-        if local_grad == "zo":
-            raise ValueError("local_grad='zo' is not available yet; use 'autograd' or 'lagged'")
         if local_grad not in LOCAL_GRADS:
             raise ValueError(f"local_grad must be one of {LOCAL_GRADS}, got {local_grad!r}")
         if norm not in NORMS:
@@ -83,6 +84,10 @@ class MTLSAM(torch.optim.Optimizer):
         for name, v in (("rho", rho), ("rho_heads", rho if rho_heads is None else rho_heads)):
             if not (isinstance(v, (int, float)) and v >= 0 and v < float("inf")):
                 raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
+        if not (isinstance(n_dirs, int) and n_dirs >= 1):
+            raise ValueError(f"n_dirs must be a positive int, got {n_dirs!r}")
+        if not (isinstance(mu, (int, float)) and 0 < mu < float("inf")):
+            raise ValueError(f"mu must be a finite number > 0, got {mu!r}")
         if not (isinstance(alpha, (int, float)) and 0.0 <= alpha <= 1.0):
             raise ValueError(f"alpha must be in [0, 1], got {alpha!r}")
         if not (isinstance(base_optimizer, type)
@@ -144,6 +149,11 @@ class MTLSAM(torch.optim.Optimizer):
             generator = torch.Generator()
             generator.manual_seed(int(torch.randint(0, 2**62, (1,)).item()))
         self.generator = generator
+        self.n_dirs = n_dirs
+        self.mu = float(mu)
+        # Seed of the zo directions: the generator's seed, read without consuming its state
+        # (PCGrad's draws stay the same whether or not zo is used).
+        self.zo_seed = int(generator.initial_seed())
 
         groups = [{"params": list(self.shared.params)}]
         if self.heads is not None:
@@ -214,6 +224,7 @@ class MTLSAM(torch.optim.Optimizer):
                 "generator": self.generator.get_state(),
                 "lagged": None if lag is None else [t.clone() for t in lag],
                 "sampled_layers": list(self.sampled_layers),
+                "zo_seed": self.zo_seed,
             },
         }
 
@@ -234,6 +245,7 @@ class MTLSAM(torch.optim.Optimizer):
         if k is not None:
             self.num_tasks = k
         self.generator.set_state(own["generator"])
+        self.zo_seed = int(own.get("zo_seed", self.zo_seed))
         lag = own.get("lagged")
         if lag is not None:
             self._buffers["lag"] = [t.to(self.shared.device) for t in lag]
