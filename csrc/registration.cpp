@@ -26,6 +26,8 @@ TORCH_LIBRARY(mtlsam, m) {
   // out = sum_i w_i rows_i accumulated in row order in the accumulation dtype.
   m.def("combine_(Tensor(a!) out, Tensor rows, Tensor weights) -> ()");
   m.def("sub_(Tensor(a!) rows, Tensor other) -> ()");
+  // F-MTL: sam -= loss in place, and the K x K Gram of the resulting (stored) flat rows.
+  m.def("flat_gram_(Tensor(a!) sam, Tensor loss) -> Tensor");
 }
 
 // An importable module: `import mtlsam_ext._C` runs the static registrations above.

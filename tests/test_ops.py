@@ -113,6 +113,20 @@ def test_combine(backend, dtype, shape):
     torch.testing.assert_close(out.double(), oracle.combine(rows, w), **ELEMENTWISE[dtype])
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 1), (3, 257), (4, 4099)])
+def test_flat_gram(backend, dtype, shape):
+    sam = _data(shape[1], dtype, 14, shape[0])
+    loss = _data(shape[1], dtype, 15, shape[0])
+    flat = (sam.double() - loss.double()).to(dtype)  # the stored flat rows
+    g = ops.flat_gram_(sam, loss, backend=backend)
+    torch.testing.assert_close(sam.double(), flat.double(), **ELEMENTWISE[dtype])
+    want = oracle.gram(sam)  # Gram of the rows as stored
+    d = want.diagonal().sqrt()
+    assert_reduction_close(g, want, d[:, None] * d[None, :], dtype)
+    assert torch.equal(g, g.T)
+
+
 def test_combine_appending_zero_rows_is_exact(backend):
     rows = _data(513, torch.float32, 11, 3)
     w = torch.tensor([0.3, -1.2, 0.7])

@@ -155,6 +155,25 @@ def test_opcheck_schemas_and_fakes():
         (torch.ops.mtlsam.gram.default, (rows,)),
         (torch.ops.mtlsam.combine_.default, (torch.empty(37), rows, torch.ones(3))),
         (torch.ops.mtlsam.sub_.default, (rows.clone(), rows)),
+        (torch.ops.mtlsam.flat_gram_.default, (rows.clone(), rows * 0.5)),
     ]
     for op, args in cases:
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fused_flat_gram_equals_sub_then_gram(dtype):
+    """The fused pass gives the bits of sub_ followed by gram, on any thread count."""
+    sam, loss = _data((3, 9000), dtype, 30), _data((3, 9000), dtype, 31)
+    a = sam.clone()
+    ops.sub_(a, loss, backend="ext")
+    want = ops.gram(a, backend="ext")
+    old = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            b = sam.clone()
+            got = ops.flat_gram_(b, loss, backend="ext")
+            assert torch.equal(b, a) and torch.equal(got, want)
+    finally:
+        torch.set_num_threads(old)

@@ -297,6 +297,18 @@ def test_sub(dtype):
     assert not strided.any()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_flat_gram(dtype):
+    sam, loss = _data(300, dtype, 15, 3), _data(300, dtype, 16, 3)
+    ref = _cpu(sam).clone()
+    torch_ref.sub_(ref, _cpu(loss))
+    g = tk.flat_gram_(sam, loss)
+    assert torch.equal(_cpu(sam), ref)
+    want = oracle.gram(ref)
+    d = want.diagonal().sqrt()
+    assert_reduction_close(_cpu(g), want, d[:, None] * d[None, :], dtype)
+
+
 # ---------------------------------------------------------------- API
 
 def test_supports_and_bad_arguments():

@@ -34,10 +34,20 @@ const acc_t* as_acc(const scalar_t* src, int64_t len, acc_t* buf) {
 
 }  // namespace
 
-at::Tensor gram(const at::Tensor& rows) {
+namespace {
+
+// Gram of the [K, N] rows; with `loss`, first rows -= loss in place (chunk by chunk, the stored
+// rounded value being the one the Gram sees), so F-MTL's flat rows and their Gram take one pass.
+at::Tensor gram_impl(const at::Tensor& rows, const at::Tensor* loss) {
   TORCH_CHECK(rows.device().is_cpu(), "rows must be a CPU tensor");
   TORCH_CHECK(rows.dim() == 2 && rows.is_contiguous(), "rows must be a contiguous [K, N] matrix");
   TORCH_CHECK(at::isFloatingType(rows.scalar_type()), "rows must be floating point");
+  if (loss != nullptr) {
+    TORCH_CHECK(loss->device().is_cpu() && loss->is_contiguous(), "loss must be a contiguous "
+                "CPU tensor");
+    TORCH_CHECK(loss->sizes() == rows.sizes() && loss->scalar_type() == rows.scalar_type(),
+                "loss must match the rows' shape and dtype");
+  }
   const int64_t k = rows.size(0), n = rows.size(1);
   const auto acc_type = rows.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor out = at::zeros({k, k}, rows.options().dtype(acc_type));
@@ -46,7 +56,8 @@ at::Tensor gram(const at::Tensor& rows) {
   if (k == 0 || nchunks == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, rows.scalar_type(), "gram", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* rp = rows.data_ptr<scalar_t>();
+    scalar_t* rp = static_cast<scalar_t*>(rows.data_ptr());
+    const scalar_t* lp = loss ? loss->data_ptr<scalar_t>() : nullptr;
     // One read of the matrix: every chunk of all K rows is loaded once (into L2) and all
     // K(K+1)/2 inner products of the chunk are taken from there.
     std::vector<acc_t> partial(nchunks * npairs);
@@ -57,8 +68,15 @@ at::Tensor gram(const at::Tensor& rows) {
       for (int64_t c = cb; c < ce; ++c) {
         const int64_t b = c * kChunk, len = std::min(kChunk, n - b);
         for (int64_t i = 0; i < k; ++i) {
+          scalar_t* r = rp + i * n + b;
+          if (lp != nullptr) {  // same arithmetic as sub_
+            const scalar_t* l = lp + i * n + b;
+            for (int64_t j = 0; j < len; ++j) {
+              r[j] = static_cast<scalar_t>(static_cast<acc_t>(r[j]) - static_cast<acc_t>(l[j]));
+            }
+          }
           acc_t* scratch = buf.empty() ? nullptr : buf.data() + i * kChunk;
-          row[i] = as_acc(rp + i * n + b, len, scratch);
+          row[i] = as_acc(static_cast<const scalar_t*>(r), len, scratch);
         }
         acc_t* out_c = partial.data() + c * npairs;
         int64_t q = 0;
@@ -80,6 +98,12 @@ at::Tensor gram(const at::Tensor& rows) {
   });
   return out;
 }
+
+}  // namespace
+
+at::Tensor gram(const at::Tensor& rows) { return gram_impl(rows, nullptr); }
+
+at::Tensor flat_gram_(at::Tensor& sam, const at::Tensor& loss) { return gram_impl(sam, &loss); }
 
 void combine_(at::Tensor& out, const at::Tensor& rows, const at::Tensor& weights) {
   check_flat(out, "out");

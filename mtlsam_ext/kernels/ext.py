@@ -65,6 +65,15 @@ def sub_(rows: Tensor, other: Tensor) -> None:
     _ops.sub_(rows, other)
 
 
+def flat_gram_(sam: Tensor, loss: Tensor) -> Tensor:
+    key = "CUDA" if sam.device.type == "cuda" else "CPU"
+    if torch._C._dispatch_has_kernel_for_dispatch_key("mtlsam::flat_gram_", key):
+        return _ops.flat_gram_(sam, loss)
+    # No fused kernel for this device yet (CUDA): the same result from sub_ then gram.
+    _ops.sub_(sam, loss)
+    return _ops.gram(sam)
+
+
 def _acc(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -78,6 +87,11 @@ def _(x, offsets, scale):
 def _(g0, local, starts, lengths, local_starts, scale):
     shape = (local.shape[0], starts.shape[0])
     return g0.new_empty(shape, dtype=_acc(g0.dtype)), g0.new_empty(shape, dtype=_acc(g0.dtype))
+
+
+@torch.library.register_fake("mtlsam::flat_gram_")
+def _(sam, loss):
+    return sam.new_empty((sam.shape[0], sam.shape[0]), dtype=_acc(sam.dtype))
 
 
 @torch.library.register_fake("mtlsam::gram")

@@ -140,3 +140,13 @@ def combine_(out: Tensor, rows: Tensor, weights: Tensor) -> None:
 def sub_(rows: Tensor, other: Tensor) -> None:
     """``rows -= other`` in place: F-MTL's ``g_flat = g_SAM - g_loss`` (Alg. 1 line 5)."""
     rows.sub_(other)
+
+
+def flat_gram_(sam: Tensor, loss: Tensor) -> Tensor:
+    """F-MTL's flat gradients in place, ``sam -= loss`` (Alg. 1 line 5), and their Gram matrix.
+
+    Defined as :func:`sub_` followed by :func:`gram` of the stored (rounded) flat rows; fused
+    backends do both in one pass, saving the Gram's separate read of the K flat rows.
+    """
+    sub_(sam, loss)
+    return gram(sam)

@@ -217,6 +217,12 @@ def combine_(out: Tensor, rows: Tensor, weights: Tensor) -> None:
                                              num_warps=warps)
 
 
+def flat_gram_(sam: Tensor, loss: Tensor) -> Tensor:
+    """Composed from the Triton ``sub_`` and ``gram`` kernels (two passes, not fused yet)."""
+    sub_(sam, loss)
+    return gram(sam)
+
+
 def sub_(rows: Tensor, other: Tensor) -> None:
     if not (rows.is_contiguous() and other.is_contiguous()) or rows.shape != other.shape:
         torch_ref.sub_(rows, other)  # strided or broadcast: torch handles the indexing

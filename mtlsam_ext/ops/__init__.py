@@ -6,6 +6,7 @@ selects who runs it (see :mod:`mtlsam_ext.ops.dispatch`).
 
 from mtlsam_ext.ops.core import (
     combine_,
+    flat_gram_,
     gl_layer_stats,
     gram,
     mix_perturb_,
@@ -19,6 +20,7 @@ __all__ = [
     "BACKENDS",
     "available_backends",
     "combine_",
+    "flat_gram_",
     "gl_layer_stats",
     "gram",
     "mix_perturb_",

@@ -90,6 +90,15 @@ def combine_(out: Tensor, rows: Tensor, weights: Tensor, *, backend: str = "auto
     _k(backend, out).combine_(out, rows, weights)
 
 
+def flat_gram_(sam: Tensor, loss: Tensor, *, backend: str = "auto") -> Tensor:
+    """F-MTL's ``sam -= loss`` in place and the K x K Gram of the resulting flat rows."""
+    validate.rows("sam", sam)
+    validate.rows("loss", loss, sam.shape[1])
+    if sam.shape != loss.shape or sam.dtype != loss.dtype or sam.device != loss.device:
+        raise ValueError("flat_gram_ needs sam and loss rows of equal shape, dtype and device")
+    return _k(backend, sam).flat_gram_(sam, loss)
+
+
 def sub_(rows: Tensor, other: Tensor, *, backend: str = "auto") -> None:
     """``rows -= other`` (F-MTL's flat gradients over the SAM rows, in place)."""
     if rows.shape != other.shape or rows.dtype != other.dtype or rows.device != other.device:

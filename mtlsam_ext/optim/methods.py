@@ -316,12 +316,19 @@ def step_fmtl(run: Run) -> Tensor:
     run.restore_shared()
     run.heads_to_grad()
     if opt.decompose:
-        for r in rows:
-            ops.sub_(r[k:], r[:k], backend=run.be)
         # Two K x K Grams rather than one 2K x 2K: the loss block then has exactly the bits
         # ERM computes, so rho = 0 reproduces ERM's update (the cross block is never used).
         w_loss = run.weights([r[:k] for r in rows])
-        w_flat = run.weights([r[k:] for r in rows])
+        if opt.constant_weights is None:
+            # flat = SAM - loss in place, its Gram taken in the same pass
+            grams = [ops.flat_gram_(r[k:], r[:k], backend=run.be) for r in rows]
+            g = grams[0] if len(grams) == 1 else sum(x.double() for x in grams)
+            run.checks.append(g.reshape(-1))
+            w_flat = run.aggregate(g)
+        else:
+            for r in rows:
+                ops.sub_(r[k:], r[:k], backend=run.be)
+            w_flat = run.weights([r[k:] for r in rows])
         run.combine(rows, torch.cat([w_loss, w_flat.to(w_loss.dtype)]))
     else:
         sam_rows = [r[k:] for r in rows]
