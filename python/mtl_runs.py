@@ -1,0 +1,358 @@
+"""The training harness shared by the multi-task programs in python/ (multi_digits.py,
+multilabel_digits.py): the configurations compared, one training run, parallel execution,
+and the outputs (JSON lines, a Markdown table, a PNG of accuracy against wall time).
+
+A *problem* (the dataset side) gives the splits, the number of tasks, the head width, a
+per-task loss and a per-task "correct" test; everything else is common, so the two programs
+compare the methods under one protocol:
+
+* the shared backbone is a small CNN, each task has a linear head, the base optimizer is Adam;
+* every configuration is trained for the same number of epochs on the same batches (seeded);
+  the epoch with the best mean validation accuracy is selected and its test accuracy reported;
+* wall time counts the optimizer steps only (closure included, evaluation excluded); forwards
+  are counted in the closure and backward passes through the backbone by a hook on its output,
+  so "passes per step" is measured, not assumed.
+
+Nothing in mtlsam_ext imports this file; it uses the public API as a user would.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
+from multiprocessing import get_context
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import mtlsam_ext
+from mtlsam_ext import MTLSAM
+
+Split = tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Problem:
+    """What a dataset program supplies. ``load(seed, sizes)`` returns {"train", "val",
+    "test"} splits of (images N x 1 x S x S, targets N x K); ``loss(logits, y)`` and
+    ``correct(logits, y)`` act on one task's head output and target column."""
+
+    name: str
+    title: str
+    n_tasks: int
+    canvas: int
+    head_out: int
+    load: Callable[[int, tuple[int, int, int]], dict[str, Split]]
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    correct: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    global_pool: bool = False
+
+
+class Backbone(nn.Sequential):
+    """Three 3x3 convolutions (two max-pools) and a 64-unit linear layer: four layers in
+    MTLSAM's layer rule, so the default sampled set {0, L//2, L-1} is {conv1, conv3, fc}.
+    ``global_pool`` takes the spatial maximum of the last feature map (presence tasks: a
+    digit anywhere on the canvas) instead of flattening it (position tasks)."""
+
+    def __init__(self, canvas: int, width: int = 16, global_pool: bool = False) -> None:
+        side = 1 if global_pool else canvas // 4
+        pool = nn.AdaptiveMaxPool2d(1) if global_pool else nn.MaxPool2d(2)
+        super().__init__(
+            nn.Conv2d(1, width, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(width, width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(width, 2 * width, 3, padding=1), nn.ReLU(), pool,
+            nn.Flatten(), nn.Linear(2 * width * side * side, 64), nn.ReLU())
+        # He initialisation: with PyTorch's default (kaiming_uniform, a=sqrt(5)) the
+        # multi-label task sat at the prior (BCE 0.54 per task) for ~4 epochs (120 steps) of
+        # plain Adam before learning anything; with He-normal it learns from the first epoch.
+        for m in self:
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+                nn.init.zeros_(m.bias)
+
+
+# name -> MTLSAM keyword arguments. ``layers`` is a rule resolved on the 4-layer backbone.
+CONFIGS: dict[str, dict] = {
+    "erm": dict(method="erm"),
+    "fmtl": dict(method="fmtl"),
+    "gl-autograd": dict(method="gl", local_grad="autograd"),
+    "gl-lagged": dict(method="gl", local_grad="lagged"),
+    "gl-zo": dict(method="gl", local_grad="zo", n_dirs=2),
+    # the sweep (gl with exact task gradients, one aggregator): alpha and the sampled layers
+    "gl-autograd a=0.25": dict(method="gl", local_grad="autograd", alpha=0.25),
+    "gl-autograd a=0.75": dict(method="gl", local_grad="autograd", alpha=0.75),
+    "gl-autograd last": dict(method="gl", local_grad="autograd", layers="last"),
+    "gl-autograd all": dict(method="gl", local_grad="autograd", layers="all"),
+}
+MAIN = ["erm", "fmtl", "gl-autograd", "gl-lagged", "gl-zo"]
+SWEEP = ["gl-autograd a=0.25", "gl-autograd a=0.75", "gl-autograd last", "gl-autograd all"]
+AGGREGATORS = ["ls", "mgda", "pcgrad", "cagrad", "imtl", "nash"]
+# Relative step cost at K=10, used only to start the long runs first (load balance).
+_COST = {"erm": 1, "fmtl": 8, "gl-autograd": 5, "gl-lagged": 3, "gl-zo": 3}
+
+
+def _layers(rule: str | None) -> list[int] | None:
+    return {None: None, "last": [3], "all": [0, 1, 2, 3]}[rule]
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    config: str
+    aggregator: str
+    seed: int
+    sizes: tuple[int, int, int]
+    epochs: int
+    batch: int
+    lr: float
+    rho: float
+
+
+_DATA: dict[tuple, dict[str, Split]] = {}
+
+
+def _data(problem: Problem, seed: int, sizes: tuple[int, int, int]) -> dict[str, Split]:
+    key = (problem.name, seed, sizes)
+    if key not in _DATA:
+        _DATA[key] = problem.load(seed, sizes)
+    return _DATA[key]
+
+
+def _accuracy(problem: Problem, body: nn.Module, heads: list[nn.Module], split: Split
+              ) -> list[float]:
+    x, y = split
+    with torch.no_grad():
+        h = body(x)
+        return [float(problem.correct(hd(h), y[:, i]).float().mean())
+                for i, hd in enumerate(heads)]
+
+
+def train(problem: Problem, spec: RunSpec, on_epoch: Callable[[], None] | None = None) -> dict:
+    """One configuration, one seed. Returns the record written to the JSON-lines file."""
+    data = _data(problem, spec.seed, spec.sizes)
+    torch.manual_seed(spec.seed)
+    body = Backbone(problem.canvas, global_pool=problem.global_pool)
+    heads = [nn.Linear(64, problem.head_out) for _ in range(problem.n_tasks)]
+    kw = dict(CONFIGS[spec.config])
+    kw["layers"] = _layers(kw.pop("layers", None))
+    opt = MTLSAM(body, torch.optim.Adam, heads=heads, aggregator=spec.aggregator, rho=spec.rho,
+                 lr=spec.lr, generator=torch.Generator().manual_seed(spec.seed), **kw)
+    xtr, ytr = data["train"]
+    g = torch.Generator().manual_seed(spec.seed)
+    counts = {"forward": 0, "backward": 0}
+
+    def count_backward(grad: torch.Tensor) -> None:
+        counts["backward"] += 1
+
+    best_val, best_test, best_epoch = -1.0, [0.0] * problem.n_tasks, -1
+    epoch_times, epoch_losses, steps = [], [], 0
+    for epoch in range(spec.epochs):
+        perm = torch.randperm(len(xtr), generator=g)
+        elapsed, loss_sum, n = 0.0, 0.0, 0
+        for s in range(0, len(xtr) - spec.batch + 1, spec.batch):
+            xb, yb = xtr[perm[s:s + spec.batch]], ytr[perm[s:s + spec.batch]]
+
+            def closure(xb=xb, yb=yb):
+                counts["forward"] += 1
+                h = body(xb)
+                if h.requires_grad:
+                    h.register_hook(count_backward)
+                return [problem.loss(hd(h), yb[:, i]) for i, hd in enumerate(heads)]
+
+            t0 = time.perf_counter()
+            losses = opt.step(closure)
+            if steps + n > 0:  # the first step allocates the flat buffers: not timed
+                elapsed += time.perf_counter() - t0
+            loss_sum += float(losses.sum())
+            n += 1
+        steps += n
+        epoch_times.append(elapsed)
+        epoch_losses.append(loss_sum / n)
+        val = sum(_accuracy(problem, body, heads, data["val"])) / problem.n_tasks
+        if val > best_val:
+            best_val, best_epoch = val, epoch
+            best_test = _accuracy(problem, body, heads, data["test"])
+        if on_epoch is not None:
+            on_epoch()
+    return {"config": spec.config, "aggregator": spec.aggregator, "seed": spec.seed,
+            "epochs": spec.epochs, "best_epoch": best_epoch, "val_acc": best_val,
+            "test_acc": best_test, "test_acc_mean": sum(best_test) / problem.n_tasks,
+            "s_per_epoch": sum(epoch_times) / max(steps - 1, 1) * (steps / spec.epochs),
+            "s_per_step": sum(epoch_times) / max(steps - 1, 1),
+            "forwards_per_step": counts["forward"] / steps,
+            "backwards_per_step": counts["backward"] / steps,
+            "epoch_loss": epoch_losses, "info": opt.info()}
+
+
+def _init_worker(threads: int) -> None:
+    torch.set_num_threads(threads)
+
+
+def _train_in_worker(problem_module: str, spec: RunSpec) -> dict:
+    import importlib
+
+    return train(importlib.import_module(problem_module).PROBLEM, spec)
+
+
+def run_all(problem: Problem, problem_module: str, specs: list[RunSpec], jobs: int,
+            threads: int) -> list[dict]:
+    """Every spec, ``jobs`` at a time (separate processes, ``threads`` threads each), with a
+    progress bar; the records come back in the order of ``specs``."""
+    from tqdm import tqdm
+
+    if jobs <= 1:
+        torch.set_num_threads(threads)
+        bar = tqdm(total=sum(s.epochs for s in specs), desc=f"{problem.name} epochs")
+        out = [train(problem, s, on_epoch=lambda: bar.update(1)) for s in specs]
+        bar.close()
+        return out
+    order = sorted(range(len(specs)), key=lambda i: -_COST.get(specs[i].config.split()[0], 5))
+    out: list[dict | None] = [None] * len(specs)
+    with ProcessPoolExecutor(jobs, mp_context=get_context("spawn"), initializer=_init_worker,
+                             initargs=(threads,)) as pool:
+        futures = {pool.submit(_train_in_worker, problem_module, specs[i]): i for i in order}
+        bar = tqdm(total=len(specs), desc=f"{problem.name} runs")
+        for fut in as_completed(futures):
+            out[futures[fut]] = fut.result()
+            bar.update(1)
+        bar.close()
+    return out  # type: ignore[return-value]
+
+
+def _commit() -> str:
+    try:
+        root = Path(__file__).resolve().parents[1]
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root,
+                             capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=root, capture_output=True, text=True).stdout.strip()
+        return rev + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def summarise(runs: list[dict]) -> list[dict]:
+    """Mean +- std over seeds per (config, aggregator), in first-seen order, with the time
+    relative to F-MTL with the same aggregator where that was run."""
+    keys = list(dict.fromkeys((r["config"], r["aggregator"]) for r in runs))
+    rows = []
+    for cfg, agg in keys:
+        rs = [r for r in runs if (r["config"], r["aggregator"]) == (cfg, agg)]
+        accs = [100 * r["test_acc_mean"] for r in rs]
+        rows.append({"config": cfg, "aggregator": agg, "seeds": len(rs),
+                     "acc": statistics.mean(accs),
+                     "acc_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+                     "s_per_epoch": statistics.mean(r["s_per_epoch"] for r in rs),
+                     "ms_per_step": 1e3 * statistics.mean(r["s_per_step"] for r in rs),
+                     "fwd": statistics.mean(r["forwards_per_step"] for r in rs),
+                     "bwd": statistics.mean(r["backwards_per_step"] for r in rs)})
+    fmtl = {r["aggregator"]: r["ms_per_step"] for r in rows if r["config"] == "fmtl"}
+    for r in rows:
+        r["vs_fmtl"] = r["ms_per_step"] / fmtl[r["aggregator"]] if r["aggregator"] in fmtl \
+            else None
+    return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| config | aggregator | test acc % (mean ± std) | s / epoch | ms / step "
+             "| × F-MTL time | forwards / step | backwards / step |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        rel = f"{r['vs_fmtl']:.2f}" if r["vs_fmtl"] is not None else "–"
+        lines.append(f"| {r['config']} | {r['aggregator']} | {r['acc']:.2f} ± {r['acc_std']:.2f} "
+                     f"| {r['s_per_epoch']:.2f} | {r['ms_per_step']:.1f} | {rel} "
+                     f"| {r['fwd']:.1f} | {r['bwd']:.1f} |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], title: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    for cfg in dict.fromkeys(r["config"] for r in rows):
+        pts = [r for r in rows if r["config"] == cfg]
+        ax.errorbar([p["s_per_epoch"] for p in pts], [p["acc"] for p in pts],
+                    yerr=[p["acc_std"] for p in pts], fmt="o", capsize=2, label=cfg)
+        for p in pts:
+            ax.annotate(p["aggregator"], (p["s_per_epoch"], p["acc"]), fontsize=6,
+                        xytext=(3, 2), textcoords="offset points")
+    ax.set_xlabel("wall time per epoch (s, optimizer steps only)")
+    ax.set_ylabel("test accuracy, mean over tasks (%)")
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def add_arguments(ap, sizes: str, epochs: int, batch: int, lr: float, rho: float) -> None:
+    ap.add_argument("--configs", default=",".join(MAIN),
+                    help=f"comma-separated, from: {', '.join(CONFIGS)}")
+    ap.add_argument("--aggregators", default=",".join(AGGREGATORS))
+    ap.add_argument("--sweep", default="ls",
+                    help="aggregators for the alpha / sampled-layer sweep ('' = no sweep)")
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--sizes", default=sizes, help="train,val,test examples")
+    ap.add_argument("--epochs", type=int, default=epochs)
+    ap.add_argument("--batch", type=int, default=batch)
+    ap.add_argument("--lr", type=float, default=lr)
+    ap.add_argument("--rho", type=float, default=rho)
+    ap.add_argument("--jobs", type=int, default=2, help="runs in parallel (processes)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    ap.add_argument("--quick", action="store_true",
+                    help="a small run (one seed, few configs, 2 epochs) for smoke tests")
+    ap.add_argument("--out", required=True, help="output prefix: writes .jsonl, .md and .png")
+
+
+def main(problem: Problem, problem_module: str, args, quick_sizes: str) -> list[dict]:
+    """Run the comparison the parsed ``args`` ask for and write the outputs."""
+    if args.quick:
+        args.configs, args.aggregators, args.sweep = "erm,fmtl,gl-lagged,gl-zo", "ls,mgda", ""
+        args.seeds, args.epochs, args.jobs, args.sizes = "0", 2, 1, quick_sizes
+    names = [c for c in args.configs.split(",") if c]
+    for c in names:
+        if c not in CONFIGS:
+            raise SystemExit(f"unknown config {c!r}; choose from {', '.join(CONFIGS)}")
+    seeds = [int(s) for s in args.seeds.split(",") if s]
+    sizes = tuple(int(n) for n in args.sizes.split(","))
+    if len(sizes) != 3:
+        raise SystemExit(f"--sizes takes train,val,test, got {args.sizes!r}")
+    specs = [RunSpec(c, a, s, sizes, args.epochs, args.batch, args.lr, args.rho)
+             for s in seeds for c in names for a in args.aggregators.split(",") if a]
+    specs += [RunSpec(c, a, s, sizes, args.epochs, args.batch, args.lr, args.rho)
+              for s in seeds for c in SWEEP for a in args.sweep.split(",") if a]
+    t0 = time.time()
+    runs = run_all(problem, problem_module, specs, args.jobs, args.threads)
+    meta = {"program": problem.name, "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+            "commit": _commit(), "mtlsam_ext": mtlsam_ext.__version__, "torch": torch.__version__,
+            "python": platform.python_version(), "machine": platform.machine(),
+            "cpus": os.cpu_count(), "jobs": args.jobs, "threads_per_run": args.threads,
+            "wall_s": round(time.time() - t0, 1), "args": vars(args)}
+    rows = summarise(runs)
+    table = markdown(rows)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.with_suffix(".jsonl"), "w") as f:
+        f.write(json.dumps({"meta": meta}) + "\n")
+        for r in runs:
+            f.write(json.dumps(r) + "\n")
+    out.with_suffix(".md").write_text(
+        f"{problem.title}\n\n`{meta['command']}` at commit {meta['commit']}, torch "
+        f"{meta['torch']}, {meta['jobs']} runs in parallel x {meta['threads_per_run']} thread(s), "
+        f"{meta['wall_s']:.0f} s in all.\n\n{table}\n")
+    plot(rows, problem.title, out.with_suffix(".png"))
+    print(table)
+    print(f"wrote {out.with_suffix('.jsonl')}, {out.with_suffix('.md')} and "
+          f"{out.with_suffix('.png')}")
+    return runs
