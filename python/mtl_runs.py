@@ -254,6 +254,16 @@ def summarise(runs: list[dict]) -> list[dict]:
                      "ms_per_step": 1e3 * statistics.mean(r["s_per_step"] for r in rs),
                      "fwd": statistics.mean(r["forwards_per_step"] for r in rs),
                      "bwd": statistics.mean(r["backwards_per_step"] for r in rs)})
+    # accuracy difference to F-MTL with the same aggregator on the same seed (same data split
+    # and initialisation), so the split-to-split spread cancels out of the comparison
+    ref = {(r["aggregator"], r["seed"]): r["test_acc_mean"] for r in runs
+           if r["config"] == "fmtl"}
+    for row in rows:
+        d = [100 * (r["test_acc_mean"] - ref[(r["aggregator"], r["seed"])]) for r in runs
+             if (r["config"], r["aggregator"]) == (row["config"], row["aggregator"])
+             and (r["aggregator"], r["seed"]) in ref]
+        row["d_fmtl"] = statistics.mean(d) if d else None
+        row["d_fmtl_std"] = statistics.stdev(d) if len(d) > 1 else 0.0
     fmtl = {r["aggregator"]: r["ms_per_step"] for r in rows if r["config"] == "fmtl"}
     for r in rows:
         r["vs_fmtl"] = r["ms_per_step"] / fmtl[r["aggregator"]] if r["aggregator"] in fmtl \
@@ -262,13 +272,14 @@ def summarise(runs: list[dict]) -> list[dict]:
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| config | aggregator | test acc % (mean ± std) | s / epoch | ms / step "
-             "| × F-MTL time | forwards / step | backwards / step |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| config | aggregator | test acc % (mean ± std) | Δ vs F-MTL, paired (pp) "
+             "| s / epoch | ms / step | × F-MTL time | forwards / step | backwards / step |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         rel = f"{r['vs_fmtl']:.2f}" if r["vs_fmtl"] is not None else "–"
+        dif = f"{r['d_fmtl']:+.2f} ± {r['d_fmtl_std']:.2f}" if r["d_fmtl"] is not None else "–"
         lines.append(f"| {r['config']} | {r['aggregator']} | {r['acc']:.2f} ± {r['acc_std']:.2f} "
-                     f"| {r['s_per_epoch']:.2f} | {r['ms_per_step']:.1f} | {rel} "
+                     f"| {dif} | {r['s_per_epoch']:.2f} | {r['ms_per_step']:.1f} | {rel} "
                      f"| {r['fwd']:.1f} | {r['bwd']:.1f} |")
     return "\n".join(lines)
 
@@ -332,27 +343,78 @@ def main(problem: Problem, problem_module: str, args, quick_sizes: str) -> list[
              for s in seeds for c in names for a in args.aggregators.split(",") if a]
     specs += [RunSpec(c, a, s, sizes, args.epochs, args.batch, args.lr, args.rho)
               for s in seeds for c in SWEEP for a in args.sweep.split(",") if a]
-    t0 = time.time()
-    runs = run_all(problem, problem_module, specs, args.jobs, args.threads)
-    meta = {"program": problem.name, "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+    meta = {"program": problem.name, "title": problem.title,
+            "command": " ".join([f"python/{Path(sys.argv[0]).name}", *sys.argv[1:]]),
             "commit": _commit(), "mtlsam_ext": mtlsam_ext.__version__, "torch": torch.__version__,
             "python": platform.python_version(), "machine": platform.machine(),
             "cpus": os.cpu_count(), "jobs": args.jobs, "threads_per_run": args.threads,
-            "wall_s": round(time.time() - t0, 1), "args": vars(args)}
-    rows = summarise(runs)
-    table = markdown(rows)
+            "args": vars(args)}
+    t0 = time.time()
+    runs = run_all(problem, problem_module, specs, args.jobs, args.threads)
+    meta["wall_s"] = round(time.time() - t0, 1)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out.with_suffix(".jsonl"), "w") as f:
         f.write(json.dumps({"meta": meta}) + "\n")
         for r in runs:
             f.write(json.dumps(r) + "\n")
-    out.with_suffix(".md").write_text(
-        f"{problem.title}\n\n`{meta['command']}` at commit {meta['commit']}, torch "
-        f"{meta['torch']}, {meta['jobs']} runs in parallel x {meta['threads_per_run']} thread(s), "
-        f"{meta['wall_s']:.0f} s in all.\n\n{table}\n")
-    plot(rows, problem.title, out.with_suffix(".png"))
-    print(table)
-    print(f"wrote {out.with_suffix('.jsonl')}, {out.with_suffix('.md')} and "
-          f"{out.with_suffix('.png')}")
+    print(report(out.with_suffix(".jsonl")))
     return runs
+
+
+def report(jsonl: Path) -> str:
+    """Write the .md tables and the .png of a recorded run (the .jsonl that ``main`` writes)
+    next to it, and return the Markdown."""
+    lines = Path(jsonl).read_text().splitlines()
+    meta = json.loads(lines[0])["meta"]
+    rows = summarise([json.loads(line) for line in lines[1:]])
+    if "title" not in meta:  # records written before the title was stored
+        import importlib
+
+        meta["title"] = importlib.import_module(meta["program"]).PROBLEM.title
+    text = (f"{meta['title']}\n\n`{meta['command']}` at commit {meta['commit']}, torch "
+            f"{meta['torch']}, {meta['cpus']} CPUs, {meta['jobs']} runs in parallel x "
+            f"{meta['threads_per_run']} thread(s), {meta['wall_s']:.0f} s in all.\n\n"
+            f"Test accuracy % (mean ± std over seeds; in brackets the mean paired difference to "
+            f"F-MTL with the same aggregator and seed, in points) per aggregator; time and "
+            f"passes per step averaged over aggregators:\n\n{matrix_markdown(rows)}\n\n"
+            f"Every configuration:\n\n{markdown(rows)}\n")
+    path = Path(jsonl)
+    path.with_suffix(".md").write_text(text)
+    plot(rows, meta["title"], path.with_suffix(".png"))
+    return text
+
+
+def _cell(r: dict) -> str:
+    d = f" ({r['d_fmtl']:+.2f})" if r["d_fmtl"] is not None and r["config"] != "fmtl" else ""
+    return f"{r['acc']:.2f} ± {r['acc_std']:.2f}{d}"
+
+
+def matrix_markdown(rows: list[dict]) -> str:
+    """Configurations down, aggregators across (accuracy), then mean time and passes."""
+    aggs = list(dict.fromkeys(r["aggregator"] for r in rows))
+    head = ("| config | " + " | ".join(aggs) + " | ms / step | × F-MTL time "
+            "| forwards / step | backwards / step |")
+    lines = [head, "|---" * (len(aggs) + 5) + "|"]
+    for cfg in dict.fromkeys(r["config"] for r in rows):
+        rs = {r["aggregator"]: r for r in rows if r["config"] == cfg}
+        accs = [_cell(rs[a]) if a in rs else "–" for a in aggs]
+        rel = [r["vs_fmtl"] for r in rs.values() if r["vs_fmtl"] is not None]
+        rel_s = f"{statistics.mean(rel):.2f}" if rel else "–"
+        ms = statistics.mean(r["ms_per_step"] for r in rs.values())
+        fwd = statistics.mean(r["fwd"] for r in rs.values())
+        bwd = statistics.mean(r["bwd"] for r in rs.values())
+        lines.append(f"| {cfg} | " + " | ".join(accs) + f" | {ms:.1f} | {rel_s} | {fwd:.1f} "
+                     f"| {bwd:.1f} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    import argparse
+
+    ap = argparse.ArgumentParser(description="Rewrite the .md tables and the .png of recorded "
+                                 "runs (the .jsonl files the digit programs write).")
+    ap.add_argument("command", choices=["report"])
+    ap.add_argument("jsonl", nargs="+")
+    for p in ap.parse_args().jsonl:
+        print(report(Path(p)))

@@ -3,11 +3,12 @@
     f1(x) = (x1 - 2)^2 + 0.5 (x2 + 1)^2,   f2(x) = 0.5 (x1 + 2)^2 + (x2 - 1)^2,
     x1 in [-5, 5], x2 in [-3, 3], start (0, 0).
 
-Runs LS, LS + SAM, F-MTL and global-local SAM (and MGDA / PCGrad / CAGrad / IMTL with and
-without SAM), projecting onto the box after every step, draws every trajectory on the contour
-plot of both objectives with the Pareto set (the segment between the two minima, where the
-gradients are opposite) marked, writes a PNG, and prints the final points and objective
-values.
+Runs each aggregator (LS, MGDA, PCGrad, CAGrad, IMTL) alone and with SAM (on the weighted
+loss), F-MTL and global-local SAM, projecting onto the box after every step; draws one panel
+per aggregator with the four trajectories on the contour plot of both objectives and the
+Pareto set (the curve between the two minima where a convex combination of the gradients
+vanishes) marked, plus a panel of the final points in objective space against the Pareto
+front; writes a PNG and prints the final points and objective values.
 
     python python/toy_two_objectives.py --out toy.png --steps 300
 """
@@ -41,20 +42,12 @@ def pareto_set(n: int = 200) -> torch.Tensor:
     return torch.tensor(pts)
 
 
-RUNS = {
-    "LS": dict(method="erm", aggregator="ls"),
-    "LS+SAM": dict(method="sam", aggregator="ls"),
-    "F-MTL (LS)": dict(method="fmtl", aggregator="ls"),
-    "global-local SAM (LS)": dict(method="gl", aggregator="ls"),
-    "MGDA": dict(method="erm", aggregator="mgda"),
-    "F-MTL (MGDA)": dict(method="fmtl", aggregator="mgda"),
-    "PCGrad": dict(method="erm", aggregator="pcgrad"),
-    "F-MTL (PCGrad)": dict(method="fmtl", aggregator="pcgrad"),
-    "CAGrad": dict(method="erm", aggregator="cagrad"),
-    "F-MTL (CAGrad)": dict(method="fmtl", aggregator="cagrad"),
-    "IMTL": dict(method="erm", aggregator="imtl"),
-    "F-MTL (IMTL)": dict(method="fmtl", aggregator="imtl"),
-}
+AGGREGATORS = {"LS": "ls", "MGDA": "mgda", "PCGrad": "pcgrad", "CAGrad": "cagrad",
+               "IMTL": "imtl"}
+METHODS = {"ERM": "erm", "SAM": "sam", "F-MTL": "fmtl", "global-local SAM": "gl"}
+# one panel per aggregator, each with the aggregator alone and with the three SAM methods
+RUNS = {(agg, meth): dict(method=m, aggregator=a)
+        for agg, a in AGGREGATORS.items() for meth, m in METHODS.items()}
 
 
 def run(cfg: dict, steps: int, lr: float, rho: float) -> torch.Tensor:
@@ -78,11 +71,11 @@ def main() -> None:
     ap.add_argument("--out", default="toy_two_objectives.png")
     args = ap.parse_args()
 
-    paths = {name: run(cfg, args.steps, args.lr, args.rho) for name, cfg in RUNS.items()}
-    print(f"{'run':24}{'x1':>9}{'x2':>9}{'f1':>9}{'f2':>9}")
-    for name, p in paths.items():
+    paths = {key: run(cfg, args.steps, args.lr, args.rho) for key, cfg in RUNS.items()}
+    print(f"{'aggregator':11}{'method':17}{'x1':>9}{'x2':>9}{'f1':>9}{'f2':>9}")
+    for (agg, meth), p in paths.items():
         f1, f2 = (float(v) for v in objectives(p[-1]))
-        print(f"{name:24}{float(p[-1, 0]):9.3f}{float(p[-1, 1]):9.3f}{f1:9.3f}{f2:9.3f}")
+        print(f"{agg:11}{meth:17}{float(p[-1, 0]):9.3f}{float(p[-1, 1]):9.3f}{f1:9.3f}{f2:9.3f}")
 
     import matplotlib
 
@@ -92,21 +85,36 @@ def main() -> None:
     g1, g2 = torch.meshgrid(torch.linspace(-5, 5, 200, dtype=torch.float64),
                             torch.linspace(-3, 3, 160, dtype=torch.float64), indexing="xy")
     f1, f2 = objectives(torch.stack([g1, g2]))
-    fig, ax = plt.subplots(figsize=(9, 6))
-    ax.contour(g1, g2, f1, levels=15, colors="tab:blue", alpha=0.35)
-    ax.contour(g1, g2, f2, levels=15, colors="tab:red", alpha=0.35)
     ps = pareto_set()
-    ax.plot(ps[:, 0], ps[:, 1], "k-", lw=3, alpha=0.5, label="Pareto set")
-    for name, p in paths.items():
-        ax.plot(p[:, 0], p[:, 1], lw=1.2, label=name)
-        ax.plot(p[-1, 0], p[-1, 1], "o", ms=4)
-    ax.plot(0, 0, "k*", ms=10)
-    ax.set_xlim(-5, 5)
-    ax.set_ylim(-3, 3)
-    ax.set_xlabel("x1")
-    ax.set_ylabel("x2")
-    ax.legend(fontsize=7, loc="upper left", ncol=2)
-    ax.set_title(f"Toy study: {args.steps} steps, lr {args.lr}, rho {args.rho}")
+    fig, axes = plt.subplots(2, 3, figsize=(15, 8.5))
+    for ax, agg in zip(axes.flat, AGGREGATORS):
+        ax.contour(g1, g2, f1, levels=15, colors="tab:blue", alpha=0.3)
+        ax.contour(g1, g2, f2, levels=15, colors="tab:red", alpha=0.3)
+        ax.plot(ps[:, 0], ps[:, 1], "k-", lw=3, alpha=0.4, label="Pareto set")
+        for meth in METHODS:
+            p = paths[(agg, meth)]
+            label = agg if meth == "ERM" else f"{meth} ({agg})"
+            ax.plot(p[:, 0], p[:, 1], lw=1.3, label=label)
+            ax.plot(p[-1, 0], p[-1, 1], "o", ms=4, color=ax.lines[-1].get_color())
+        ax.plot(0, 0, "k*", ms=10)
+        ax.set_xlim(-5, 5)
+        ax.set_ylim(-3, 3)
+        ax.set_title(agg)
+        ax.legend(fontsize=7, loc="upper left")
+        ax.set_xlabel("x1")
+        ax.set_ylabel("x2")
+    last = axes.flat[-1]  # the sixth panel: objective space, Pareto front and final points
+    front = torch.stack([torch.stack(objectives(p)) for p in ps])
+    last.plot(front[:, 0], front[:, 1], "k-", lw=3, alpha=0.4, label="Pareto front")
+    for meth, marker in zip(METHODS, "osD^"):
+        pts = torch.stack([torch.stack(objectives(paths[(agg, meth)][-1]))
+                           for agg in AGGREGATORS])
+        last.scatter(pts[:, 0], pts[:, 1], marker=marker, label=meth, s=20, alpha=0.8)
+    last.set_xlabel("f1")
+    last.set_ylabel("f2")
+    last.set_title("final points of every run (all aggregators)")
+    last.legend(fontsize=7, loc="upper right")
+    fig.suptitle(f"Toy study: {args.steps} steps, lr {args.lr}, rho {args.rho}, start (0, 0)")
     fig.tight_layout()
     fig.savefig(args.out, dpi=120)
     print(f"wrote {args.out}")

@@ -22,22 +22,35 @@ def test_toy_study(tmp_path):
     out = _run([str(ROOT / "python/toy_two_objectives.py"), "--steps", "60",
                 "--out", str(tmp_path / "toy.png")], tmp_path)
     assert (tmp_path / "toy.png").stat().st_size > 10_000
-    rows = [ln.split() for ln in out.splitlines() if ln.startswith(("LS ", "MGDA "))]
-    assert len(rows) == 2
-    for row in rows:  # from (0, 0), where f1 = 4.5 and f2 = 3: both runs improve the sum
-        assert float(row[-1]) + float(row[-2]) < 7.5
+    aggs = ("LS ", "MGDA ", "PCGrad ", "CAGrad ", "IMTL ")
+    rows = [ln.split() for ln in out.splitlines() if ln.startswith(aggs)]
+    assert len(rows) == 5 * 4  # every aggregator alone, with SAM, F-MTL and global-local SAM
+    for row in rows:  # from (0, 0), where f1 = 4.5 and f2 = 3: every run improves the sum
+        assert float(row[-1]) + float(row[-2]) < 7.5, row
 
 
-def test_multi_digits_quick(tmp_path):
+@pytest.mark.parametrize("program", ["multi_digits", "multilabel_digits"])
+def test_digit_programs_quick(program, tmp_path):
     pytest.importorskip("sklearn")
-    _run([str(ROOT / "python/multi_digits.py"), "--quick", "--out", str(tmp_path / "md")],
-         tmp_path)
-    assert (tmp_path / "md.png").stat().st_size > 10_000
-    runs = [json.loads(line) for line in (tmp_path / "md.jsonl").read_text().splitlines()]
-    assert len(runs) == 6
+    out = tmp_path / program
+    _run([str(ROOT / f"python/{program}.py"), "--quick", "--out", str(out)], tmp_path)
+    assert out.with_suffix(".png").stat().st_size > 10_000
+    lines = out.with_suffix(".jsonl").read_text().splitlines()
+    meta = json.loads(lines[0])["meta"]
+    assert meta["program"] == program and meta["torch"]
+    runs = [json.loads(line) for line in lines[1:]]
+    # --quick: erm, fmtl, gl-lagged, gl-zo x ls, mgda, one seed
+    assert sorted({(r["config"], r["aggregator"]) for r in runs}) == sorted(
+        (c, a) for c in ("erm", "fmtl", "gl-lagged", "gl-zo") for a in ("ls", "mgda"))
+    k = 2 if program == "multi_digits" else 10
     for r in runs:
-        assert r["last_loss"] < r["first_loss"], r
-        assert 0.0 <= r["test_acc_mean"] <= 1.0
+        assert r["epoch_loss"][-1] < r["epoch_loss"][0], r  # training reduces the loss
+        assert len(r["test_acc"]) == k and all(0.0 <= a <= 1.0 for a in r["test_acc"])
+        # measured passes per step: F-MTL runs 1 + K forwards and 2K backwards
+        if r["config"] == "fmtl":
+            assert r["forwards_per_step"] == 1 + k and r["backwards_per_step"] == 2 * k
+    table = out.with_suffix(".md").read_text()
+    assert table.count("\n| gl-zo |") == 2 and meta["commit"] in table
 
 
 def test_two_task_regression():
