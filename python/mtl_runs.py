@@ -57,6 +57,24 @@ class Problem:
     global_pool: bool = False
 
 
+def digit_splits(seed: int, sizes: tuple[int, int, int],
+                 make_split: Callable[[torch.Tensor, torch.Tensor, int, int], Split]
+                 ) -> dict[str, Split]:
+    """Train / validation / test splits of ``sizes`` examples built by ``make_split(images,
+    labels, n, seed)`` from disjoint 60 / 20 / 20 % parts of scikit-learn's 8x8 digits
+    (pixels scaled to [0, 1]), so no source image appears in two splits."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    images = torch.tensor(d.images, dtype=torch.float32) / 16.0
+    labels = torch.tensor(d.target, dtype=torch.int64)
+    perm = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
+    a, b = int(0.6 * len(perm)), int(0.8 * len(perm))
+    parts = {"train": perm[:a], "val": perm[a:b], "test": perm[b:]}
+    return {name: make_split(images[idx], labels[idx], n, seed + k)
+            for k, ((name, idx), n) in enumerate(zip(parts.items(), sizes))}
+
+
 class Backbone(nn.Sequential):
     """Three 3x3 convolutions (two max-pools) and a 64-unit linear layer: four layers in
     MTLSAM's layer rule, so the default sampled set {0, L//2, L-1} is {conv1, conv3, fc}.

@@ -39,16 +39,7 @@ def make_split(images: torch.Tensor, labels: torch.Tensor, n: int, seed: int
 
 
 def load(seed: int, sizes: tuple[int, int, int]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    images = torch.tensor(d.images, dtype=torch.float32) / 16.0
-    labels = torch.tensor(d.target, dtype=torch.int64)
-    perm = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
-    a, b = int(0.6 * len(perm)), int(0.8 * len(perm))  # disjoint source images per split
-    parts = {"train": perm[:a], "val": perm[a:b], "test": perm[b:]}
-    return {name: make_split(images[idx], labels[idx], n, seed + k)
-            for k, ((name, idx), n) in enumerate(zip(parts.items(), sizes))}
+    return mtl_runs.digit_splits(seed, sizes, make_split)
 
 
 PROBLEM = mtl_runs.Problem(
