@@ -357,6 +357,9 @@ def main(problem: Problem, problem_module: str, args, quick_sizes: str) -> list[
     sizes = tuple(int(n) for n in args.sizes.split(","))
     if len(sizes) != 3:
         raise SystemExit(f"--sizes takes train,val,test, got {args.sizes!r}")
+    if args.epochs < 1 or not 1 <= args.batch <= sizes[0]:
+        raise SystemExit(f"need --epochs >= 1 and 1 <= --batch <= the training size "
+                         f"({sizes[0]}), got --epochs {args.epochs} --batch {args.batch}")
     specs = [RunSpec(c, a, s, sizes, args.epochs, args.batch, args.lr, args.rho)
              for s in seeds for c in names for a in args.aggregators.split(",") if a]
     specs += [RunSpec(c, a, s, sizes, args.epochs, args.batch, args.lr, args.rho)
