@@ -42,23 +42,27 @@ def as_loss_list(out: object, k: int | None) -> list[Tensor]:
     return [loss.reshape(()) for loss in losses]
 
 
-def reachable_leaves(loss: Tensor) -> set[int]:
-    """``id``s of the leaf tensors that ``loss.backward()`` would accumulate into."""
+def reachable_leaves(loss: Tensor) -> tuple[set[int], bool]:
+    """``id``s of the leaf tensors that ``loss.backward()`` would accumulate into, and whether
+    the graph holds an opaque node (a ``torch.compile``d region: one node whose inputs are all
+    the region's parameters, so reaching a leaf through it does not mean depending on it)."""
     # Node wrappers are kept alive in ``seen``: a freed wrapper's id could be reused by
     # another node and make the walk skip it.
     seen: dict[int, object] = {}
     found: set[int] = set()
+    opaque = False
     stack = [loss.grad_fn]
     while stack:
         fn = stack.pop()
         if fn is None or id(fn) in seen:
             continue
         seen[id(fn)] = fn
+        opaque = opaque or "CompiledFunction" in type(fn).__name__
         var = getattr(fn, "variable", None)
         if isinstance(var, Tensor):
             found.add(id(var))
         stack.extend(nxt for nxt, _ in fn.next_functions)
-    return found
+    return found, opaque
 
 
 def finite_report(values: Sequence[Tensor], what: str) -> str:

@@ -12,15 +12,18 @@ accumulates in place; a per-task gradient is ``zero -> backward -> copy into row
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from mtlsam_ext import ops
+from mtlsam_ext.optim.amp import Scaling
 from mtlsam_ext.optim.checks import finite_report
+from mtlsam_ext.optim.closure import CONTRACT, accepts_task
 from mtlsam_ext.optim.perturbation import global_local_coefs, safe_scale
 from mtlsam_ext.optim.zeroth_order import zo_local_grads
 
@@ -34,15 +37,59 @@ def _whole(n: int) -> Tensor:
     return torch.tensor([0, n], dtype=torch.int64)
 
 
-class Run:
-    """State of one step in flight: backups, finiteness checks and the undo path."""
+@contextlib.contextmanager
+def _closure_contract() -> Iterator[None]:
+    """Autograd's "backward through the graph a second time" means the closure ran backward
+    itself: say so in terms of the closure contract."""
+    try:
+        yield
+    except RuntimeError as err:
+        if "backward through the graph a second time" in str(err):
+            raise ValueError(f"{CONTRACT} (autograd: {err})") from None
+        raise
 
-    def __init__(self, opt: MTLSAM, closure: Callable[[], Any]) -> None:
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of coefficients applied to a buffer of ``dtype`` (float32 unless float64)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _times(a: Tensor | None, b: Tensor | None) -> Tensor | None:
+    """``a * b`` where either factor may be absent (``None`` = 1, and ``None * None = None``
+    so that a step without loss scale or clipping multiplies by nothing at all)."""
+    if a is None:
+        return b
+    return a if b is None else a * b
+
+
+def _rescale(scale: Tensor | None, local_scale: Tensor | None) -> Tensor | None:
+    """``scale / local_scale`` in float64 (``None`` = 1; ``None`` when both are absent)."""
+    if scale is None and local_scale is None:
+        return None
+    num = torch.ones((), dtype=torch.float64) if scale is None else scale.double()
+    return num if local_scale is None else num / local_scale.double().to(num.device)
+
+
+def _clip_coef(max_norm: float, total_sq: Tensor) -> Tensor:
+    """``clip_grad_norm_``'s factor ``min(1, max_norm / (||d|| + 1e-6))`` (float64)."""
+    return (max_norm / (total_sq.sqrt() + 1e-6)).clamp(max=1.0)
+
+
+class Run:
+    """State of one step in flight: backups, finiteness checks, the loss scale and the undo
+    path."""
+
+    def __init__(self, opt: MTLSAM, closure: Callable[..., Any],
+                 scaling: Scaling | None = None) -> None:
         self.opt = opt
         self.closure = closure
+        self.task_aware = accepts_task(closure)
+        self.scaling = scaling or Scaling()
         self.be = opt.backend
         self.shared = opt.shared
         self.heads = opt.heads
+        self.bn = opt.bn_running_stats
+        self.n_calls = 0
         self.checks: list[Tensor] = []
         self.unperturbed: Tensor | None = None
         self.perturbed_losses: list[Tensor] = []
@@ -57,8 +104,34 @@ class Run:
         self.on_commit: list[Callable[[], None]] = []
 
     # -- closure and losses ---------------------------------------------------------------------
+    def call(self, task: int | None = None) -> list[Tensor]:
+        """One forward through the closure: all K losses, or ``[loss_task]`` when the closure
+        is task-aware and ``task`` is given. BatchNorm running statistics keep the values of
+        the first forward of the step (``bn_stats="first"``)."""
+        first = self.n_calls == 0
+        if self.bn:
+            # Put back the first forward's statistics *before* a later forward rather than
+            # after it: batch_norm saves the running buffers for its backward, so changing
+            # them between a forward and its backward would fail autograd's version check.
+            if first:
+                self.bn.save("pre")
+            else:
+                self.bn.restore("first")
+        if first and not self.opt._graph_checked:
+            # First step: gradients are zero before the closure, so any gradient after it
+            # means the closure ran backward() itself.
+            self.opt.zero_grad()
+        out = self.opt.call_closure(self.closure, task if self.task_aware else None,
+                                    self.task_aware)
+        if first and not self.opt._graph_checked:
+            self.opt.check_no_backward()
+        self.n_calls += 1
+        if first and self.bn:
+            self.bn.save("first")
+        return out
+
     def first_losses(self) -> list[Tensor]:
-        losses = self.opt.call_closure(self.closure)
+        losses = self.call()
         self.opt.check_graph(losses)
         self.k = len(losses)
         self.unperturbed = torch.stack([loss.detach() for loss in losses])
@@ -66,7 +139,8 @@ class Run:
         return losses
 
     def perturbed_loss(self, i: int) -> Tensor:
-        loss = self.opt.call_closure(self.closure)[i]
+        out = self.call(i)
+        loss = out[0] if self.task_aware else out[i]
         self.perturbed_losses.append(loss.detach())
         self.checks.append(loss.detach().reshape(1))
         return loss
@@ -75,6 +149,17 @@ class Run:
         w = self.opt.task_weights(len(losses), losses[0].device)
         with torch.enable_grad():
             return sum(w[i].to(loss.dtype) * loss for i, loss in enumerate(losses))
+
+    def backward(self, loss: Tensor, retain_graph: bool = False) -> None:
+        """``loss.backward()`` on the scaled loss."""
+        with torch.enable_grad(), _closure_contract():
+            self.scaling.scaled(loss).backward(retain_graph=retain_graph)
+
+    def task_grads(self, loss: Tensor, params: list[Tensor]) -> tuple[Tensor | None, ...]:
+        """``autograd.grad`` of the scaled loss (the graph is kept for the later passes)."""
+        with torch.enable_grad(), _closure_contract():
+            return torch.autograd.grad(self.scaling.scaled(loss), params, retain_graph=True,
+                                       allow_unused=True)
 
     # -- gradients ------------------------------------------------------------------------------
     def zero_shared(self) -> None:
@@ -93,34 +178,88 @@ class Run:
         for r, b in zip(rows, self.shared.buckets):
             r[i].copy_(b.grad)
 
-    def gram(self, rows: list[Tensor]) -> Tensor:
-        grams = [ops.gram(r, backend=self.be) for r in rows]
+    def true_gram(self, grams: list[Tensor]) -> Tensor:
+        """The Gram matrix of the true gradients from per-bucket Grams of the (scaled) rows:
+        summed over buckets, divided by ``S^2`` under a loss scale, added to the checks."""
         g = grams[0] if len(grams) == 1 else sum(x.double() for x in grams)
+        if self.scaling.active:
+            inv = self.scaling.inv
+            g = (g.double() * (inv * inv)).to(g.dtype)
         self.checks.append(g.reshape(-1))
         return g
 
-    def combine(self, rows: list[Tensor], w: Tensor) -> None:
-        for r, b in zip(rows, self.shared.buckets):
-            ops.combine_(b.grad, r, w, backend=self.be)
-            if self.opt.constant_weights is not None:
-                self.checks.append(b.grad)
+    def gram(self, rows: list[Tensor]) -> Tensor:
+        return self.true_gram([ops.gram(r, backend=self.be) for r in rows])
 
     def aggregate(self, gram: Tensor) -> Tensor:
         w = self.opt.aggregate(gram)
         self.checks.append(w.reshape(-1))
         return w
 
-    def weights(self, rows: list[Tensor]) -> Tensor:
-        """``M``'s weights for these rows. LS and mean do not depend on G, so the Gram pass
-        (K reads of the rows) is skipped; the finiteness check then falls on the combined
-        gradient instead (one read), see :meth:`combine`."""
+    def weights(self, rows: list[Tensor]) -> tuple[Tensor, Tensor | None]:
+        """``M``'s weights for these rows, and the (true) Gram matrix they came from. LS and
+        mean do not depend on G, so the Gram pass (K reads of the rows) is skipped and ``None``
+        returned; the finiteness check then falls on the combined gradient (one read), see
+        :meth:`finish_update`."""
         const = self.opt.constant_weights
         if const is None:
-            return self.aggregate(self.gram(rows))
+            g = self.gram(rows)
+            return self.aggregate(g), g
         k = rows[0].shape[0]
         acc = torch.float64 if rows[0].dtype == torch.float64 else torch.float32
         return torch.full((k,), 1.0 / k if const == "mean" else 1.0, dtype=acc,
-                          device=rows[0].device)
+                          device=rows[0].device), None
+
+    def _sumsq(self, bufs: list[Tensor]) -> Tensor:
+        """``sum ||b||^2`` over flat buffers, in float64 (one fused read each)."""
+        return sum(ops.segment_sumsq(t, _whole(t.numel()), None, backend=self.be).double()
+                   for t in bufs)
+
+    def finish_update(self, rows: list[Tensor], w: Tensor, gram: Tensor | None) -> None:
+        """Shared gradient := ``sum_i w_i rows_i``, then the loss scale and clipping.
+
+        Under a loss scale S the combine uses ``w / S`` and the heads' gradients are multiplied
+        by ``1/S``. With ``max_grad_norm`` the update (shared and heads as one vector) is
+        scaled by ``min(1, max_norm / (||d|| + 1e-6))`` as ``torch.nn.utils.clip_grad_norm_``
+        does. ``||d_shared||^2 = w^T G w`` comes from the Gram matrix the aggregator already
+        used when there is one (the clip factor is then folded into the weights as well), and
+        otherwise from one read of the combined gradient, which then also serves as its
+        finiteness check.
+        """
+        clip = self.opt.max_grad_norm
+        inv = self.scaling.inv if self.scaling.active else None
+        heads = [b.grad for b in self.heads.buckets] if self.heads is not None else []
+        zero = torch.zeros((), dtype=torch.float64, device=w.device)
+        heads_sq = zero
+        if heads:
+            if clip is not None:
+                heads_sq = self._sumsq(heads)
+                if inv is not None:
+                    heads_sq = heads_sq * (inv * inv)
+                self.checks.append(heads_sq.reshape(1))
+            else:
+                self.checks.extend(heads)
+        coef = None
+        if clip is not None and gram is not None:
+            wd = w.double()
+            coef = _clip_coef(clip, (wd @ gram.double() @ wd).clamp_min(0) + heads_sq)
+        mult = _times(inv, coef)
+        w_eff = w if mult is None else (w.double() * mult).to(w.dtype)
+        grads = [b.grad for b in self.shared.buckets]
+        for r, g in zip(rows, grads):
+            ops.combine_(g, r, w_eff, backend=self.be)
+        if clip is not None and gram is None:
+            sh_sq = self._sumsq(grads)
+            self.checks.append(sh_sq.reshape(1))
+            coef = _clip_coef(clip, sh_sq + heads_sq)
+            for g in grads:
+                g.mul_(coef.to(_acc(g.dtype)))
+        elif gram is None:
+            self.checks.extend(grads)
+        head_mult = _times(inv, coef)
+        if head_mult is not None:
+            for g in heads:
+                g.mul_(head_mult.to(_acc(g.dtype)))
 
     # -- norms ----------------------------------------------------------------------------------
     def _scale(self, b) -> Tensor | None:
@@ -229,6 +368,12 @@ class Run:
         return ("non-finite values in the step (" + (msg or "gradients, Gram matrix or "
                 "aggregator weights are NaN/Inf") + "); parameters left unchanged")
 
+    def end_passes(self) -> None:
+        """After the last backward of a successful step: BatchNorm statistics back to the
+        values the first forward left (the last forward's update is undone here)."""
+        if self.bn and self.n_calls > 1:
+            self.bn.restore("first")
+
     def commit(self) -> None:
         for fn in self.on_commit:
             fn()
@@ -246,12 +391,12 @@ def _per_task_rows(run: Run, losses: list[Tensor], rows: list[Tensor], first_row
     for i, loss in enumerate(losses):
         if i:
             run.zero_shared()
-        loss.backward(retain_graph=i < k - 1)
+        run.backward(loss, retain_graph=i < k - 1)
         run.capture(rows, first_row + i)
 
 
 def _finish(run: Run, rows: list[Tensor]) -> None:
-    run.combine(rows, run.weights(rows))
+    run.finish_update(rows, *run.weights(rows))
 
 
 def step_erm(run: Run) -> Tensor:
@@ -270,7 +415,7 @@ def step_sam(run: Run) -> Tensor:
     opt = run.opt
     losses = run.first_losses()
     run.zero_all()
-    run.average_loss(losses).backward()
+    run.backward(run.average_loss(losses))
     coef = run.global_coef(run.grads(), opt.rho)
     hc = run.head_coefs() if run.heads is not None else None
     offs = [_whole(b.numel) for b in run.shared.buckets]
@@ -280,7 +425,7 @@ def step_sam(run: Run) -> Tensor:
             run.perturb_head(i, hc, zero_grad_after=False)
         run.heads.zero_grad()
     run.zero_shared()
-    pert = opt.call_closure(run.closure)
+    pert = run.call()
     run.perturbed_losses.extend(x.detach() for x in pert)
     run.checks.append(torch.stack([x.detach() for x in pert]))
     rows = opt.buffers("rows", run.k)
@@ -310,7 +455,7 @@ def step_fmtl(run: Run) -> Tensor:
         if hc is not None:
             run.perturb_head(i, hc)
         run.zero_shared()
-        run.perturbed_loss(i).backward()
+        run.backward(run.perturbed_loss(i))
         run.capture(rows, k + i)
         run.finish_head(i)
     run.restore_shared()
@@ -318,18 +463,18 @@ def step_fmtl(run: Run) -> Tensor:
     if opt.decompose:
         # Two K x K Grams rather than one 2K x 2K: the loss block then has exactly the bits
         # ERM computes, so rho = 0 reproduces ERM's update (the cross block is never used).
-        w_loss = run.weights([r[:k] for r in rows])
+        w_loss, _ = run.weights([r[:k] for r in rows])
         if opt.constant_weights is None:
             # flat = SAM - loss in place, its Gram taken in the same pass
-            grams = [ops.flat_gram_(r[k:], r[:k], backend=run.be) for r in rows]
-            g = grams[0] if len(grams) == 1 else sum(x.double() for x in grams)
-            run.checks.append(g.reshape(-1))
-            w_flat = run.aggregate(g)
+            w_flat = run.aggregate(run.true_gram(
+                [ops.flat_gram_(r[k:], r[:k], backend=run.be) for r in rows]))
         else:
             for r in rows:
                 ops.sub_(r[k:], r[:k], backend=run.be)
-            w_flat = run.weights([r[k:] for r in rows])
-        run.combine(rows, torch.cat([w_loss, w_flat.to(w_loss.dtype)]))
+            w_flat, _ = run.weights([r[k:] for r in rows])
+        # No Gram of the whole update (the loss/flat cross block is never formed): a clip
+        # norm, if asked for, is read from the combined gradient.
+        run.finish_update(rows, torch.cat([w_loss, w_flat.to(w_loss.dtype)]), None)
     else:
         sam_rows = [r[k:] for r in rows]
         _finish(run, sam_rows)
@@ -352,23 +497,30 @@ def step_gl(run: Run) -> Tensor:
     if opt.local_grad == "lagged" and opt._lag_valid and lag is not None \
             and all(t.shape == (k, tb[3]) for t, tb in zip(lag, tables)):
         local = lag  # the previous step's SAM gradients on the sampled layers
+        local_scale = opt._lag_scale  # the loss scale of the step that computed them
     elif opt.local_grad == "zo":
-        local = zo_local_grads(run, tables)
+        local = []  # after g0: the zo forwards must not run before the first graph's backward
+        local_scale = None  # differences of the closure's unscaled losses
     else:
+        local_scale = run.scaling.scale
         local = [torch.zeros(k, t[3], dtype=b.dtype, device=b.device)
                  for t, b in zip(tables, sh.buckets)]
         params_s = sh.layer_params(sampled)
         for i in range(k):
-            got = torch.autograd.grad(losses[i], params_s, retain_graph=True, allow_unused=True)
+            got = run.task_grads(losses[i], params_s)
             views = sh.local_views(local, i, sampled)
             torch._foreach_copy_([v for v, g in zip(views, got) if g is not None],
                                  [g for g in got if g is not None])
     run.zero_all()
-    run.average_loss(losses).backward()
+    run.backward(run.average_loss(losses))
     g0 = opt.buffers("g0", 1)
     for j, b in enumerate(sh.buckets):
         g0[j][0].copy_(b.grad)
     hc = run.head_coefs() if run.heads is not None else None
+    if opt.local_grad == "zo" and not local:
+        # Forward-only estimates after the first graph is consumed: a forward updates
+        # BatchNorm buffers in place, which the first graph's backward would refuse.
+        local = zo_local_grads(run, tables)
 
     n_layers = len(sh.layers)
     dev = sh.device
@@ -389,10 +541,19 @@ def step_gl(run: Run) -> Tensor:
             d, q = ops.gl_layer_stats(g0[j][0], local[j], st, ln, ls, scale, backend=run.be)
             dots.index_add_(1, ids, d.double())
             loc_sq.index_add_(1, ids, q.double())
+    rescale = _rescale(run.scaling.scale, local_scale)
+    if rescale is not None:
+        # g0 carries this step's loss scale S, the local gradients the scale S' they were
+        # computed with: <g0, r ghat> and ||r ghat||^2 with r = S / S' put them on g0's scale
+        # (the perturbation is invariant to a scale common to g0 and ghat).
+        dots *= rescale
+        loc_sq *= rescale * rescale
     mask = torch.zeros(n_layers, dtype=torch.bool, device=dev)
     mask[sampled] = True
     coef_a, coef_b = global_local_coefs(layer_sq, dots, loc_sq, mask, opt.rho, opt.alpha,
                                         opt.norm)
+    if rescale is not None:
+        coef_b = coef_b * rescale  # B (r ghat) with ghat as stored
 
     rows = opt.buffers("rows", k)
     offs = [b.seg_offsets for b in sh.buckets]
@@ -403,7 +564,7 @@ def step_gl(run: Run) -> Tensor:
         if hc is not None:
             run.perturb_head(i, hc)
         run.zero_shared()
-        run.perturbed_loss(i).backward()
+        run.backward(run.perturbed_loss(i))
         run.capture(rows, i)
         run.finish_head(i)
     run.restore_shared()
@@ -422,6 +583,9 @@ def step_gl(run: Run) -> Tensor:
             for r, t, dst in zip(rows, tables, lag):
                 for s, n, ls in zip(t[0].tolist(), t[1].tolist(), t[2].tolist()):
                     dst[:, ls:ls + n].copy_(r[:, s:s + n])
+            # Kept as computed (scaled: fp16 rows would lose small values if unscaled), with
+            # the scale they carry; the next step rescales its statistics by the ratio.
+            opt._lag_scale = run.scaling.scale
             opt._lag_valid = True
 
         run.on_commit.append(keep_lagged)

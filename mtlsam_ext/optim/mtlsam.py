@@ -17,7 +17,10 @@ from mtlsam_ext.aggregators import check_weights, get_aggregator
 from mtlsam_ext.flat import FlatParams
 from mtlsam_ext.ops.dispatch import check_backend_name, resolve_backend
 from mtlsam_ext.optim import methods
-from mtlsam_ext.optim.checks import as_loss_list, reachable_leaves
+from mtlsam_ext.optim.amp import init_scaler, report_found_inf, scaling_for
+from mtlsam_ext.optim.batchnorm import BN_STATS, RunningStats, batchnorm_modules
+from mtlsam_ext.optim.checks import reachable_leaves
+from mtlsam_ext.optim.closure import CONTRACT, parse_all, parse_one
 
 METHODS = ("gl", "fmtl", "sam", "erm")
 LOCAL_GRADS = ("autograd", "lagged", "zo")
@@ -63,7 +66,26 @@ class MTLSAM(torch.optim.Optimizer):
             from the global RNG at construction.
         aggregator_options: keyword options of a named aggregator, e.g. ``{"c": 0.5}`` for
             CAGrad.
+        bn_stats: ``"first"`` (default): BatchNorm running statistics (and
+            ``num_batches_tracked``) change only in the first, unperturbed forward of a step, as
+            in the F-MTL authors' scripts and the usual SAM code; later forwards still normalise
+            with their own batch statistics. ``"all"``: every forward updates them. BatchNorm
+            layers are found in ``shared`` and ``heads`` when they are modules (or dicts of
+            modules), and in ``bn_modules``.
+        bn_modules: further modules whose BatchNorm layers follow ``bn_stats`` (needed when
+            ``shared``/``heads`` are given as parameters rather than modules).
+        max_grad_norm: clip the final update (shared and heads as one vector) to this L2 norm,
+            as ``torch.nn.utils.clip_grad_norm_`` would (``None``: no clipping).
+        grad_scaler: a ``torch.amp.GradScaler`` to use on every ``step`` (as if passed to
+            ``step``); it is given its scale right away, so ``scaler.step(opt, closure)`` also
+            works from the first step. Without it, ``scaler.step(opt, closure)`` works once the
+            scaler has a scale (``scaler.scale(...)`` called once), and
+            ``opt.step(closure, grad_scaler=scaler)`` always.
     """
+
+    # GradScaler hands itself to step() (grad_scaler=) instead of unscaling the gradients: the
+    # step runs its own backward passes on the scaled losses and folds 1/S into coefficients.
+    _step_supports_amp_scaling = True
 
     def __init__(self, shared: Params, base_optimizer: type[torch.optim.Optimizer], *,
                  heads: Sequence[Params] | None = None, method: str = "gl",
@@ -74,7 +96,10 @@ class MTLSAM(torch.optim.Optimizer):
                  task_weights: Sequence[float] | Tensor | None = None, backend: str = "auto",
                  generator: torch.Generator | None = None,
                  aggregator_options: dict[str, Any] | None = None, n_dirs: int = 4,
-                 mu: float = 1e-3, **base_kwargs: Any) -> None:
+                 mu: float = 1e-3, bn_stats: str = "first",
+                 bn_modules: Sequence[nn.Module] | nn.Module | None = None,
+                 max_grad_norm: float | None = None, grad_scaler: Any = None,
+                 **base_kwargs: Any) -> None:
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
         if local_grad not in LOCAL_GRADS:
@@ -94,6 +119,17 @@ class MTLSAM(torch.optim.Optimizer):
                 and issubclass(base_optimizer, torch.optim.Optimizer)):
             raise ValueError("base_optimizer must be a torch.optim.Optimizer class, e.g. "
                              "torch.optim.SGD")
+        if bn_stats not in BN_STATS:
+            raise ValueError(f"bn_stats must be one of {BN_STATS}, got {bn_stats!r}")
+        if max_grad_norm is not None and not (
+                isinstance(max_grad_norm, (int, float)) and not isinstance(max_grad_norm, bool)
+                and 0 < max_grad_norm < float("inf")):
+            raise ValueError(f"max_grad_norm must be None or a finite number > 0, got "
+                             f"{max_grad_norm!r}")
+        if bn_modules is not None and not isinstance(bn_modules, nn.Module):
+            bn_modules = list(bn_modules)
+            if not all(isinstance(m, nn.Module) for m in bn_modules):
+                raise ValueError("bn_modules must be an nn.Module or a list of nn.Modules")
         check_backend_name(backend)
 
         self.shared = FlatParams(shared, "shared")
@@ -116,6 +152,18 @@ class MTLSAM(torch.optim.Optimizer):
             if overlap:
                 raise ValueError("a parameter appears in both shared and heads")
         self.num_tasks: int | None = len(heads) if heads is not None else None
+        self.task_names: list[str] | None = None
+        self._form_fixed = False  # whether a first closure call fixed named/unnamed losses
+
+        roots: list[object] = [shared]
+        if isinstance(shared, dict):
+            roots.extend(shared.values())
+        roots.extend(heads or [])
+        roots.extend([bn_modules] if isinstance(bn_modules, nn.Module) else (bn_modules or []))
+        self.bn_stats = bn_stats
+        self.bn_running_stats = RunningStats(batchnorm_modules(roots) if bn_stats == "first"
+                                             else [])
+        self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
 
         self.method = method
         self.aggregator_spec = aggregator
@@ -168,6 +216,12 @@ class MTLSAM(torch.optim.Optimizer):
         self._step_count = 0
         self._graph_checked = False
         self._lag_valid = False
+        self._lag_scale: Tensor | None = None
+        self._initialized = True
+        self.grad_scaler = grad_scaler
+        if grad_scaler is not None:
+            scaling_for(grad_scaler, None, None, self.shared.device)  # validates the scaler
+            init_scaler(grad_scaler, self.shared.device)
         self._buffers: dict[str, list[Tensor]] = {}
         self._tables: list[tuple[Tensor, Tensor, Tensor, int]] | None = None
 
@@ -180,38 +234,84 @@ class MTLSAM(torch.optim.Optimizer):
             self.heads.zero_grad()
 
     @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Tensor:  # type: ignore[override]
-        """One optimisation step; returns the K task losses at the unperturbed point.
+    def step(self, closure: Callable[..., Any] | None = None,  # type: ignore[override]
+             grad_scaler: Any = None) -> Tensor | dict[str, Tensor]:
+        """One optimisation step; returns the K task losses at the unperturbed point (a 1-D
+        tensor, or a dict ``{task name: loss}`` when the closure returns named losses).
 
-        ``closure()`` must run a forward pass and return the K task losses (a list, a tuple or
-        a 1-D tensor) without calling ``backward``; it is called several times per step. On
-        any error the parameters, the base optimizer and this optimizer's state are left as
-        they were before the step.
+        ``closure()`` must run a forward pass and return the K task losses (a list, a tuple, a
+        1-D tensor or a dict of named losses) without calling ``backward``; it is called
+        several times per step. A closure with a ``task`` keyword is called as
+        ``closure(task=None)`` for all K losses and ``closure(task=i)`` (``i`` the index, or
+        the name for named losses) for task i's loss alone at its perturbed point.
+
+        ``grad_scaler``: a ``torch.amp.GradScaler`` (``scaler.step(opt, closure)`` passes
+        itself here). Every backward then runs on the scaled losses, ``1/S`` is folded into the
+        step's coefficients, and a non-finite value skips the step (parameters and state
+        unchanged) and is reported to the scaler, whose ``update()`` then backs off.
+
+        On any error the parameters, BatchNorm statistics, the base optimizer and this
+        optimizer's state are left as they were before the step.
         """
         if closure is None or not callable(closure):
             raise ValueError("MTLSAM.step needs a closure that returns the K task losses")
+        scaler = grad_scaler if grad_scaler is not None else self.grad_scaler
+        scaling = scaling_for(scaler, getattr(self, "grad_scale", None),
+                              getattr(self, "found_inf", None), self.shared.device)
         gen_state = self.generator.get_state()
         self.shared.attach_grads()
         self.shared.check_data_attached()
         if self.heads is not None:
             self.heads.attach_grads()
-        run = methods.Run(self, closure)
+        run = methods.Run(self, closure, scaling)
+        form = (self.num_tasks, self.task_names, self._form_fixed)
         try:
             losses = getattr(methods, f"step_{self.method}")(run)
-            ok = run.all_finite()
-            if not bool(ok):  # the step's one host sync: never step on non-finite values
+            run.end_passes()
+            ok = run.all_finite()  # the step's one host sync: never step on non-finite values
+            if not bool(ok):
                 raise ValueError(run.nonfinite_message())
         except BaseException as err:
-            run.restore_all()
-            self.generator.set_state(gen_state)
-            if isinstance(err, (ValueError, RuntimeError)) and run.checks \
-                    and not bool(run.all_finite()):
+            self._undo(run, gen_state, form)
+            nonfinite = (isinstance(err, (ValueError, RuntimeError)) and bool(run.checks)
+                         and not bool(run.all_finite()))
+            if nonfinite and scaling.active:
+                # An overflow under loss scaling (or a NaN loss, as GradScaler treats it):
+                # skip the step and let the scaler back off.
+                report_found_inf(scaling, self, torch.zeros((), dtype=torch.bool))
+                return self._named(run.unperturbed)
+            if nonfinite:
                 raise ValueError(run.nonfinite_message()) from err
             raise
+        if scaling.active:
+            report_found_inf(scaling, self, ok)
         run.commit()
         self.base_optimizer.step()
         self._step_count += 1
-        return losses
+        return self._named(losses)
+
+    def _undo(self, run: methods.Run, gen_state: Tensor, form: tuple) -> None:
+        """Put back what a failed or skipped step changed."""
+        run.restore_all()
+        if run.bn:
+            run.bn.restore("pre")
+        self.generator.set_state(gen_state)
+        self.num_tasks, self.task_names, self._form_fixed = form
+
+    def _named(self, losses: Tensor) -> Tensor | dict[str, Tensor]:
+        if self.task_names is None:
+            return losses
+        return dict(zip(self.task_names, losses.unbind(0)))
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Only the constructor adds groups: parameters added later would not be in the flat
+        buffers, the layer table or the per-task rows."""
+        if getattr(self, "_initialized", False):
+            raise ValueError("MTLSAM does not take parameter groups after construction: its "
+                             "flat buffers and layer table are fixed. Build a new MTLSAM over "
+                             "the extended model (state_dict() / load_state_dict() carry the "
+                             "base optimizer's state over), or freeze the new parameters.")
+        super().add_param_group(param_group)
 
     # -- state ----------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -225,6 +325,8 @@ class MTLSAM(torch.optim.Optimizer):
                 "lagged": None if lag is None else [t.clone() for t in lag],
                 "sampled_layers": list(self.sampled_layers),
                 "zo_seed": self.zo_seed,
+                "lag_scale": self._lag_scale,
+                "task_names": self.task_names,
             },
         }
 
@@ -246,6 +348,15 @@ class MTLSAM(torch.optim.Optimizer):
             self.num_tasks = k
         self.generator.set_state(own["generator"])
         self.zo_seed = int(own.get("zo_seed", self.zo_seed))
+        names = own.get("task_names")
+        if names is not None:
+            if self.task_names is not None and list(names) != self.task_names:
+                raise ValueError(f"state dict has tasks {list(names)}, this optimizer "
+                                 f"{self.task_names}")
+            self.task_names = list(names)
+            self._form_fixed = True
+        ls = own.get("lag_scale")
+        self._lag_scale = None if ls is None else ls.to(self.shared.device)
         lag = own.get("lagged")
         if lag is not None:
             self._buffers["lag"] = [t.to(self.shared.device) for t in lag]
@@ -285,7 +396,8 @@ class MTLSAM(torch.optim.Optimizer):
         head i's parameters from loss i and from no other loss."""
         if self._graph_checked:
             return
-        reach = [reachable_leaves(loss) for loss in losses]
+        walked = [reachable_leaves(loss) for loss in losses]
+        reach = [r for r, _ in walked]
         union = set().union(*reach)
         missing = self.shared.names_not_in(union)
         if missing:
@@ -297,16 +409,42 @@ class MTLSAM(torch.optim.Optimizer):
                 ids = self.heads.layer_param_ids(i)
                 if not ids & reach[i]:
                     raise ValueError(f"head {i} receives no gradient from loss {i}")
-                for j, r in enumerate(reach):
-                    if j != i and ids & r:
+                for j, (r, opaque) in enumerate(walked):
+                    if j != i and ids & r and not (opaque and self._head_grad_is_zero(
+                            losses[j], i)):
                         raise ValueError(f"head {i}'s parameters receive gradient from loss {j};"
                                          f" heads[i] may only influence loss i")
         self._graph_checked = True
 
-    def call_closure(self, closure: Callable[[], Any]) -> list[Tensor]:
+    def _head_grad_is_zero(self, loss: Tensor, head: int) -> bool:
+        """Whether ``loss`` gives head ``head`` an exactly zero gradient. Used on the first
+        step when the graph is opaque (a compiled region reaches every parameter in it): one
+        extra backward per (loss, head) pair that the walk cannot decide."""
+        params = self.heads.layers[head].params
+        with torch.enable_grad():
+            got = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+        return all(g is None or not bool(g.ne(0).any()) for g in got)
+
+    def call_closure(self, closure: Callable[..., Any], task: int | None = None,
+                     task_aware: bool = False) -> list[Tensor]:
+        """Call the closure (``closure(task=...)`` when ``task_aware``) and return the K losses,
+        or ``[loss_task]`` for a task-aware call with ``task`` given."""
         with torch.enable_grad():  # step() runs under no_grad; the losses need graphs
-            out = closure()
-            losses = as_loss_list(out, self.num_tasks)
+            if not task_aware:
+                out = closure()
+            elif task is None:
+                out = closure(task=None)
+            else:
+                name = self.task_names[task] if self.task_names is not None else None
+                out = closure(task=task if name is None else name)
+            if task_aware and task is not None:
+                losses = [parse_one(out, task, name)]
+            else:
+                losses, names = parse_all(out, self.num_tasks, self.task_names,
+                                          self._form_fixed)
+                if not self._form_fixed:
+                    self.task_names = names
+                    self._form_fixed = True
         # A closure may call model.zero_grad() (set_to_none=True): put the flat views back
         # before autograd would write fresh tensors the flat buffers never see.
         self.shared.attach_grads()
@@ -320,6 +458,15 @@ class MTLSAM(torch.optim.Optimizer):
                                  f"{self.shared.device}")
         return losses
 
+    def check_no_backward(self) -> None:
+        """First step only (gradients were zeroed before the closure): a non-zero gradient
+        after the closure means it ran backward itself."""
+        bufs = [b.grad for b in self.shared.buckets]
+        if self.heads is not None:
+            bufs += [b.grad for b in self.heads.buckets]
+        if any(bool(g.ne(0).any()) for g in bufs):
+            raise ValueError(f"gradients changed while the closure ran: {CONTRACT}")
+
     def info(self) -> dict[str, Any]:
         """The configuration actually in use (backend resolved, layers sampled)."""
         return {
@@ -329,5 +476,9 @@ class MTLSAM(torch.optim.Optimizer):
             "adaptive": self.adaptive, "decompose": self.decompose,
             "sampled_layers": [self.shared.layer_names[i] for i in self.sampled_layers],
             "num_layers": len(self.shared.layers), "shared_numel": self.shared.numel,
+            "num_tasks": self.num_tasks, "task_names": self.task_names,
+            "bn_stats": self.bn_stats,
+            "batchnorm_layers": len(self.bn_running_stats.modules),
+            "max_grad_norm": self.max_grad_norm,
         }
 

@@ -68,7 +68,7 @@ def zo_local_grads(run: Run, tables: list[tuple[Tensor, Tensor, Tensor, int]]) -
                         ops.mix_perturb_(b.data[s:s + n], run.backup[j][0][s:s + n],
                                          z[j][q:q + n], _coef(sign * mu, b.dtype), _table(n),
                                          save_backup=False, backend=run.be)
-            losses = opt.call_closure(run.closure)
+            losses = run.call()
             evals.append(torch.stack([x.detach() for x in losses]))
         c = (evals[0] - evals[1]) / (2 * mu * n_dirs)  # [K] central differences
         run.checks.append(c)

@@ -1,0 +1,103 @@
+"""Mixed precision: ``torch.amp.GradScaler`` with a closure optimizer.
+
+The step runs every backward on ``S * loss`` (S the scaler's current scale), so every gradient
+it holds (rows, g0, head gradients) is S times the true one. Nothing is unscaled in a separate
+pass; ``1/S`` is folded into coefficients the step applies anyway:
+
+* perturbations ``rho g / ||g||`` are invariant to S (both the direction and the norm carry
+  it); a local gradient with another scale (``lagged``/``zo`` are stored unscaled) enters the
+  per-layer statistics with the factor S (:class:`Scaling` ``local``);
+* the aggregator sees the true Gram matrix ``G / S^2`` (a K x K division) and the combine uses
+  ``w / S``; head gradients take ``1/S`` in the copy that moves them into ``.grad``.
+
+A non-finite value anywhere (losses, Gram, weights, combined update) marks ``found_inf``: the
+step is skipped with parameters and state unchanged, and ``scaler.update()`` backs off.
+
+Protocol (torch 2.13 ``GradScaler.step``): an optimizer with ``_step_supports_amp_scaling``
+whose ``step`` takes a ``grad_scaler`` keyword gets the scaler itself, and the overflow found
+inside the step is recorded in the scaler's per-optimizer state, which ``update()`` reads. In
+the attribute form (``optimizer.grad_scale`` / ``optimizer.found_inf`` set by the scaler) the
+scaler computed ``found_inf`` before the step from the gradients present then and hands over a
+fresh tensor, so the step writes its result into that tensor in place and, where it can reach
+the scaler's per-device record, there too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class Scaling:
+    """The loss scale of one step.
+
+    ``scale`` is a 0-d float32 tensor on the parameters' device (``None``: no scaling, and
+    every fold below is skipped so a plain step is bit for bit the unscaled one); ``inv`` is
+    ``1/scale`` in float64 for the tiny K x K folds.
+    """
+
+    scale: Tensor | None = None
+    scaler: Any = None
+    found_inf_out: Tensor | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.scale is not None
+
+    @property
+    def inv(self) -> Tensor:
+        if self.scale is None:
+            raise RuntimeError("no loss scale in this step")
+        return 1.0 / self.scale.double()
+
+    def scaled(self, loss: Tensor) -> Tensor:
+        """The loss to run backward on: ``S * loss`` (float32 or float64, as GradScaler does)."""
+        if self.scale is None:
+            return loss
+        return loss * (self.scale.double() if loss.dtype == torch.float64 else self.scale)
+
+
+def init_scaler(scaler: Any, device: torch.device) -> None:
+    """Give ``scaler`` its scale tensor on ``device`` if it has none yet (its ``scale()`` does
+    this lazily; a closure optimizer never calls it before ``scaler.step``)."""
+    if getattr(scaler, "_enabled", True) and getattr(scaler, "_scale", None) is None:
+        scaler.scale(torch.zeros((), device=device))
+
+
+def scaling_for(scaler: Any, grad_scale: Tensor | None, found_inf: Tensor | None,
+                device: torch.device) -> Scaling:
+    """The step's :class:`Scaling` from a scaler passed by keyword, or from the attributes
+    ``grad_scale`` / ``found_inf`` that ``GradScaler`` sets in its attribute form."""
+    if scaler is not None:
+        if not getattr(scaler, "_enabled", True):
+            return Scaling()
+        if not hasattr(scaler, "_per_optimizer_states") or not hasattr(scaler, "scale"):
+            raise ValueError(f"grad_scaler must be a torch.amp.GradScaler, got "
+                             f"{type(scaler).__name__}")
+        init_scaler(scaler, device)
+        # A copy: update() changes the scaler's scale in place, and the lagged gradients
+        # remember the scale of the step that computed them.
+        scale = scaler._scale.detach().to(device, torch.float32).reshape(()).clone()
+        return Scaling(scale=scale, scaler=scaler)
+    if grad_scale is not None:
+        scale = torch.as_tensor(grad_scale).detach().to(device, torch.float32).reshape(())
+        return Scaling(scale=scale.clone(), found_inf_out=found_inf)
+    return Scaling()
+
+
+def report_found_inf(scaling: Scaling, optimizer: object, finite: Tensor) -> None:
+    """Tell the scaler whether the step found a non-finite value (``finite`` is a bool
+    tensor), so that its ``update()`` backs off or grows the scale."""
+    flag = (~finite).to(torch.float32).reshape(())
+    if scaling.scaler is not None:
+        scaler = scaling.scaler
+        dev = scaler._scale.device
+        state = scaler._per_optimizer_states[id(optimizer)]
+        state["found_inf_per_device"] = {dev: flag.to(dev)}
+    if scaling.found_inf_out is not None:
+        out = scaling.found_inf_out
+        out.copy_(torch.maximum(out, flag.to(out.device, out.dtype)))
