@@ -20,7 +20,8 @@ forward) are measured in the same run, and each method's time is reported agains
 the passes).
 
 Methods: ``erm``, ``fmtl``, ``sam``, ``gl-autograd``, ``gl-lagged``, ``gl-zo`` (one
-direction) (MTLSAM) and
+direction) (MTLSAM), ``fmtl-task`` and ``gl-lagged-task`` (the same with a task-aware closure:
+a perturbed pass builds only its own head and loss) and
 ``naive-fmtl`` (authors' layout, K + 1 forwards), ``naive-fmtl-2k`` (their many-task
 layout, 2K forwards), ``naive-sam-per-task`` (per-task loop over a classic SAM optimizer),
 from :mod:`bench.naive_fmtl`.
@@ -153,22 +154,25 @@ OURS: dict[str, dict[str, Any]] = {
     "gl-lagged": dict(method="gl", local_grad="lagged"),
     "gl-zo": dict(method="gl", local_grad="zo", n_dirs=1),
 }
+# Configurations that differ from another only by a task-aware closure (``closure(task=i)``
+# builds one head and one loss at task i's perturbed point instead of all K).
+TASK_AWARE = {"fmtl-task": "fmtl", "gl-lagged-task": "gl-lagged"}
 NAIVE: dict[str, tuple[type, dict[str, Any]]] = {
     "naive-fmtl": (NaiveFMTL, {}),
     "naive-fmtl-2k": (NaiveFMTL, dict(recompute=True)),
     "naive-sam-per-task": (NaiveSAMPerTask, {}),
 }
 ALL_METHODS = ["erm", "naive-fmtl", "naive-fmtl-2k", "naive-sam-per-task", "fmtl",
-               "gl-autograd", "gl-lagged", "gl-zo", "sam"]
+               "fmtl-task", "gl-autograd", "gl-lagged", "gl-lagged-task", "gl-zo", "sam"]
 
 
 def make_optimizer(name: str, model: nn.Module, args: argparse.Namespace) -> Any:
     common = dict(heads=list(model.heads), aggregator=args.aggregator, rho=args.rho,
                   lr=args.lr)
-    if name in OURS:
+    if name in OURS or name in TASK_AWARE:
         gen = torch.Generator().manual_seed(args.seed)
         return MTLSAM(model.body, torch.optim.SGD, backend=args.backend, generator=gen,
-                      **OURS[name], **common)
+                      **OURS[TASK_AWARE.get(name, name)], **common)
     cls, kw = NAIVE[name]
     return cls(model.body, torch.optim.SGD, seed=args.seed, **kw, **common)
 
@@ -193,7 +197,14 @@ class PassCounter:
         self.fwd_timer = Timer(self.device)
         self.bwd_timer = Timer(self.device)
 
-    def wrap_closure(self, closure: Callable[[], Any]) -> Callable[[], Any]:
+    def wrap_closure(self, closure: Callable[..., Any], task_aware: bool = False
+                     ) -> Callable[..., Any]:
+        if task_aware:
+            def timed_task(task: int | None = None) -> Any:
+                with self.fwd_timer:
+                    return closure(task=task)
+            return timed_task
+
         def timed() -> Any:
             with self.fwd_timer:
                 return closure()
@@ -244,11 +255,19 @@ class PassCounter:
 # ================================================================================================
 # The benchmark
 # ================================================================================================
-def _closure_for(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], list]:
+def _closure_for(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                 task_aware: bool = False) -> Callable[..., Any]:
     def closure() -> list[torch.Tensor]:
         h = model.body(x)
         return [F.cross_entropy(hd(h), y[:, i]) for i, hd in enumerate(model.heads)]
-    return closure
+
+    def closure_task(task: int | None = None) -> Any:
+        h = model.body(x)
+        if task is None:
+            return [F.cross_entropy(hd(h), y[:, i]) for i, hd in enumerate(model.heads)]
+        return F.cross_entropy(model.heads[task](h), y[:, task])
+
+    return closure_task if task_aware else closure
 
 
 def single_pass_times(model: nn.Module, closure: Callable[[], list], device: torch.device,
@@ -295,14 +314,15 @@ def bench_group(model_name: str, k: int, methods: list[str], args: argparse.Name
         # arenas) allocates memory once per process; pay it before any peak is measured.
         for name in methods:
             model = copy.deepcopy(template)
-            make_optimizer(name, model, args).step(_closure_for(model, x, y))
+            make_optimizer(name, model, args).step(
+                _closure_for(model, x, y, name in TASK_AWARE))
         del model
         args._process_warm = True
 
     rows = []
     for name in methods:
         model = copy.deepcopy(template)
-        closure = _closure_for(model, x, y)
+        closure = _closure_for(model, x, y, name in TASK_AWARE)
         gc.collect()
         with PeakMemory(device) as mem:
             opt = make_optimizer(name, model, args)
@@ -311,7 +331,7 @@ def bench_group(model_name: str, k: int, methods: list[str], args: argparse.Name
         counter = PassCounter(model.body, device)
         step_timer = Timer(device)
         with counter.installed():
-            timed_closure = counter.wrap_closure(closure)
+            timed_closure = counter.wrap_closure(closure, name in TASK_AWARE)
             for _ in range(args.instr_steps):
                 with step_timer:
                     opt.step(timed_closure)

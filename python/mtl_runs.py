@@ -178,11 +178,14 @@ def train(problem: Problem, spec: RunSpec, on_epoch: Callable[[], None] | None =
         for s in range(0, len(xtr) - spec.batch + 1, spec.batch):
             xb, yb = xtr[perm[s:s + spec.batch]], ytr[perm[s:s + spec.batch]]
 
-            def closure(xb=xb, yb=yb):
+            def closure(task=None, xb=xb, yb=yb):
+                # Task-aware: at task i's perturbed point only head i and loss i are built.
                 counts["forward"] += 1
                 h = body(xb)
                 if h.requires_grad:
                     h.register_hook(count_backward)
+                if task is not None:
+                    return problem.loss(heads[task](h), yb[:, task])
                 return [problem.loss(hd(h), yb[:, i]) for i, hd in enumerate(heads)]
 
             t0 = time.perf_counter()

@@ -37,14 +37,19 @@ def main() -> None:
                  aggregator=args.aggregator, local_grad=args.local_grad, rho=args.rho, lr=3e-3)
     print(opt.info())
 
-    def closure():
+    targets = {"sine": (heads[0], y1), "square": (heads[1], y2)}
+
+    def closure(task=None):
+        # Named losses; task-aware: a perturbed pass asks for one task's loss only.
         h = backbone(x)
-        return [nn.functional.mse_loss(heads[0](h), y1), nn.functional.mse_loss(heads[1](h), y2)]
+        wanted = targets if task is None else {task: targets[task]}
+        return {name: nn.functional.mse_loss(head(h), y) for name, (head, y) in wanted.items()}
 
     for step in range(args.steps + 1):
         losses = opt.step(closure)
         if step % args.every == 0:
-            print(f"step {step:4d}  task losses {[round(v, 4) for v in losses.tolist()]}")
+            print(f"step {step:4d}  task losses "
+                  f"{ {name: round(float(v), 4) for name, v in losses.items()} }")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Smoke tests of the runnable programs in python/: they run as a user would run them, produce
 their outputs, and training reduces the loss."""
 
+import ast
 import json
 import subprocess
 import sys
@@ -58,6 +59,10 @@ def test_two_task_regression():
     out = _run([str(ROOT / "python/two_task_regression.py"), "--steps", "100", "--every", "100"],
                ROOT)
     lines = [ln for ln in out.splitlines() if ln.startswith("step")]
-    first = sum(float(v) for v in lines[0].split("[")[1].rstrip("]").split(","))
-    last = sum(float(v) for v in lines[-1].split("[")[1].rstrip("]").split(","))
-    assert last < first
+
+    def total(line: str) -> float:  # "step N  task losses {'sine': a, 'square': b}"
+        named = ast.literal_eval(line.split("task losses", 1)[1].strip())
+        assert list(named) == ["sine", "square"]
+        return sum(named.values())
+
+    assert total(lines[-1]) < total(lines[0])
