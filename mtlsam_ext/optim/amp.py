@@ -43,16 +43,22 @@ class Scaling:
     scale: Tensor | None = None
     scaler: Any = None
     found_inf_out: Tensor | None = None
+    # Data parallel: the number of ranks W whose gradients a collective summed (see
+    # mtlsam_ext.optim.distributed); a summed gradient carries the factor W like a scale.
+    world: Tensor | None = None
 
     @property
     def active(self) -> bool:
+        """Whether a loss scaler is in use (overflow reporting, skip instead of raise)."""
         return self.scale is not None
 
-    @property
-    def inv(self) -> Tensor:
+    def factor(self, reduced: bool) -> Tensor | None:
+        """The factor a gradient carries: ``S`` (loss scale), times ``W`` if it was summed over
+        the ranks (``reduced``); ``None`` when it is 1 (nothing to fold)."""
+        w = self.world if reduced else None
         if self.scale is None:
-            raise RuntimeError("no loss scale in this step")
-        return 1.0 / self.scale.double()
+            return w
+        return self.scale if w is None else self.scale * w
 
     def scaled(self, loss: Tensor) -> Tensor:
         """The loss to run backward on: ``S * loss`` (float32 or float64, as GradScaler does)."""

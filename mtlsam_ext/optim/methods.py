@@ -89,6 +89,8 @@ class Run:
         self.shared = opt.shared
         self.heads = opt.heads
         self.bn = opt.bn_running_stats
+        self.sync = opt.sync
+        self.global_sync = opt.sync is not None and opt.sync.global_perturb
         self.n_calls = 0
         self.checks: list[Tensor] = []
         self.unperturbed: Tensor | None = None
@@ -134,6 +136,12 @@ class Run:
         losses = self.call()
         self.opt.check_graph(losses)
         self.k = len(losses)
+        if self.sync is not None and not self.opt._sync_checked:
+            sh, hd = self.shared, self.heads
+            layout = [self.k, len(sh.layers)] + [b.numel for b in sh.buckets] + (
+                [b.numel for b in hd.buckets] if hd is not None else [])
+            self.sync.check_same("the number of tasks and the flat layout", layout, sh.device)
+            self.opt._sync_checked = True
         self.unperturbed = torch.stack([loss.detach() for loss in losses])
         self.checks.append(self.unperturbed)
         return losses
@@ -161,6 +169,20 @@ class Run:
             return torch.autograd.grad(self.scaling.scaled(loss), params, retain_graph=True,
                                        allow_unused=True)
 
+    def reduce(self, bufs: list[Tensor], head_grads: bool = False, head_out: bool = False
+               ) -> None:
+        """One gradient phase summed over the ranks (nothing without data parallelism): the
+        given flat buffers, plus the heads' gradients and/or their kept SAM gradients."""
+        if self.sync is None:
+            return
+        more: list[Tensor] = []
+        if self.heads is not None:
+            if head_grads:
+                more += [b.grad for b in self.heads.buckets]
+            if head_out:
+                more += [h[0] for h in self.head_out]
+        self.sync.sum_(list(bufs) + more)
+
     # -- gradients ------------------------------------------------------------------------------
     def zero_shared(self) -> None:
         self.shared.zero_grad()
@@ -182,8 +204,9 @@ class Run:
         """The Gram matrix of the true gradients from per-bucket Grams of the (scaled) rows:
         summed over buckets, divided by ``S^2`` under a loss scale, added to the checks."""
         g = grams[0] if len(grams) == 1 else sum(x.double() for x in grams)
-        if self.scaling.active:
-            inv = self.scaling.inv
+        f = self.scaling.factor(self.sync is not None)
+        if f is not None:
+            inv = 1.0 / f.double()
             g = (g.double() * (inv * inv)).to(g.dtype)
         self.checks.append(g.reshape(-1))
         return g
@@ -227,7 +250,8 @@ class Run:
         finiteness check.
         """
         clip = self.opt.max_grad_norm
-        inv = self.scaling.inv if self.scaling.active else None
+        f = self.scaling.factor(self.sync is not None)
+        inv = None if f is None else 1.0 / f.double()
         heads = [b.grad for b in self.heads.buckets] if self.heads is not None else []
         zero = torch.zeros((), dtype=torch.float64, device=w.device)
         heads_sq = zero
@@ -365,6 +389,8 @@ class Run:
             if bad:
                 parts.append(f"loss at the perturbed point not finite for task(s) {bad}")
         msg = "; ".join(p for p in parts if p)
+        if not msg and self.sync is not None and bool(self.all_finite()):
+            msg = "on another rank"
         return ("non-finite values in the step (" + (msg or "gradients, Gram matrix or "
                 "aggregator weights are NaN/Inf") + "); parameters left unchanged")
 
@@ -405,6 +431,7 @@ def step_erm(run: Run) -> Tensor:
     rows = run.opt.buffers("rows", run.k)
     run.zero_all()
     _per_task_rows(run, losses, rows)
+    run.reduce(rows, head_grads=True)
     _finish(run, rows)
     return run.unperturbed
 
@@ -416,6 +443,8 @@ def step_sam(run: Run) -> Tensor:
     losses = run.first_losses()
     run.zero_all()
     run.backward(run.average_loss(losses))
+    if run.global_sync:
+        run.reduce(run.grads(), head_grads=True)
     coef = run.global_coef(run.grads(), opt.rho)
     hc = run.head_coefs() if run.heads is not None else None
     offs = [_whole(b.numel) for b in run.shared.buckets]
@@ -430,6 +459,7 @@ def step_sam(run: Run) -> Tensor:
     run.checks.append(torch.stack([x.detach() for x in pert]))
     rows = opt.buffers("rows", run.k)
     _per_task_rows(run, pert, rows)
+    run.reduce(rows, head_grads=True)
     run.restore_all()
     _finish(run, rows)
     return run.unperturbed
@@ -447,6 +477,8 @@ def step_fmtl(run: Run) -> Tensor:
     rows = opt.buffers("rows2", 2 * k)
     run.zero_all()
     _per_task_rows(run, losses, rows)
+    if run.global_sync:
+        run.reduce([r[:k] for r in rows], head_grads=True)
     hc = run.head_coefs() if run.heads is not None else None
     offs = [_whole(b.numel) for b in run.shared.buckets]
     coefs = [run.global_coef([r[i] for r in rows], opt.rho) for i in range(k)]
@@ -459,6 +491,8 @@ def step_fmtl(run: Run) -> Tensor:
         run.capture(rows, k + i)
         run.finish_head(i)
     run.restore_shared()
+    # SAM rows (and, with local perturbations, the loss rows too) in one phase
+    run.reduce([r[k:] for r in rows] if run.global_sync else rows, head_out=True)
     run.heads_to_grad()
     if opt.decompose:
         # Two K x K Grams rather than one 2K x 2K: the loss block then has exactly the bits
@@ -497,12 +531,13 @@ def step_gl(run: Run) -> Tensor:
     if opt.local_grad == "lagged" and opt._lag_valid and lag is not None \
             and all(t.shape == (k, tb[3]) for t, tb in zip(lag, tables)):
         local = lag  # the previous step's SAM gradients on the sampled layers
-        local_scale = opt._lag_scale  # the loss scale of the step that computed them
+        local_scale = opt._lag_scale  # the factor of the step that computed them
     elif opt.local_grad == "zo":
         local = []  # after g0: the zo forwards must not run before the first graph's backward
-        local_scale = None  # differences of the closure's unscaled losses
+        # differences of the closure's unscaled losses (summed over ranks in global sync)
+        local_scale = run.scaling.world if run.global_sync else None
     else:
-        local_scale = run.scaling.scale
+        local_scale = run.scaling.factor(run.global_sync)
         local = [torch.zeros(k, t[3], dtype=b.dtype, device=b.device)
                  for t, b in zip(tables, sh.buckets)]
         params_s = sh.layer_params(sampled)
@@ -516,11 +551,14 @@ def step_gl(run: Run) -> Tensor:
     g0 = opt.buffers("g0", 1)
     for j, b in enumerate(sh.buckets):
         g0[j][0].copy_(b.grad)
+    if run.global_sync:  # g0, the heads' gradients and exact local gradients: one phase
+        exact_local = [] if opt.local_grad == "zo" or local is lag else local
+        run.reduce([g[0] for g in g0] + list(exact_local), head_grads=True)
     hc = run.head_coefs() if run.heads is not None else None
     if opt.local_grad == "zo" and not local:
         # Forward-only estimates after the first graph is consumed: a forward updates
         # BatchNorm buffers in place, which the first graph's backward would refuse.
-        local = zo_local_grads(run, tables)
+        local = zo_local_grads(run, tables, sum_over_ranks=run.global_sync)
 
     n_layers = len(sh.layers)
     dev = sh.device
@@ -541,7 +579,7 @@ def step_gl(run: Run) -> Tensor:
             d, q = ops.gl_layer_stats(g0[j][0], local[j], st, ln, ls, scale, backend=run.be)
             dots.index_add_(1, ids, d.double())
             loc_sq.index_add_(1, ids, q.double())
-    rescale = _rescale(run.scaling.scale, local_scale)
+    rescale = _rescale(run.scaling.factor(run.global_sync), local_scale)
     if rescale is not None:
         # g0 carries this step's loss scale S, the local gradients the scale S' they were
         # computed with: <g0, r ghat> and ||r ghat||^2 with r = S / S' put them on g0's scale
@@ -568,6 +606,7 @@ def step_gl(run: Run) -> Tensor:
         run.capture(rows, i)
         run.finish_head(i)
     run.restore_shared()
+    run.reduce(rows, head_out=True)
     run.heads_to_grad()
     _finish(run, rows)
 
@@ -585,7 +624,7 @@ def step_gl(run: Run) -> Tensor:
                     dst[:, ls:ls + n].copy_(r[:, s:s + n])
             # Kept as computed (scaled: fp16 rows would lose small values if unscaled), with
             # the scale they carry; the next step rescales its statistics by the ratio.
-            opt._lag_scale = run.scaling.scale
+            opt._lag_scale = run.scaling.factor(run.sync is not None)
             opt._lag_valid = True
 
         run.on_commit.append(keep_lagged)

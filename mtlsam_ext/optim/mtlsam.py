@@ -7,6 +7,7 @@ optimizer step. The per-method passes live in :mod:`mtlsam_ext.optim.methods`.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -21,6 +22,7 @@ from mtlsam_ext.optim.amp import init_scaler, report_found_inf, scaling_for
 from mtlsam_ext.optim.batchnorm import BN_STATS, RunningStats, batchnorm_modules
 from mtlsam_ext.optim.checks import reachable_leaves
 from mtlsam_ext.optim.closure import CONTRACT, parse_all, parse_one
+from mtlsam_ext.optim.distributed import resolve_sync, unwrap_ddp
 
 METHODS = ("gl", "fmtl", "sam", "erm")
 LOCAL_GRADS = ("autograd", "lagged", "zo")
@@ -81,6 +83,20 @@ class MTLSAM(torch.optim.Optimizer):
             works from the first step. Without it, ``scaler.step(opt, closure)`` works once the
             scaler has a scale (``scaler.scale(...)`` called once), and
             ``opt.step(closure, grad_scaler=scaler)`` always.
+        process_group: data parallelism (DESIGN.md §4). ``None``: the default group when
+            ``torch.distributed`` is initialised (else a single process); a process group
+            selects another; ``False`` turns synchronisation off. Each rank's closure returns
+            the K losses of its local batch; MTLSAM sums every gradient phase over the ranks
+            itself, one collective per phase over the flat buffers, so the model must not be
+            synchronised by DDP as well: pass a plain module, or the DDP wrapper itself as
+            ``shared`` (its passes then run under ``no_sync()``). ``step`` returns the mean of
+            the ranks' losses. With ``generator=None`` rank 0's seed is used on every rank; a
+            generator you pass must be seeded alike on every rank.
+        perturb_sync: ``"global"`` (default): every gradient the step uses is the mean over
+            ranks, so every rank computes the same perturbations and update, equal to one
+            process on the concatenated batch (equal local batches, mean losses). ``"local"``:
+            each rank perturbs with its own gradients (SAM's m-sharpness); only the gradients
+            the aggregator combines are averaged.
     """
 
     # GradScaler hands itself to step() (grad_scaler=) instead of unscaling the gradients: the
@@ -99,6 +115,7 @@ class MTLSAM(torch.optim.Optimizer):
                  mu: float = 1e-3, bn_stats: str = "first",
                  bn_modules: Sequence[nn.Module] | nn.Module | None = None,
                  max_grad_norm: float | None = None, grad_scaler: Any = None,
+                 process_group: Any = None, perturb_sync: str = "global",
                  **base_kwargs: Any) -> None:
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -131,6 +148,13 @@ class MTLSAM(torch.optim.Optimizer):
             if not all(isinstance(m, nn.Module) for m in bn_modules):
                 raise ValueError("bn_modules must be an nn.Module or a list of nn.Modules")
         check_backend_name(backend)
+        self.sync = resolve_sync(process_group, perturb_sync)
+        shared, ddp = unwrap_ddp(shared)
+        self._ddp = [ddp] if ddp is not None else []
+        if heads is not None:
+            unwrapped = [unwrap_ddp(h) for h in heads]
+            heads = [h for h, _ in unwrapped]
+            self._ddp += [d for _, d in unwrapped if d is not None]
 
         self.shared = FlatParams(shared, "shared")
         self.heads: FlatParams | None = None
@@ -195,7 +219,10 @@ class MTLSAM(torch.optim.Optimizer):
         self._task_weights: Tensor | None = None
         if generator is None:
             generator = torch.Generator()
-            generator.manual_seed(int(torch.randint(0, 2**62, (1,)).item()))
+            seed = int(torch.randint(0, 2**62, (1,)).item())
+            if self.sync is not None:
+                seed = self.sync.broadcast_seed(seed, self.shared.device)
+            generator.manual_seed(seed)
         self.generator = generator
         self.n_dirs = n_dirs
         self.mu = float(mu)
@@ -217,6 +244,7 @@ class MTLSAM(torch.optim.Optimizer):
         self._graph_checked = False
         self._lag_valid = False
         self._lag_scale: Tensor | None = None
+        self._sync_checked = False
         self._initialized = True
         self.grad_scaler = grad_scaler
         if grad_scaler is not None:
@@ -263,28 +291,42 @@ class MTLSAM(torch.optim.Optimizer):
         self.shared.check_data_attached()
         if self.heads is not None:
             self.heads.attach_grads()
+        if self.sync is not None:
+            scaling.world = self.sync.world_tensor(self.shared.device)
+            self.sync.begin_step()
         run = methods.Run(self, closure, scaling)
         form = (self.num_tasks, self.task_names, self._form_fixed)
-        try:
-            losses = getattr(methods, f"step_{self.method}")(run)
-            run.end_passes()
-            ok = run.all_finite()  # the step's one host sync: never step on non-finite values
-            if not bool(ok):
-                raise ValueError(run.nonfinite_message())
-        except BaseException as err:
-            self._undo(run, gen_state, form)
-            nonfinite = (isinstance(err, (ValueError, RuntimeError)) and bool(run.checks)
-                         and not bool(run.all_finite()))
-            if nonfinite and scaling.active:
-                # An overflow under loss scaling (or a NaN loss, as GradScaler treats it):
-                # skip the step and let the scaler back off.
-                report_found_inf(scaling, self, torch.zeros((), dtype=torch.bool))
-                return self._named(run.unperturbed)
-            if nonfinite:
-                raise ValueError(run.nonfinite_message()) from err
-            raise
+        with contextlib.ExitStack() as stack:
+            for ddp in self._ddp:  # MTLSAM synchronises the gradients itself
+                stack.enter_context(ddp.no_sync())
+            try:
+                losses = getattr(methods, f"step_{self.method}")(run)
+                run.end_passes()
+                ok = run.all_finite()  # the step's one host sync: never step on NaN/Inf
+                if self.sync is not None:  # every rank skips (or steps) together
+                    ok, losses = self.sync.all_ok_and_mean(ok, losses)
+                finite = bool(ok)
+            except BaseException as err:
+                self._undo(run, gen_state, form)
+                nonfinite = (isinstance(err, (ValueError, RuntimeError)) and bool(run.checks)
+                             and not bool(run.all_finite()))
+                if nonfinite and scaling.active:
+                    # An overflow under loss scaling (or a NaN loss, as GradScaler treats
+                    # it): skip the step and let the scaler back off.
+                    report_found_inf(scaling, self, torch.zeros((), dtype=torch.bool))
+                    return self._named(run.unperturbed)
+                if nonfinite:
+                    raise ValueError(run.nonfinite_message()) from err
+                raise
+        if self.sync is not None:
+            self.sync.end_step()
         if scaling.active:
             report_found_inf(scaling, self, ok)
+        if not finite:
+            self._undo(run, gen_state, form)
+            if scaling.active:
+                return self._named(losses)
+            raise ValueError(run.nonfinite_message())
         run.commit()
         self.base_optimizer.step()
         self._step_count += 1
@@ -480,5 +522,8 @@ class MTLSAM(torch.optim.Optimizer):
             "bn_stats": self.bn_stats,
             "batchnorm_layers": len(self.bn_running_stats.modules),
             "max_grad_norm": self.max_grad_norm,
+            "world_size": 1 if self.sync is None else self.sync.world,
+            "perturb_sync": None if self.sync is None else self.sync.perturb_sync,
+            "communication": None if self.sync is None else dict(self.sync.last_step),
         }
 

@@ -40,11 +40,17 @@ def directions(sizes: list[int], dtypes: list[torch.dtype], device: torch.device
             for m, dt in zip(sizes, dtypes)]
 
 
-def zo_local_grads(run: Run, tables: list[tuple[Tensor, Tensor, Tensor, int]]) -> list[Tensor]:
+def zo_local_grads(run: Run, tables: list[tuple[Tensor, Tensor, Tensor, int]],
+                   sum_over_ranks: bool = False) -> list[Tensor]:
     """``[K, M_b]`` forward-only estimates of the task gradients on the sampled layers.
 
     Costs ``2 n_dirs`` forwards and no backward. Parameters are restored bit-exactly from the
     step's backup afterwards (and by the step's undo path if a closure fails meanwhile).
+
+    ``sum_over_ranks``: the estimate is linear in the ``[n_dirs, K]`` central differences and
+    the directions are the same on every rank (seeded), so data parallelism sums those
+    ``n_dirs * K`` numbers in one collective, not the ``[K, M]`` rows; the directions are then
+    drawn a second time to form the rows (a Gaussian draw over M, no forward).
     """
     opt, sh = run.opt, run.shared
     k, mu, n_dirs = run.k, opt.mu, opt.n_dirs
@@ -56,6 +62,7 @@ def zo_local_grads(run: Run, tables: list[tuple[Tensor, Tensor, Tensor, int]]) -
              for t, b in zip(tables, sh.buckets)]
     sizes = [t[3] for t in tables]
     dtypes = [b.dtype for b in sh.buckets]
+    diffs: list[Tensor] = []
     for d in range(n_dirs):
         z = directions(sizes, dtypes, sh.device, direction_seed(opt.zo_seed, opt._step_count, d))
         evals = []
@@ -72,10 +79,21 @@ def zo_local_grads(run: Run, tables: list[tuple[Tensor, Tensor, Tensor, int]]) -
             evals.append(torch.stack([x.detach() for x in losses]))
         c = (evals[0] - evals[1]) / (2 * mu * n_dirs)  # [K] central differences
         run.checks.append(c)
+        if sum_over_ranks:
+            diffs.append(c)
+            continue
         for loc, zj in zip(local, z):
             loc.addcmul_(c.to(loc.dtype).unsqueeze(1), zj.to(loc.dtype).unsqueeze(0))
     for j, b in enumerate(sh.buckets):
         ops.restore_(b.data, run.backup[j][0], backend=run.be)
+    if sum_over_ranks:
+        summed = torch.stack(diffs)
+        run.reduce([summed])
+        for d in range(n_dirs):
+            z = directions(sizes, dtypes, sh.device,
+                           direction_seed(opt.zo_seed, opt._step_count, d))
+            for loc, zj in zip(local, z):
+                loc.addcmul_(summed[d].to(loc.dtype).unsqueeze(1), zj.to(loc.dtype).unsqueeze(0))
     return [loc.to(b.dtype) for loc, b in zip(local, sh.buckets)]
 
 

@@ -1,0 +1,160 @@
+"""Worker processes for tests/test_distributed.py (gloo on CPU): each scenario runs on every
+rank and saves what the parent process compares."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from mtlsam_ext import MTLSAM
+from tests.models import TwoTask
+
+STEPS = 3
+
+
+def shard(m: TwoTask, rank: int, world: int) -> tuple[torch.Tensor, torch.Tensor]:
+    n = m.x.shape[0] // world
+    return m.x[rank * n:(rank + 1) * n], m.y[rank * n:(rank + 1) * n]
+
+
+def closure_for(m: TwoTask, x: torch.Tensor, y: torch.Tensor):
+    def closure():
+        h = m.body(x)
+        return [((hd(h).squeeze(1) - y[:, i]) ** 2).mean() for i, hd in enumerate(m.heads)]
+    return closure
+
+
+def make(m: TwoTask, cfg: dict, **kw) -> MTLSAM:
+    return MTLSAM(m.body, torch.optim.SGD, heads=list(m.heads), lr=0.05, momentum=0.9,
+                  backend="torch", generator=torch.Generator().manual_seed(7), **cfg, **kw)
+
+
+def run_scenarios(rank: int, world: int, init_file: str, out_dir: str,
+                  scenarios: list[tuple[str, dict]]) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=world)
+    torch.set_num_threads(1)
+    results: dict[str, object] = {}
+    try:
+        for name, spec in scenarios:
+            try:
+                results[name] = SCENARIOS[spec["kind"]](rank, world, spec)
+            except Exception as err:  # reported to the parent, which asserts on it
+                results[name] = {"error": f"{type(err).__name__}: {err}"}
+            dist.barrier()
+    finally:
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.destroy_process_group()
+
+
+def train(rank: int, world: int, spec: dict) -> dict:
+    m = TwoTask(k=3, dtype=torch.float64, seed=1, width=12)
+    x, y = shard(m, rank, world)
+    opt = make(m, spec["cfg"], aggregator=spec["agg"], perturb_sync=spec.get("sync", "global"))
+    losses = [opt.step(closure_for(m, x, y)) for _ in range(STEPS)]
+    return {"params": [p.detach().clone() for p in m.parameters()], "losses": losses,
+            "info": opt.info()}
+
+
+def nonfinite(rank: int, world: int, spec: dict) -> dict:
+    m = TwoTask(k=2, dtype=torch.float64, seed=1)
+    x, y = shard(m, rank, world)
+    opt = make(m, spec["cfg"], aggregator="mgda")
+    opt.step(closure_for(m, x, y))
+    before = [p.detach().clone() for p in m.parameters()]
+    good = closure_for(m, x, y)
+    bad = (lambda: [good()[0] * float("nan"), good()[1]]) if rank == 1 else good
+    try:
+        opt.step(bad)
+        err = None
+    except ValueError as e:
+        err = str(e)
+    after_skip = [p.detach().clone() for p in m.parameters()]
+    losses = opt.step(good)  # and every rank goes on together
+    return {"error_msg": err, "before": before, "after_skip": after_skip, "losses": losses,
+            "params": [p.detach().clone() for p in m.parameters()]}
+
+
+def wrong_k(rank: int, world: int, spec: dict) -> dict:
+    m = TwoTask(k=3, dtype=torch.float64, seed=1)
+    x, y = shard(m, rank, world)
+    opt = MTLSAM(m.body, torch.optim.SGD, lr=0.05, backend="torch", method="fmtl")
+    full = closure_for(m, x, y)
+    closure = full if rank == 0 else (lambda: full()[:2])
+    try:
+        opt.step(closure)
+        return {"error_msg": None}
+    except ValueError as e:
+        return {"error_msg": str(e)}
+
+
+def resume(rank: int, world: int, spec: dict) -> dict:
+    """Steps 1-2, state dict saved on rank 0 and loaded everywhere into fresh optimizers and
+    models, steps 3-4; against four uninterrupted steps."""
+    cfg = spec["cfg"]
+    m = TwoTask(k=3, dtype=torch.float64, seed=1)
+    x, y = shard(m, rank, world)
+    ref = TwoTask(k=3, dtype=torch.float64, seed=1)
+    opt_ref = make(ref, cfg, aggregator="pcgrad")
+    for _ in range(4):
+        opt_ref.step(closure_for(ref, x, y))
+    opt = make(m, cfg, aggregator="pcgrad")
+    for _ in range(2):
+        opt.step(closure_for(m, x, y))
+    path = spec["path"]
+    if rank == 0:
+        torch.save({"model": m.state_dict(), "opt": opt.state_dict()}, path)
+    dist.barrier()
+    state = torch.load(path, weights_only=False)
+    m2 = TwoTask(k=3, dtype=torch.float64, seed=5)
+    m2.load_state_dict(state["model"])
+    opt2 = MTLSAM(m2.body, torch.optim.SGD, heads=list(m2.heads), lr=0.05, momentum=0.9,
+                  backend="torch", generator=torch.Generator().manual_seed(99), aggregator="pcgrad",
+                  **cfg)
+    opt2.load_state_dict(state["opt"])
+    for _ in range(2):
+        opt2.step(closure_for(m2, x, y))
+    return {"resumed": [p.detach().clone() for p in m2.parameters()],
+            "straight": [p.detach().clone() for p in ref.parameters()]}
+
+
+class Whole(nn.Module):
+    def __init__(self, m: TwoTask) -> None:
+        super().__init__()
+        self.m = m
+
+
+def ddp(rank: int, world: int, spec: dict) -> dict:
+    """The backbone wrapped in DDP and given as ``shared``: the passes run under no_sync and
+    the result equals the plain module's."""
+    m = TwoTask(k=2, dtype=torch.float64, seed=1)
+    x, y = shard(m, rank, world)
+    wrapped = nn.parallel.DistributedDataParallel(m.body)
+    ddp_calls = [0]
+
+    def counting_hook(state, bucket):  # DDP's own gradient all-reduce, counted
+        ddp_calls[0] += 1
+        fut = torch.futures.Future()
+        fut.set_result(bucket.buffer())
+        return fut
+
+    wrapped.register_comm_hook(None, counting_hook)
+    opt = MTLSAM(wrapped, torch.optim.SGD, heads=list(m.heads), lr=0.05, backend="torch",
+                 method=spec["cfg"]["method"], aggregator="mgda",
+                 generator=torch.Generator().manual_seed(7))
+
+    def closure():
+        h = wrapped(x)
+        return [((hd(h).squeeze(1) - y[:, i]) ** 2).mean() for i, hd in enumerate(m.heads)]
+
+    for _ in range(STEPS):
+        opt.step(closure)
+    return {"params": [p.detach().clone() for p in m.parameters()], "info": opt.info(),
+            "ddp_allreduce_calls": ddp_calls[0]}
+
+
+SCENARIOS = {"train": train, "nonfinite": nonfinite, "wrong_k": wrong_k, "resume": resume,
+             "ddp": ddp}

@@ -1,0 +1,146 @@
+"""Data parallel on torch.distributed (gloo, 2 CPU processes): with perturb_sync="global" two
+ranks on half batches equal one process on the whole batch; every rank ends identical; a
+non-finite value on one rank skips the step everywhere; a rank with another K fails
+clearly on every rank; state dicts saved on rank 0 resume every rank; a DDP-wrapped backbone
+runs without DDP's own all-reduce."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from mtlsam_ext import MTLSAM
+from tests import dist_worker as w
+from tests.models import TwoTask
+
+pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed missing")
+
+METHODS = {"gl": dict(method="gl"), "gl-lagged": dict(method="gl", local_grad="lagged"),
+           "gl-zo": dict(method="gl", local_grad="zo", n_dirs=2), "fmtl": dict(method="fmtl"),
+           "sam": dict(method="sam"), "erm": dict(method="erm")}
+AGGS = ["mgda", "ls", "pcgrad"]
+WORLD = 2
+
+
+def _spawn(tmp_path, scenarios):
+    init = tmp_path / "init"
+    mp.spawn(w.run_scenarios, args=(WORLD, str(init), str(tmp_path), scenarios), nprocs=WORLD,
+             join=True)
+    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    """All scenarios in one pair of processes (starting them costs seconds)."""
+    tmp = tmp_path_factory.mktemp("dist")
+    scenarios = []
+    for name, cfg in METHODS.items():
+        for agg in AGGS:
+            scenarios.append((f"train-{name}-{agg}", {"kind": "train", "cfg": cfg, "agg": agg}))
+        scenarios.append((f"local-{name}", {"kind": "train", "cfg": cfg, "agg": "mgda",
+                                            "sync": "local"}))
+        scenarios.append((f"nonfinite-{name}", {"kind": "nonfinite", "cfg": cfg}))
+    scenarios.append(("wrong_k", {"kind": "wrong_k"}))
+    for name in ("gl-lagged", "fmtl"):
+        scenarios.append((f"resume-{name}", {"kind": "resume", "cfg": METHODS[name],
+                                             "path": str(tmp / f"state-{name}.pt")}))
+        scenarios.append((f"ddp-{name}", {"kind": "ddp", "cfg": METHODS[name]}))
+    return _spawn(tmp, scenarios)
+
+
+def _single_process(cfg, agg):
+    m = TwoTask(k=3, dtype=torch.float64, seed=1, width=12)
+    opt = w.make(m, cfg, aggregator=agg)
+    losses = [opt.step(w.closure_for(m, m.x, m.y)) for _ in range(w.STEPS)]
+    return [p.detach() for p in m.parameters()], losses
+
+
+def _ok(res):
+    assert "error" not in res, res.get("error")
+    return res
+
+
+@pytest.mark.parametrize("agg", AGGS)
+@pytest.mark.parametrize("name", METHODS)
+def test_global_sync_equals_one_process_on_the_whole_batch(ranks, name, agg):
+    r0, r1 = (_ok(r[f"train-{name}-{agg}"]) for r in ranks)
+    for a, b in zip(r0["params"], r1["params"]):
+        assert torch.equal(a, b)  # identical on every rank, bit for bit
+    params, losses = _single_process(METHODS[name], agg)
+    for a, b in zip(r0["params"], params):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+    for a, b in zip(r0["losses"], losses):  # step returns the mean of the ranks' losses
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+    comm = r0["info"]["communication"]
+    assert r0["info"]["world_size"] == WORLD and comm["collectives"] > 0
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_local_sync_keeps_ranks_identical_and_sends_no_more(ranks, name):
+    r0, r1 = (_ok(r[f"local-{name}"]) for r in ranks)
+    for a, b in zip(r0["params"], r1["params"]):
+        assert torch.equal(a, b)
+    glob = ranks[0][f"train-{name}-mgda"]["info"]["communication"]
+    loc = r0["info"]["communication"]
+    assert loc["bytes"] <= glob["bytes"]
+    if name in ("gl", "sam"):  # g0 (and exact local rows) are not sent with local perturbations
+        assert loc["bytes"] < glob["bytes"]
+    if name != "erm":  # local perturbations differ from the global ones
+        params, _ = _single_process(METHODS[name], "mgda")
+        assert not all(torch.allclose(a, b, rtol=1e-9, atol=1e-11)
+                       for a, b in zip(r0["params"], params))
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_nonfinite_on_one_rank_skips_everywhere(ranks, name):
+    for r in ranks:
+        res = _ok(r[f"nonfinite-{name}"])
+        assert res["error_msg"] is not None and "non-finite values" in res["error_msg"]
+        for a, b in zip(res["before"], res["after_skip"]):
+            assert torch.equal(a, b)
+        assert torch.isfinite(res["losses"]).all()
+    for a, b in zip(ranks[0][f"nonfinite-{name}"]["params"],
+                    ranks[1][f"nonfinite-{name}"]["params"]):
+        assert torch.equal(a, b)
+
+
+def test_rank_with_another_task_count_fails_clearly_everywhere(ranks):
+    for r in ranks:
+        msg = r["wrong_k"]["error_msg"]
+        assert msg is not None and "ranks disagree on the number of tasks" in msg
+
+
+@pytest.mark.parametrize("name", ["gl-lagged", "fmtl"])
+def test_state_dict_from_rank_zero_resumes_every_rank(ranks, name):
+    for r in ranks:
+        res = _ok(r[f"resume-{name}"])
+        for a, b in zip(res["resumed"], res["straight"]):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("name", ["gl-lagged", "fmtl"])
+def test_ddp_wrapped_backbone_runs_under_no_sync(ranks, name):
+    r0, r1 = (_ok(r[f"ddp-{name}"]) for r in ranks)
+    assert r0["ddp_allreduce_calls"] == r1["ddp_allreduce_calls"] == 0
+    for a, b in zip(r0["params"], r1["params"]):
+        assert torch.equal(a, b)
+    m = TwoTask(k=2, dtype=torch.float64, seed=1)
+    opt = MTLSAM(m.body, torch.optim.SGD, heads=list(m.heads), lr=0.05, backend="torch",
+                 method=METHODS[name]["method"], aggregator="mgda",
+                 generator=torch.Generator().manual_seed(7))
+    for _ in range(w.STEPS):
+        opt.step(w.closure_for(m, m.x, m.y))
+    for a, b in zip(r0["params"], m.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+
+
+def test_process_group_without_initialised_distributed_is_an_error():
+    m = TwoTask(k=2)
+    with pytest.raises(ValueError, match="not initialised"):
+        MTLSAM(m.body, torch.optim.SGD, lr=0.1, process_group=object())
+    with pytest.raises(ValueError, match="perturb_sync"):
+        MTLSAM(m.body, torch.optim.SGD, lr=0.1, perturb_sync="both")
+    opt = MTLSAM(m.body, torch.optim.SGD, lr=0.1, process_group=False)
+    assert opt.info()["world_size"] == 1
