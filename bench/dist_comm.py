@@ -57,6 +57,7 @@ def worker(rank: int, world: int, init: str, k: int, aggregator: str, out: str) 
             rows.append((name, sync, comm["collectives"], comm["bytes"], BACKWARDS[name](k), ddp))
     if rank == 0:
         torch.save(rows, out)
+    dist.barrier()  # no rank tears gloo down while another still uses it
     dist.destroy_process_group()
 
 

@@ -47,6 +47,7 @@ def run_scenarios(rank: int, world: int, init_file: str, out_dir: str,
             dist.barrier()
     finally:
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()  # no rank tears gloo down while another still uses it
         dist.destroy_process_group()
 
 
