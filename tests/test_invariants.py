@@ -30,14 +30,24 @@ def _make(cfg, agg, k=2, rho=0.05, seed=0, base=torch.optim.SGD, **base_kw):
 @pytest.mark.parametrize("agg", AGGS)
 @pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: "-".join(f"{v}" for v in c.values()))
 def test_rho_zero_equals_erm_exactly(cfg, agg):
+    """Bit for bit where ERM combines per-task rows; for LS and mean ERM runs one backward of
+    the weighted loss, which equals the row combine to float32 rounding (the tolerance below:
+    three SGD steps, parameters of order 1)."""
     m1, o1 = _make(cfg, agg, rho=0.0)
     m2, o2 = _make(dict(method="erm"), agg)
+    one_backward = agg in ("ls", "mean")
     for _ in range(3):
         l1 = o1.step(m1.losses)
         l2 = o2.step(m2.losses)
-        assert torch.equal(l1, l2)
+        if one_backward:
+            torch.testing.assert_close(l1, l2, rtol=1e-6, atol=1e-7)
+        else:
+            assert torch.equal(l1, l2)
     for a, b in zip(m1.parameters(), m2.parameters()):
-        assert torch.equal(a, b)
+        if one_backward:
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+        else:
+            assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("cfg", CONFIGS + [dict(method="erm")],

@@ -238,8 +238,12 @@ class Run:
         return sum(ops.segment_sumsq(t, _whole(t.numel()), None, backend=self.be).double()
                    for t in bufs)
 
-    def finish_update(self, rows: list[Tensor], w: Tensor, gram: Tensor | None) -> None:
+    def finish_update(self, rows: list[Tensor] | None, w: Tensor, gram: Tensor | None) -> None:
         """Shared gradient := ``sum_i w_i rows_i``, then the loss scale and clipping.
+
+        ``rows=None``: the shared gradient already holds the update (one backward of
+        ``sum_i w_i l_i``, see :func:`_weighted_backward`); ``1/S`` and the clip factor are then
+        applied to it in one pass, only when there is one.
 
         Under a loss scale S the combine uses ``w / S`` and the heads' gradients are multiplied
         by ``1/S``. With ``max_grad_norm`` the update (shared and heads as one vector) is
@@ -268,18 +272,26 @@ class Run:
             wd = w.double()
             coef = _clip_coef(clip, (wd @ gram.double() @ wd).clamp_min(0) + heads_sq)
         mult = _times(inv, coef)
-        w_eff = w if mult is None else (w.double() * mult).to(w.dtype)
         grads = [b.grad for b in self.shared.buckets]
-        for r, g in zip(rows, grads):
-            ops.combine_(g, r, w_eff, backend=self.be)
+        if rows is not None:
+            w_eff = w if mult is None else (w.double() * mult).to(w.dtype)
+            for r, g in zip(rows, grads):
+                ops.combine_(g, r, w_eff, backend=self.be)
+            post = None
+        else:
+            post = inv  # the update is in .grad already: its 1/S is one multiply
         if clip is not None and gram is None:
             sh_sq = self._sumsq(grads)
+            if post is not None:
+                sh_sq = sh_sq * (post * post)
             self.checks.append(sh_sq.reshape(1))
             coef = _clip_coef(clip, sh_sq + heads_sq)
-            for g in grads:
-                g.mul_(coef.to(_acc(g.dtype)))
+            post = _times(post, coef)
         elif gram is None:
             self.checks.extend(grads)
+        if post is not None:
+            for g in grads:
+                g.mul_(post.to(_acc(g.dtype)))
         head_mult = _times(inv, coef)
         if head_mult is not None:
             for g in heads:
@@ -425,11 +437,40 @@ def _finish(run: Run, rows: list[Tensor]) -> None:
     run.finish_update(rows, *run.weights(rows))
 
 
+def _weighted_backward(run: Run, losses: list[Tensor]) -> None:
+    """LS and mean: ``d = sum_i w_i g_i`` with constant ``w`` is the gradient of
+    ``sum_i w_i l_i``, so one backward replaces K (and the rows, the combine and the Gram).
+
+    Head i still gets its own ``grad l_i``: with ``mean`` its ``1/K`` is undone on the heads'
+    (small) buffers. The result equals the K-row combine to rounding, not to the bit.
+    """
+    k = len(losses)
+    w = 1.0 / k if run.opt.constant_weights == "mean" else 1.0
+    with torch.enable_grad():
+        total = sum(losses) if w == 1.0 else sum(w * loss for loss in losses)
+    run.backward(total)
+    if w != 1.0 and run.heads is not None:
+        for b in run.heads.buckets:
+            b.grad.mul_(k)
+
+
+def _finish_weighted(run: Run) -> None:
+    """End of a one-backward step: the shared gradient holds the update already."""
+    run.reduce(run.grads(), head_grads=True)
+    acc = torch.float64 if run.shared.buckets[0].dtype == torch.float64 else torch.float32
+    run.finish_update(None, torch.ones(run.k, dtype=acc), None)
+
+
 def step_erm(run: Run) -> Tensor:
-    """No perturbation: per-task gradients, then ``d = M(g_1..g_K)`` (the cost baseline)."""
+    """No perturbation: per-task gradients, then ``d = M(g_1..g_K)`` (the cost baseline); one
+    backward of the weighted loss for LS and mean."""
     losses = run.first_losses()
-    rows = run.opt.buffers("rows", run.k)
     run.zero_all()
+    if run.opt.constant_weights is not None:
+        _weighted_backward(run, losses)
+        _finish_weighted(run)
+        return run.unperturbed
+    rows = run.opt.buffers("rows", run.k)
     _per_task_rows(run, losses, rows)
     run.reduce(rows, head_grads=True)
     _finish(run, rows)
@@ -457,6 +498,11 @@ def step_sam(run: Run) -> Tensor:
     pert = run.call()
     run.perturbed_losses.extend(x.detach() for x in pert)
     run.checks.append(torch.stack([x.detach() for x in pert]))
+    if opt.constant_weights is not None:  # one backward at the perturbed point
+        _weighted_backward(run, pert)
+        run.restore_all()
+        _finish_weighted(run)
+        return run.unperturbed
     rows = opt.buffers("rows", run.k)
     _per_task_rows(run, pert, rows)
     run.reduce(rows, head_grads=True)
