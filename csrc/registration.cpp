@@ -23,6 +23,9 @@ TORCH_LIBRARY(mtlsam, m) {
   m.def("restore_(Tensor(a!) param, Tensor backup) -> ()");
   // K x K Gram of a [K, N] matrix, exactly symmetric, in the accumulation dtype.
   m.def("gram(Tensor rows) -> Tensor");
+  // Per-segment K x K Grams of a [K, N] matrix: [S, K, K], exactly symmetric, in the
+  // accumulation dtype; segment s spans columns [offsets[s], offsets[s + 1]).
+  m.def("segment_gram(Tensor rows, Tensor offsets) -> Tensor");
   // out = sum_i w_i rows_i accumulated in row order in the accumulation dtype.
   m.def("combine_(Tensor(a!) out, Tensor rows, Tensor weights) -> ()");
   m.def("sub_(Tensor(a!) rows, Tensor other) -> ()");

@@ -103,6 +103,25 @@ def test_gram(backend, dtype, shape):
     assert torch.equal(got, got.T)
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("k", [1, 3])
+def test_segment_gram(backend, layout, dtype, k):
+    offs = offsets_of(LAYOUTS[layout])
+    rows = _data(offs[-1], dtype, 16, k)
+    got = ops.segment_gram(rows, _t(offs), backend=backend)
+    want = oracle.segment_gram(rows, offs)
+    assert got.shape == (len(offs) - 1, k, k)
+    assert got.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    d = want.diagonal(dim1=1, dim2=2).sqrt()
+    assert_reduction_close(got, want, d[:, :, None] * d[:, None, :], dtype)
+    assert torch.equal(got, got.transpose(1, 2))
+    # Summed over segments it is the Gram of the whole rows.
+    g = want.sum(0)
+    dg = g.diagonal().sqrt()
+    assert_reduction_close(got.double().sum(0), g, dg[:, None] * dg[None, :], dtype)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(1, 1), (3, 257), (10, 4099)])
 def test_combine(backend, dtype, shape):

@@ -186,6 +186,18 @@ def test_mix_perturb_unsorted_sampled_table_on_device():
     torch.testing.assert_close(theta.double().cpu(), want, **ELEMENTWISE[dtype])
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_segment_gram(layout, dtype):
+    offs = offsets_of(LAYOUTS[layout])
+    rows = _data(offs[-1], dtype, 16, 3)
+    got = ops.segment_gram(rows, _t(offs), backend=EXT)
+    want = oracle.segment_gram(rows.cpu(), offs)
+    d = want.diagonal(dim1=1, dim2=2).sqrt()
+    assert got.dtype == _acc(dtype) and got.shape == (len(offs) - 1, 3, 3)
+    assert_reduction_close(got.cpu(), want, d[:, :, None] * d[:, None, :], dtype)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(1, 1), (3, 257), (10, 4099), (2, 0), (0, 5), (40, 1031),
                                    (67, 300), (4, 70000)])

@@ -156,6 +156,7 @@ def test_opcheck_schemas_and_fakes():
         (torch.ops.mtlsam.combine_.default, (torch.empty(37), rows, torch.ones(3))),
         (torch.ops.mtlsam.sub_.default, (rows.clone(), rows)),
         (torch.ops.mtlsam.flat_gram_.default, (rows.clone(), rows * 0.5)),
+        (torch.ops.mtlsam.segment_gram.default, (rows, off)),
     ]
     for op, args in cases:
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
@@ -175,5 +176,20 @@ def test_fused_flat_gram_equals_sub_then_gram(dtype):
             b = sam.clone()
             got = ops.flat_gram_(b, loss, backend="ext")
             assert torch.equal(b, a) and torch.equal(got, want)
+    finally:
+        torch.set_num_threads(old)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_segment_gram_is_thread_count_independent(dtype):
+    rows = _data((3, 20000), dtype, 32)
+    off = _t([0, 1, 9000, 9000, 20000])
+    old = torch.get_num_threads()
+    try:
+        got = []
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            got.append(ops.segment_gram(rows, off, backend="ext"))
+        assert torch.equal(got[0], got[1])
     finally:
         torch.set_num_threads(old)

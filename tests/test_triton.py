@@ -121,6 +121,21 @@ def test_gram(dtype, shape, chunks):
     assert torch.equal(got, got.T)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", ["ragged", "one_element", "long"])
+@pytest.mark.parametrize("chunks", [{}, SMALL], ids=["default", "small"])
+def test_segment_gram(dtype, layout, chunks):
+    offs = offsets_of(LAYOUTS[layout])
+    rows = _data(offs[-1], dtype, 16, 3)
+    with config.override(**chunks):
+        got = tk.segment_gram(rows, _t(offs))
+    want = oracle.segment_gram(_cpu(rows), offs)
+    d = want.diagonal(dim1=1, dim2=2).sqrt()
+    assert got.dtype == _acc(dtype) and got.shape == (len(offs) - 1, 3, 3)
+    assert_reduction_close(_cpu(got), want, d[:, :, None] * d[:, None, :], dtype)
+    assert torch.equal(got, got.transpose(1, 2))
+
+
 def test_reductions_are_deterministic_and_local():
     """Same bits twice; a segment's sum does not change when other segments surround it
     (the chunk decomposition depends only on the segment)."""

@@ -103,6 +103,63 @@ at::Tensor gram_impl(const at::Tensor& rows, const at::Tensor* loss) {
 
 at::Tensor gram(const at::Tensor& rows) { return gram_impl(rows, nullptr); }
 
+// Per-segment Grams [S, K, K]: the chunks never straddle a segment, each chunk's K(K+1)/2
+// partials are taken from one read of its K row pieces (as in gram_impl), and each segment
+// sums its chunks' partials in chunk order, so the result does not depend on threads.
+at::Tensor segment_gram(const at::Tensor& rows, const at::Tensor& offsets) {
+  TORCH_CHECK(rows.device().is_cpu(), "rows must be a CPU tensor");
+  TORCH_CHECK(rows.dim() == 2 && rows.is_contiguous(), "rows must be a contiguous [K, N] matrix");
+  TORCH_CHECK(at::isFloatingType(rows.scalar_type()), "rows must be floating point");
+  const int64_t k = rows.size(0), n = rows.size(1);
+  check_offsets(offsets, n);
+  const int64_t nseg = offsets.numel() - 1;
+  const auto acc_type = rows.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor out = at::zeros({nseg, k, k}, rows.options().dtype(acc_type));
+  const std::vector<Chunk> chunks = chunks_of_offsets(offsets);
+  const int64_t nchunks = static_cast<int64_t>(chunks.size());
+  const int64_t npairs = k * (k + 1) / 2;
+  if (k == 0 || nchunks == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, rows.scalar_type(), "segment_gram",
+                                  [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* rp = rows.data_ptr<scalar_t>();
+    std::vector<acc_t> partial(nchunks * npairs);
+    at::parallel_for(0, nchunks, 1, [&](int64_t cb, int64_t ce) {
+      std::vector<acc_t> buf;
+      if (!std::is_same<scalar_t, acc_t>::value) buf.resize(k * kChunk);
+      std::vector<const acc_t*> row(k);
+      for (int64_t c = cb; c < ce; ++c) {
+        const int64_t b = chunks[c].begin, len = chunks[c].end - b;
+        for (int64_t i = 0; i < k; ++i) {
+          acc_t* scratch = buf.empty() ? nullptr : buf.data() + i * kChunk;
+          row[i] = as_acc(rp + i * n + b, len, scratch);
+        }
+        acc_t* out_c = partial.data() + c * npairs;
+        int64_t q = 0;
+        for (int64_t i = 0; i < k; ++i) {
+          for (int64_t j = i; j < k; ++j) out_c[q++] = dot_lanes(row[i], row[j], len);
+        }
+      }
+    });
+    acc_t* g = out.data_ptr<acc_t>();
+    for (int64_t c = 0; c < nchunks; ++c) {  // chunk order: fixed, independent of threads
+      acc_t* gs = g + chunks[c].seg * k * k;
+      const acc_t* pc = partial.data() + c * npairs;
+      int64_t q = 0;
+      for (int64_t i = 0; i < k; ++i) {
+        for (int64_t j = i; j < k; ++j, ++q) gs[i * k + j] += pc[q];
+      }
+    }
+    for (int64_t s = 0; s < nseg; ++s) {  // mirror: exactly symmetric
+      acc_t* gs = g + s * k * k;
+      for (int64_t i = 0; i < k; ++i) {
+        for (int64_t j = i + 1; j < k; ++j) gs[j * k + i] = gs[i * k + j];
+      }
+    }
+  });
+  return out;
+}
+
 at::Tensor flat_gram_(at::Tensor& sam, const at::Tensor& loss) { return gram_impl(sam, &loss); }
 
 void combine_(at::Tensor& out, const at::Tensor& rows, const at::Tensor& weights) {

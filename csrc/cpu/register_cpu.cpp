@@ -16,6 +16,7 @@ void mix_perturb_(at::Tensor&, at::Tensor&, const at::Tensor&, const at::Tensor&
 void restore_(at::Tensor&, const at::Tensor&);
 void sub_(at::Tensor&, const at::Tensor&);
 at::Tensor gram(const at::Tensor&);
+at::Tensor segment_gram(const at::Tensor&, const at::Tensor&);
 at::Tensor flat_gram_(at::Tensor&, const at::Tensor&);
 void combine_(at::Tensor&, const at::Tensor&, const at::Tensor&);
 
@@ -29,6 +30,7 @@ TORCH_LIBRARY_IMPL(mtlsam, CPU, m) {
   m.impl("restore_", &mtlsam::cpu::restore_);
   m.impl("sub_", &mtlsam::cpu::sub_);
   m.impl("gram", &mtlsam::cpu::gram);
+  m.impl("segment_gram", &mtlsam::cpu::segment_gram);
   m.impl("flat_gram_", &mtlsam::cpu::flat_gram_);
   m.impl("combine_", &mtlsam::cpu::combine_);
 }

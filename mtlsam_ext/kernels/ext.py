@@ -74,6 +74,26 @@ def flat_gram_(sam: Tensor, loss: Tensor) -> Tensor:
     return _ops.gram(sam)
 
 
+def segment_gram(rows: Tensor, offsets: Tensor) -> Tensor:
+    key = "CUDA" if rows.device.type == "cuda" else "CPU"
+    if _has_schema("segment_gram") and torch._C._dispatch_has_kernel_for_dispatch_key(
+            "mtlsam::segment_gram", key):
+        return _ops.segment_gram(rows, _table(offsets, rows.device))
+    # No kernel for this device (CUDA so far): the reference, one matmul per segment.
+    from mtlsam_ext.kernels import torch_ref
+
+    return torch_ref.segment_gram(rows, offsets)
+
+
+def _has_schema(name: str) -> bool:
+    """Whether the loaded extension defines ``mtlsam::name`` (an older build may not)."""
+    try:
+        torch._C._get_schema(f"mtlsam::{name}", "")
+    except RuntimeError:
+        return False
+    return True
+
+
 def _acc(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -97,6 +117,13 @@ def _(sam, loss):
 @torch.library.register_fake("mtlsam::gram")
 def _(rows):
     return rows.new_empty((rows.shape[0], rows.shape[0]), dtype=_acc(rows.dtype))
+
+
+if _has_schema("segment_gram"):
+    @torch.library.register_fake("mtlsam::segment_gram")
+    def _(rows, offsets):
+        r = rows.shape[0]
+        return rows.new_empty((offsets.shape[0] - 1, r, r), dtype=_acc(rows.dtype))
 
 
 # The in-place ops return nothing; their fakes only need to exist for tracing.

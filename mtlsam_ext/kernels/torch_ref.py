@@ -123,6 +123,21 @@ def gram(rows: Tensor) -> Tensor:
     return torch.triu(g) + torch.triu(g, 1).T
 
 
+def segment_gram(rows: Tensor, offsets: Tensor) -> Tensor:
+    """``G[s, i, j] = <m_i, m_j>`` restricted to segment ``s`` of an ``[R, N]`` matrix: the
+    per-layer Gram matrices ``[S, R, R]`` (fp32/fp64) from which the per-layer task cosine
+    similarities of the global-local report (§V, Fig. 2) are read; summed over ``s`` they
+    give :func:`gram`. Exactly symmetric; an empty segment gives zeros."""
+    m = rows.to(acc_dtype(rows.dtype))
+    r = rows.shape[0]
+    out = torch.zeros(offsets.numel() - 1, r, r, dtype=m.dtype, device=rows.device)
+    for s, (a, e) in enumerate(zip(offsets[:-1].tolist(), offsets[1:].tolist())):
+        if e > a:
+            g = m[:, a:e] @ m[:, a:e].T
+            out[s] = torch.triu(g) + torch.triu(g, 1).T
+    return out
+
+
 def combine_(out: Tensor, rows: Tensor, weights: Tensor) -> None:
     """``out = sum_i w_i m_i`` (the aggregated update ``d = sum_i w_i g_i``, DESIGN.md §1c).
 

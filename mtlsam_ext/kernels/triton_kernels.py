@@ -156,6 +156,29 @@ def gram(rows: Tensor) -> Tensor:
     return torch.triu(g) + torch.triu(g, 1).T
 
 
+def segment_gram(rows: Tensor, offsets: Tensor) -> Tensor:
+    """Per-segment Grams from the ``gram`` partial kernel run over segment-aligned chunks and
+    the stage-2 segment sums (each chunk belongs to one segment)."""
+    _check(rows)
+    if rows.dim() != 2:
+        raise ValueError(f"rows must be a 2-D [R, N] matrix, got shape {tuple(rows.shape)}")
+    acc = _acc(rows.dtype)
+    r = rows.shape[0]
+    n_seg = offsets.numel() - 1
+    out = torch.zeros(r * r, n_seg, dtype=acc, device=rows.device)
+    block = config.gram_block(max(r, 1))
+    chunk = max(block, config.REDUCE_CHUNK // block * block)
+    table, chunk_ptr, n_chunks = tables.segment_chunks(offsets, chunk, rows.device)
+    if r and n_chunks:
+        partial = torch.empty(r * r, n_chunks, dtype=acc, device=rows.device)
+        gram_partial_kernel[(n_chunks, r)](rows, table, partial, r, rows.stride(0), n_chunks,
+                                           R_PAD=config.next_pow2(r), ACC=_TL[acc],
+                                           BLOCK=block, num_warps=config.REDUCE_WARPS)
+        _segment_sums(partial, chunk_ptr, n_seg, r * r, n_chunks, out)
+    g = out.T.reshape(n_seg, r, r)
+    return torch.triu(g) + torch.triu(g, 1).transpose(1, 2)
+
+
 # ---------------------------------------------------------------- element-wise
 
 def _bits(t: Tensor) -> Tensor:

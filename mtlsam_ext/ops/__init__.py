@@ -11,6 +11,7 @@ from mtlsam_ext.ops.core import (
     gram,
     mix_perturb_,
     restore_,
+    segment_gram,
     segment_sumsq,
     sub_,
 )
@@ -26,6 +27,7 @@ __all__ = [
     "mix_perturb_",
     "resolve_backend",
     "restore_",
+    "segment_gram",
     "segment_sumsq",
     "sub_",
 ]

@@ -78,6 +78,13 @@ def gram(rows: Tensor, *, backend: str = "auto") -> Tensor:
     return _k(backend, rows).gram(rows)
 
 
+def segment_gram(rows: Tensor, offsets: Tensor, *, backend: str = "auto") -> Tensor:
+    """Per-segment ``[S, K, K]`` Gram matrices of an ``[K, N]`` row matrix (one read)."""
+    validate.rows("rows", rows)
+    validate.offsets("offsets", offsets, rows.shape[1])
+    return _k(backend, rows).segment_gram(rows, offsets)
+
+
 def combine_(out: Tensor, rows: Tensor, weights: Tensor, *, backend: str = "auto") -> None:
     """``out = sum_i w_i rows_i`` written into the flat buffer ``out``."""
     validate.flat("out", out)

@@ -66,3 +66,18 @@ def combine(rows: Tensor, w: Tensor) -> Tensor:
     for i in range(m.shape[0]):
         out += float(w[i]) * m[i]
     return out
+
+
+def segment_gram(rows: Tensor, offsets: list[int]) -> Tensor:
+    """Per-segment Gram matrices, term by term in float64: ``G[s, i, j] = sum_n m_in m_jn``
+    over the columns of segment ``s`` (the per-layer task inner products of the global-local
+    report, §V)."""
+    m = rows.double()
+    r = m.shape[0]
+    out = torch.zeros(len(offsets) - 1, r, r, dtype=torch.float64)
+    for s in range(len(offsets) - 1):
+        a, e = offsets[s], offsets[s + 1]
+        for i in range(r):
+            for j in range(r):
+                out[s, i, j] = (m[i, a:e] * m[j, a:e]).sum()
+    return out
