@@ -570,11 +570,12 @@ def step_gl(run: Run) -> Tensor:
     losses = run.first_losses()
     k = run.k
     sampled = opt.sampled_layers
-    if opt._tables is None:
-        opt._tables = sh.sampled_tables(sampled, compact=True)
-    tables = opt._tables
+    tables = opt.sampled_tables(sampled)
     lag = opt._buffers.get("lag")
+    # The lag holds the layers chosen for this step (stored at the previous step's commit);
+    # after a change of selection without that history, the step uses autograd.
     if opt.local_grad == "lagged" and opt._lag_valid and lag is not None \
+            and opt._lag_layers == tuple(sampled) \
             and all(t.shape == (k, tb[3]) for t, tb in zip(lag, tables)):
         local = lag  # the previous step's SAM gradients on the sampled layers
         local_scale = opt._lag_scale  # the factor of the step that computed them
@@ -654,18 +655,38 @@ def step_gl(run: Run) -> Tensor:
     run.restore_shared()
     run.reduce(rows, head_out=True)
     run.heads_to_grad()
-    _finish(run, rows)
+    selector = opt.layer_selector
+    if selector.measures:
+        # Per-layer Grams for the layer scores; their sum is the aggregator's Gram matrix, so
+        # the pass replaces the Gram pass (with LS/mean it is an extra read of the rows).
+        layer_gram = torch.zeros(len(sh.layers), k, k, dtype=torch.float64, device=sh.device)
+        grams = []
+        for r, b, seg in zip(rows, sh.buckets, seg_layers):
+            sg = ops.segment_gram(r, b.seg_offsets, backend=run.be)
+            layer_gram.index_add_(0, seg, sg.double())
+            grams.append(sg.sum(0))
+        selector.observe(layer_gram)
+        g = run.true_gram(grams)
+        w = run.aggregate(g) if opt.constant_weights is None else run.weights(rows)[0]
+        run.finish_update(rows, w, g)
+    else:
+        _finish(run, rows)
+    run.on_commit.append(lambda: selector.commit(opt.generator))
 
     if opt.local_grad == "lagged":
 
         def keep_lagged() -> None:
-            # Next step's local gradients: this step's SAM rows on the sampled layers. Written
-            # only once the step has succeeded, so a failed step leaves the history intact.
+            # Next step's local gradients: this step's SAM rows on the layers the next step
+            # samples (chosen by the commit just before). Written only once the step has
+            # succeeded, so a failed step leaves the history intact.
+            nxt = opt.sampled_layers
+            tabs = opt.sampled_tables(nxt)
             lag = opt._buffers.get("lag")
-            if lag is None or lag[0].shape[0] != k:
+            if lag is None or any(t.shape != (k, tb[3]) for t, tb in zip(lag, tabs)):
                 lag = opt._buffers["lag"] = [torch.empty(k, t[3], dtype=b.dtype, device=b.device)
-                                             for t, b in zip(tables, sh.buckets)]
-            for r, t, dst in zip(rows, tables, lag):
+                                             for t, b in zip(tabs, sh.buckets)]
+            opt._lag_layers = tuple(nxt)
+            for r, t, dst in zip(rows, tabs, lag):
                 for s, n, ls in zip(t[0].tolist(), t[1].tolist(), t[2].tolist()):
                     dst[:, ls:ls + n].copy_(r[:, s:s + n])
             # Kept as computed (scaled: fp16 rows would lose small values if unscaled), with

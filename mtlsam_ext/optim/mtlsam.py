@@ -23,6 +23,7 @@ from mtlsam_ext.optim.batchnorm import BN_STATS, RunningStats, batchnorm_modules
 from mtlsam_ext.optim.checks import reachable_leaves
 from mtlsam_ext.optim.closure import CONTRACT, parse_all, parse_one
 from mtlsam_ext.optim.distributed import resolve_sync, unwrap_ddp
+from mtlsam_ext.optim.layer_selection import LAYER_MODES, LayerSelector, default_layers
 
 METHODS = ("gl", "fmtl", "sam", "erm")
 LOCAL_GRADS = ("autograd", "lagged", "zo")
@@ -52,8 +53,13 @@ class MTLSAM(torch.optim.Optimizer):
             ``"imtl"``, ``"nash"``, or a callable ``G -> w`` on the K x K Gram matrix.
         rho, rho_heads: perturbation radii of the shared part and of the heads.
         alpha: global/local mixing weight of ``gl`` (1 = global only).
-        layers: sampled layers of ``gl``: ``None`` = first, middle (``L // 2``) and last;
-            otherwise a list of layer indices or names.
+        layers: sampled layers of ``gl``: ``None`` = first, middle (``L // 2``) and last; a
+            list of layer indices or names; one layer name; or a mode: ``"adaptive"`` (the
+            ``n_sampled`` layers whose task cosine similarities change most, re-selected every
+            ``resample_every`` steps; report §V) or ``"random"`` (``n_sampled`` layers drawn
+            each step from ``generator``). See :mod:`mtlsam_ext.optim.layer_selection`.
+        n_sampled, resample_every, layer_ema: the modes' number of layers, the adaptive
+            re-selection interval (steps) and the smoothing of its score (EMA factor).
         norm: ``"match"`` or ``"global"`` (see :func:`~mtlsam_ext.optim.perturbation.
             global_local_coefs`).
         local_grad: ``"autograd"`` (exact task gradients on the sampled layers),
@@ -107,7 +113,7 @@ class MTLSAM(torch.optim.Optimizer):
                  heads: Sequence[Params] | None = None, method: str = "gl",
                  aggregator: str | Callable[..., Tensor] = "ls", rho: float = 0.05,
                  rho_heads: float | None = None, alpha: float = 0.5,
-                 layers: Sequence[int | str] | None = None, norm: str = "match",
+                 layers: Sequence[int | str] | str | None = None, norm: str = "match",
                  local_grad: str = "autograd", adaptive: bool = False, decompose: bool = True,
                  task_weights: Sequence[float] | Tensor | None = None, backend: str = "auto",
                  generator: torch.Generator | None = None,
@@ -116,6 +122,7 @@ class MTLSAM(torch.optim.Optimizer):
                  bn_modules: Sequence[nn.Module] | nn.Module | None = None,
                  max_grad_norm: float | None = None, grad_scaler: Any = None,
                  process_group: Any = None, perturb_sync: str = "global",
+                 n_sampled: int = 3, resample_every: int = 10, layer_ema: float = 0.9,
                  **base_kwargs: Any) -> None:
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -207,13 +214,19 @@ class MTLSAM(torch.optim.Optimizer):
         self.backend = resolve_backend(backend, self.shared.device)
 
         n_layers = len(self.shared.layers)
-        if layers is None:
-            picked = sorted({0, n_layers // 2, n_layers - 1})
+        layer_mode = None
+        if isinstance(layers, str):  # a mode or one layer's name, never its characters
+            if layers in LAYER_MODES:
+                layer_mode, picked = layers, []
+            else:
+                picked = [self.shared.layer_index(layers)]
+        elif layers is None:
+            picked = default_layers(n_layers)
         else:
             picked = sorted({self.shared.layer_index(s) for s in layers})
             if not picked:
                 raise ValueError("layers must name at least one layer (or be None)")
-        self.sampled_layers: list[int] = picked
+        layer_args = (layer_mode, picked, n_layers, n_sampled, resample_every, layer_ema)
 
         self._task_weights_arg = task_weights
         self._task_weights: Tensor | None = None
@@ -224,6 +237,8 @@ class MTLSAM(torch.optim.Optimizer):
                 seed = self.sync.broadcast_seed(seed, self.shared.device)
             generator.manual_seed(seed)
         self.generator = generator
+        self.layer_selector = LayerSelector(*layer_args, generator=generator)
+        self._tables_by_layers: dict[tuple[int, ...], list] = {}
         self.n_dirs = n_dirs
         self.mu = float(mu)
         # Seed of the zo directions: the generator's seed, read without consuming its state
@@ -244,6 +259,7 @@ class MTLSAM(torch.optim.Optimizer):
         self._graph_checked = False
         self._lag_valid = False
         self._lag_scale: Tensor | None = None
+        self._lag_layers: tuple[int, ...] | None = None
         self._sync_checked = False
         self._initialized = True
         self.grad_scaler = grad_scaler
@@ -251,7 +267,6 @@ class MTLSAM(torch.optim.Optimizer):
             scaling_for(grad_scaler, None, None, self.shared.device)  # validates the scaler
             init_scaler(grad_scaler, self.shared.device)
         self._buffers: dict[str, list[Tensor]] = {}
-        self._tables: list[tuple[Tensor, Tensor, Tensor, int]] | None = None
 
     # -- public API -----------------------------------------------------------------------------
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -335,6 +350,7 @@ class MTLSAM(torch.optim.Optimizer):
     def _undo(self, run: methods.Run, gen_state: Tensor, form: tuple) -> None:
         """Put back what a failed or skipped step changed."""
         run.restore_all()
+        self.layer_selector.discard()
         if run.bn:
             run.bn.restore("pre")
         self.generator.set_state(gen_state)
@@ -355,6 +371,21 @@ class MTLSAM(torch.optim.Optimizer):
                              "base optimizer's state over), or freeze the new parameters.")
         super().add_param_group(param_group)
 
+    @property
+    def sampled_layers(self) -> list[int]:
+        """The layers ``gl`` samples in the next step."""
+        return self.layer_selector.selection
+
+    def sampled_tables(self, layers: list[int]) -> list:
+        """Segment tables of the sampled layers (compact local layout), cached per selection."""
+        key = tuple(layers)
+        t = self._tables_by_layers.get(key)
+        if t is None:
+            if len(self._tables_by_layers) > 64:  # random mode: bounded cache
+                self._tables_by_layers.clear()
+            t = self._tables_by_layers[key] = self.shared.sampled_tables(layers, compact=True)
+        return t
+
     # -- state ----------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         lag = self._buffers.get("lag") if self._lag_valid else None
@@ -366,6 +397,8 @@ class MTLSAM(torch.optim.Optimizer):
                 "generator": self.generator.get_state(),
                 "lagged": None if lag is None else [t.clone() for t in lag],
                 "sampled_layers": list(self.sampled_layers),
+                "lag_layers": self._lag_layers,
+                "layer_selection": self.layer_selector.state_dict(),
                 "zo_seed": self.zo_seed,
                 "lag_scale": self._lag_scale,
                 "task_names": self.task_names,
@@ -377,7 +410,8 @@ class MTLSAM(torch.optim.Optimizer):
                 or "mtlsam" not in state_dict:
             raise ValueError("not an MTLSAM state dict (expected keys 'base' and 'mtlsam')")
         own = state_dict["mtlsam"]
-        if list(own.get("sampled_layers", self.sampled_layers)) != self.sampled_layers:
+        if self.layer_selector.mode is None and \
+                list(own.get("sampled_layers", self.sampled_layers)) != self.sampled_layers:
             raise ValueError("state dict was saved with different sampled layers "
                              f"{own['sampled_layers']} (this optimizer: {self.sampled_layers})")
         k = own.get("num_tasks")
@@ -390,6 +424,10 @@ class MTLSAM(torch.optim.Optimizer):
             self.num_tasks = k
         self.generator.set_state(own["generator"])
         self.zo_seed = int(own.get("zo_seed", self.zo_seed))
+        if "layer_selection" in own:
+            self.layer_selector.load_state_dict(own["layer_selection"])
+        lag_layers = own.get("lag_layers")
+        self._lag_layers = None if lag_layers is None else tuple(lag_layers)
         names = own.get("task_names")
         if names is not None:
             if self.task_names is not None and list(names) != self.task_names:
@@ -517,6 +555,7 @@ class MTLSAM(torch.optim.Optimizer):
             "alpha": self.alpha, "norm": self.norm, "local_grad": self.local_grad,
             "adaptive": self.adaptive, "decompose": self.decompose,
             "sampled_layers": [self.shared.layer_names[i] for i in self.sampled_layers],
+            "layer_mode": self.layer_selector.mode,
             "num_layers": len(self.shared.layers), "shared_numel": self.shared.numel,
             "num_tasks": self.num_tasks, "task_names": self.task_names,
             "bn_stats": self.bn_stats,
