@@ -110,6 +110,11 @@ CONFIGS: dict[str, dict] = {
     "gl-autograd a=0.75": dict(method="gl", local_grad="autograd", alpha=0.75),
     "gl-autograd last": dict(method="gl", local_grad="autograd", layers="last"),
     "gl-autograd all": dict(method="gl", local_grad="autograd", layers="all"),
+    # the sampled-layer modes (report §V): two layers chosen by the change of the task cosine
+    # (re-selected every 10 steps), or drawn at random every step
+    "gl-lagged adaptive": dict(method="gl", local_grad="lagged", layers="adaptive",
+                               n_sampled=2, resample_every=10),
+    "gl-lagged random": dict(method="gl", local_grad="lagged", layers="random", n_sampled=2),
 }
 MAIN = ["erm", "fmtl", "gl-autograd", "gl-lagged", "gl-zo"]
 SWEEP = ["gl-autograd a=0.25", "gl-autograd a=0.75", "gl-autograd last", "gl-autograd all"]
@@ -118,7 +123,9 @@ AGGREGATORS = ["ls", "mgda", "pcgrad", "cagrad", "imtl", "nash"]
 _COST = {"erm": 1, "fmtl": 8, "gl-autograd": 5, "gl-lagged": 3, "gl-zo": 3}
 
 
-def _layers(rule: str | None) -> list[int] | None:
+def _layers(rule: str | None) -> list[int] | str | None:
+    if rule in ("adaptive", "random"):
+        return rule
     return {None: None, "last": [3], "all": [0, 1, 2, 3]}[rule]
 
 
