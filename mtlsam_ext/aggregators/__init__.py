@@ -15,6 +15,7 @@ from collections.abc import Callable
 import torch
 
 from .cagrad import cagrad
+from .conventions import NORMALIZE, SCALE, check_convention, with_convention
 from .imtl import imtl
 from .ls import ls, mean
 from .mgda import mgda
@@ -23,6 +24,8 @@ from .pcgrad import draw_permutations, pcgrad
 
 __all__ = [
     "AGGREGATORS",
+    "NORMALIZE",
+    "SCALE",
     "Aggregator",
     "cagrad",
     "check_weights",
@@ -34,6 +37,7 @@ __all__ = [
     "mgda",
     "nash",
     "pcgrad",
+    "with_convention",
 ]
 
 #: What :func:`get_aggregator` returns: ``agg(G, generator=None) -> w``.
@@ -73,6 +77,28 @@ def _accepts_generator(fn: Callable[..., object]) -> bool:
 
 
 def get_aggregator(spec: str | Callable[..., torch.Tensor], **options: object) -> Aggregator:
+    """:func:`resolve` ``spec`` with ``options``, then wrap it with the gradient normalisation
+    and output scaling of :mod:`mtlsam_ext.aggregators.conventions`: the options
+    ``normalize`` (``"none"``, ``"l2"``) and ``scale`` (``"none"``, ``"tasks"``), e.g.
+    ``normalize="l2", scale="tasks"`` for the F-MTL authors' NYUv2 MGDA. A user callable
+    that has a parameter of that name receives the option itself instead."""
+    conv: dict[str, str] = {}
+    for key in ("normalize", "scale"):
+        if key in options and not (not isinstance(spec, str) and _takes(spec, key)):
+            conv[key] = options.pop(key)  # type: ignore[assignment]
+    normalize, scale = conv.get("normalize", "none"), conv.get("scale", "none")
+    check_convention(normalize, scale)
+    return with_convention(resolve(spec, **options), normalize, scale)
+
+
+def _takes(fn: Callable[..., object], name: str) -> bool:
+    try:
+        return name in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def resolve(spec: str | Callable[..., torch.Tensor], **options: object) -> Aggregator:
     """Resolve ``spec`` to a callable ``agg(G, generator=None) -> w`` with ``options`` bound.
 
     ``spec`` is either a registered name (see :data:`AGGREGATORS`; case-insensitive) or a
@@ -97,7 +123,8 @@ def get_aggregator(spec: str | Callable[..., torch.Tensor], **options: object) -
         if unknown:
             raise ValueError(
                 f"aggregator {key!r} got unknown option(s) {unknown}; "
-                f"valid options: {valid if valid else 'none'}"
+                f"valid options: {valid if valid else 'none'} (and, for every aggregator, "
+                f"normalize={NORMALIZE} and scale={SCALE})"
             )
         bound = functools.partial(fn, **options)
 

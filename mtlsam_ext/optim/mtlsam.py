@@ -199,10 +199,13 @@ class MTLSAM(torch.optim.Optimizer):
         self.method = method
         self.aggregator_spec = aggregator
         self._aggregate = get_aggregator(aggregator, **(aggregator_options or {}))
-        # LS and mean weights do not depend on the Gram matrix: the step skips computing it.
+        # LS and mean weights do not depend on the Gram matrix: the step skips computing it
+        # (unless a normalisation or scaling convention makes them depend on it).
+        conv = {k: v for k, v in (aggregator_options or {}).items()
+                if k in ("normalize", "scale") and v != "none"}
         self.constant_weights: str | None = (
             aggregator.lower() if isinstance(aggregator, str)
-            and aggregator.lower() in ("ls", "mean") else None)
+            and aggregator.lower() in ("ls", "mean") and not conv else None)
         self.rho = float(rho)
         self.rho_heads = float(rho if rho_heads is None else rho_heads)
         self.alpha = float(alpha)

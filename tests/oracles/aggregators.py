@@ -257,3 +257,16 @@ def nash(g: object) -> np.ndarray:
     if not errors[best] < 1e-9:
         raise RuntimeError(f"nash oracle did not converge (residual {errors[best]:.2e})")
     return candidates[best] @ gs
+
+
+def normalized(g: object, normalize: str = "l2", scale: str = "tasks", oracle=mgda,
+               **kw: object) -> np.ndarray:
+    """The F-MTL authors' convention written out on explicit vectors: every task gradient
+    divided by its own L2 norm (a zero gradient stays zero) before the aggregator, and the
+    aggregated direction times K (``scale="tasks"``)."""
+    g = _as_array(g)
+    if normalize == "l2":
+        n = np.linalg.norm(g, axis=1)
+        g = np.where(n[:, None] > 0, g / np.where(n > 0, n, 1.0)[:, None], 0.0)
+    d = oracle(g, **kw)
+    return d * g.shape[0] if scale == "tasks" else d
