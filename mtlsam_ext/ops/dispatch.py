@@ -71,6 +71,10 @@ def resolve_backend(requested: str, device: torch.device | str) -> str:
     usable = available_backends(device)
     if requested == "auto":
         return usable[0]
+    if requested == "triton" and device.type == "cpu" and _interpreted_triton():
+        # Explicit request only (never "auto"): Triton's interpreter runs the kernels on CPU
+        # tensors, slowly, so that whole steps through this backend can be tested without a GPU.
+        return requested
     if requested not in usable:
         why = {
             "ext": "the compiled extension mtlsam_ext._C is not built for this device "
@@ -80,6 +84,13 @@ def resolve_backend(requested: str, device: torch.device | str) -> str:
         }[requested]
         raise RuntimeError(f"backend={requested!r} is not available on {device}: {why}")
     return requested
+
+
+def _interpreted_triton() -> bool:
+    """``TRITON_INTERPRET=1`` and the Triton kernels import."""
+    if os.environ.get("TRITON_INTERPRET", "0").strip().lower() not in ("1", "true", "on", "yes"):
+        return False
+    return _load_triton() is not None
 
 
 def kernels(backend: str) -> ModuleType:
