@@ -8,7 +8,7 @@ Columns per (K, aggregator):
   (what one aggregation costs inside an MTLSAM step);
 * ``reference``: the implementation users know, end to end from the gradients to the update:
   - mgda: Sener & Koltun-style Frank-Wolfe ``MinNormSolver`` (dot products with ``.item()``,
-    MAX_ITER 250, stop 1e-5; :class:`bench.naive_fmtl.MinNormSolverFW`);
+    MAX_ITER 250, stop 1e-5; :class:`mtlsam_ext.benchmark.naive_fmtl.MinNormSolverFW`);
   - pcgrad: the common PCGrad loop (copy, ``random.shuffle``, project) on the task vectors;
   - cagrad: the authors' SciPy SLSQP dual with the ``(1 + c^2)`` rescale, c = 0.4;
   - imtl: IMTL-G closed form with ``torch.inverse`` on the stacked gradients;
@@ -41,10 +41,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from bench.harness import Stats, limit_blas_threads, record, sync, time_fn
-from bench.naive_fmtl import agg_cagrad, agg_imtl, agg_ls, agg_mgda, agg_pcgrad
 from mtlsam_ext import ops
 from mtlsam_ext.aggregators import AGGREGATORS
+from mtlsam_ext.benchmark.harness import Stats, limit_blas_threads, record, sync, time_fn
+from mtlsam_ext.benchmark.naive_fmtl import agg_cagrad, agg_imtl, agg_ls, agg_mgda, agg_pcgrad
 
 try:  # optional: the reference Nash-MTL uses cvxpy
     import cvxpy as cp
@@ -239,7 +239,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     ap.add_argument("--blas-threads", type=int, default=None,
                     help="cap NumPy/SciPy BLAS threads (threadpoolctl); default: untouched")
-    ap.add_argument("--out", help="append JSON lines (bench.harness.record) to this file")
+    ap.add_argument("--out", help="append JSON lines (harness.record) to this file")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
     if args.threads:

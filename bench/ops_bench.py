@@ -19,8 +19,8 @@ from functools import partial
 
 import torch
 
-from bench.harness import record, time_fn
 from bench.ops_cases import DTYPES, LAYOUTS, cases, copy_seconds, foreach_cases
+from mtlsam_ext.benchmark.harness import record, time_fn
 
 
 def _kernel_module(name: str, dev: torch.device):

@@ -21,7 +21,7 @@ from collections.abc import Callable
 
 import torch
 
-from bench.harness import time_fn
+from mtlsam_ext.benchmark.harness import time_fn
 
 
 def resnet18_sizes() -> list[int]:

@@ -15,8 +15,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from bench.naive_fmtl import NaiveFMTL
 from mtlsam_ext import MTLSAM, ops
+from mtlsam_ext.benchmark.naive_fmtl import NaiveFMTL
 
 N = 1 << 20  # flat buffer size
 K = 8  # rows of the per-task matrices

@@ -1,4 +1,4 @@
-"""The naive F-MTL baseline of ``bench/naive_fmtl.py`` makes the same update as
+"""The naive F-MTL baseline of ``mtlsam_ext/benchmark/naive_fmtl.py`` makes the same update as
 ``MTLSAM(method="fmtl")``, so the benchmarks compare equal work.
 
 One step of ``torch.optim.SGD(lr=1)`` on two copies of a small float64 model; the parameter
@@ -33,8 +33,8 @@ import pytest
 import torch
 from torch import nn
 
-from bench.naive_fmtl import NaiveFMTL, NaiveSAMPerTask
 from mtlsam_ext import MTLSAM
+from mtlsam_ext.benchmark.naive_fmtl import NaiveFMTL, NaiveSAMPerTask
 
 F64 = torch.float64
 EXACT = dict(rtol=1e-9, atol=1e-12)

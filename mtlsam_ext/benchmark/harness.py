@@ -57,7 +57,7 @@ from typing import Any
 
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]  # the checkout root, for the commit
 
 __all__ = [
     "PeakMemory",

@@ -1,0 +1,458 @@
+"""End-to-end optimizer-step benchmark: MTLSAM's methods against naive F-MTL baselines.
+
+For every model and task count K, each method runs ``--warmup`` untimed and ``--steps``
+timed optimizer steps on its own copy of the same model and data (timing and peak memory
+from :mod:`mtlsam_ext.benchmark.harness`), then ``--instr-steps`` *instrumented* steps that
+count and time the passes (kept separate so the hooks and device syncs never touch the timed steps):
+
+* forwards: calls of the shared backbone (a forward pre-hook);
+* backwards: backward passes that reach the backbone's output (a tensor hook installed on
+  the output by a forward hook), and ``backwards_full``: those that reach the backbone's
+  first parameter (a tensor hook on it; a partial ``autograd.grad`` down to a middle
+  layer counts in the first number, not in the second);
+* time inside the closure (forward) and inside ``torch.autograd.backward`` /
+  ``torch.autograd.grad`` (both wrapped for the instrumented steps), and the share of the
+  step spent outside them (bookkeeping: clones, norms, aggregation, optimizer).
+
+Single-pass times (one forward of the closure; one backward of one task loss from a fresh
+forward) are measured in the same run, and each method's time is reported against
+``forwards * t_fwd + backwards * t_bwd`` ("pass-cost efficiency" > 1 means overhead beyond
+the passes).
+
+Methods: ``erm``, ``fmtl``, ``sam``, ``gl-autograd``, ``gl-lagged``, ``gl-zo`` (one
+direction) (MTLSAM), ``fmtl-task`` and ``gl-lagged-task`` (the same with a task-aware closure:
+a perturbed pass builds only its own head and loss) and
+``naive-fmtl`` (authors' layout, K + 1 forwards), ``naive-fmtl-2k`` (their many-task
+layout, 2K forwards), ``naive-sam-per-task`` (per-task loop over a classic SAM optimizer),
+from :mod:`mtlsam_ext.benchmark.naive_fmtl`.
+
+Run: ``python -m mtlsam_ext.bench`` (the main job, K = 10) or, from a checkout,
+``python -m bench.step_bench --tasks 2,10 --model mlp``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import sys
+from collections.abc import Callable
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from mtlsam_ext import MTLSAM
+from mtlsam_ext.benchmark.harness import (
+    PeakMemory,
+    Stats,
+    Timer,
+    cpu_allocator_setup,
+    limit_blas_threads,
+    record,
+    sync,
+    time_fn,
+)
+from mtlsam_ext.benchmark.naive_fmtl import NAIVE_AGGREGATORS, NaiveFMTL, NaiveSAMPerTask
+
+
+# ================================================================================================
+# Models: a backbone ``body`` and K linear heads; data fixed per (model, K).
+# ================================================================================================
+class MLPNet(nn.Module):
+    """The main job's MLP (64 -> width x depth, ReLU), K heads of 10 classes."""
+
+    def __init__(self, k: int, width: int = 256, depth: int = 4, d_in: int = 64) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        d = d_in
+        for _ in range(depth):
+            layers += [nn.Linear(d, width), nn.ReLU()]
+            d = width
+        self.body = nn.Sequential(*layers)
+        self.heads = nn.ModuleList(nn.Linear(width, 10) for _ in range(k))
+        self.input_shape = (d_in,)
+
+
+class SmallCNN(nn.Module):
+    """Three 3x3 conv layers (32-64-128 channels) on 3x32x32 images, global average pool."""
+
+    def __init__(self, k: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(64, 128, 3, padding=1), nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.heads = nn.ModuleList(nn.Linear(128, 10) for _ in range(k))
+        self.input_shape = (3, 32, 32)
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, c_in: int, c_out: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False),
+                                          nn.BatchNorm2d(c_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class ResNet18Backbone(nn.Module):
+    """ResNet-18 layout for 32x32 inputs (CIFAR stem: one 3x3 conv, no max-pool), 4 stages of
+    2 basic blocks with 64/128/256/512 channels, global average pool: 11.2 M parameters."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64),
+                                  nn.ReLU())
+        blocks: list[nn.Module] = []
+        c = 64
+        for c_out, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
+            blocks += [BasicBlock(c, c_out, stride), BasicBlock(c_out, c_out, 1)]
+            c = c_out
+        self.blocks = nn.Sequential(*blocks)
+        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pool(self.blocks(self.stem(x)))
+
+
+class ResNet18Net(nn.Module):
+    def __init__(self, k: int) -> None:
+        super().__init__()
+        self.body = ResNet18Backbone()
+        self.heads = nn.ModuleList(nn.Linear(512, 10) for _ in range(k))
+        self.input_shape = (3, 32, 32)
+
+
+MODELS: dict[str, tuple[Callable[[int], nn.Module], int]] = {
+    # name: (factory(K), default batch)
+    "mlp": (MLPNet, 128),
+    "cnn": (SmallCNN, 64),
+    "resnet18": (ResNet18Net, 128),
+}
+
+
+# ================================================================================================
+# Methods
+# ================================================================================================
+OURS: dict[str, dict[str, Any]] = {
+    "erm": dict(method="erm"),
+    "fmtl": dict(method="fmtl"),
+    "sam": dict(method="sam"),
+    "gl-autograd": dict(method="gl", local_grad="autograd"),
+    "gl-lagged": dict(method="gl", local_grad="lagged"),
+    "gl-zo": dict(method="gl", local_grad="zo", n_dirs=1),
+}
+# Configurations that differ from another only by a task-aware closure (``closure(task=i)``
+# builds one head and one loss at task i's perturbed point instead of all K).
+TASK_AWARE = {"fmtl-task": "fmtl", "gl-lagged-task": "gl-lagged"}
+NAIVE: dict[str, tuple[type, dict[str, Any]]] = {
+    "naive-fmtl": (NaiveFMTL, {}),
+    "naive-fmtl-2k": (NaiveFMTL, dict(recompute=True)),
+    "naive-sam-per-task": (NaiveSAMPerTask, {}),
+}
+ALL_METHODS = ["erm", "naive-fmtl", "naive-fmtl-2k", "naive-sam-per-task", "fmtl",
+               "fmtl-task", "gl-autograd", "gl-lagged", "gl-lagged-task", "gl-zo", "sam"]
+
+
+def make_optimizer(name: str, model: nn.Module, args: argparse.Namespace) -> Any:
+    common = dict(heads=list(model.heads), aggregator=args.aggregator, rho=args.rho,
+                  lr=args.lr)
+    if name in OURS or name in TASK_AWARE:
+        gen = torch.Generator().manual_seed(args.seed)
+        return MTLSAM(model.body, torch.optim.SGD, backend=args.backend, generator=gen,
+                      **OURS[TASK_AWARE.get(name, name)], **common)
+    cls, kw = NAIVE[name]
+    return cls(model.body, torch.optim.SGD, seed=args.seed, **kw, **common)
+
+
+# ================================================================================================
+# Instrumentation (only for the counting steps)
+# ================================================================================================
+class PassCounter:
+    """Counts backbone forwards and backwards with hooks and times the closure and the
+    autograd entry points; install with ``with counter.installed(): ...``."""
+
+    def __init__(self, body: nn.Module, device: torch.device) -> None:
+        self.body = body
+        self.device = device
+        self.reset()
+
+    def reset(self) -> None:
+        self.forwards = 0
+        self.backwards = 0
+        self.backwards_full = 0
+        self.autograd_calls = 0
+        self.fwd_timer = Timer(self.device)
+        self.bwd_timer = Timer(self.device)
+
+    def wrap_closure(self, closure: Callable[..., Any], task_aware: bool = False
+                     ) -> Callable[..., Any]:
+        if task_aware:
+            def timed_task(task: int | None = None) -> Any:
+                with self.fwd_timer:
+                    return closure(task=task)
+            return timed_task
+
+        def timed() -> Any:
+            with self.fwd_timer:
+                return closure()
+        return timed
+
+    @contextmanager
+    def installed(self):
+        handles = []
+
+        def pre(_m: nn.Module, _inp: Any) -> None:
+            self.forwards += 1
+
+        def post(_m: nn.Module, _inp: Any, out: Any) -> None:
+            if isinstance(out, torch.Tensor) and out.requires_grad:
+                out.register_hook(self._on_top)
+
+        handles.append(self.body.register_forward_pre_hook(pre))
+        handles.append(self.body.register_forward_hook(post))
+        first = next(p for p in self.body.parameters() if p.requires_grad)
+        handles.append(first.register_hook(self._on_bottom))
+        orig_backward, orig_grad = torch.autograd.backward, torch.autograd.grad
+
+        def backward(*a: Any, **kw: Any) -> Any:
+            self.autograd_calls += 1
+            with self.bwd_timer:
+                return orig_backward(*a, **kw)
+
+        def grad(*a: Any, **kw: Any) -> Any:
+            self.autograd_calls += 1
+            with self.bwd_timer:
+                return orig_grad(*a, **kw)
+
+        torch.autograd.backward, torch.autograd.grad = backward, grad
+        try:
+            yield self
+        finally:
+            torch.autograd.backward, torch.autograd.grad = orig_backward, orig_grad
+            for h in handles:
+                h.remove()
+
+    def _on_top(self, g: torch.Tensor) -> None:
+        self.backwards += 1
+
+    def _on_bottom(self, g: torch.Tensor) -> None:
+        self.backwards_full += 1
+
+
+# ================================================================================================
+# The benchmark
+# ================================================================================================
+def _closure_for(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                 task_aware: bool = False) -> Callable[..., Any]:
+    def closure() -> list[torch.Tensor]:
+        h = model.body(x)
+        return [F.cross_entropy(hd(h), y[:, i]) for i, hd in enumerate(model.heads)]
+
+    def closure_task(task: int | None = None) -> Any:
+        h = model.body(x)
+        if task is None:
+            return [F.cross_entropy(hd(h), y[:, i]) for i, hd in enumerate(model.heads)]
+        return F.cross_entropy(model.heads[task](h), y[:, task])
+
+    return closure_task if task_aware else closure
+
+
+def single_pass_times(model: nn.Module, closure: Callable[[], list], device: torch.device,
+                      warmup: int, repeats: int) -> tuple[Stats, Stats]:
+    """Median time of one forward (the closure, K losses) and of one backward of one task
+    loss through the whole backbone (from a fresh forward each time)."""
+    def fwd() -> None:
+        with torch.enable_grad():
+            closure()
+
+    t_f = time_fn(fwd, device=device, warmup=warmup, repeats=repeats)
+    samples = []
+    for it in range(warmup + repeats):
+        model.zero_grad(set_to_none=True)
+        with torch.enable_grad():
+            losses = closure()
+        sync(device)
+        with Timer(device) as tm:
+            losses[0].backward()
+        if it >= warmup:
+            samples.append(tm.total)
+    model.zero_grad(set_to_none=True)
+    return t_f, Stats.of(samples)
+
+
+def bench_group(model_name: str, k: int, methods: list[str], args: argparse.Namespace,
+                device: torch.device, bar: Any) -> list[dict[str, Any]]:
+    factory, default_batch = MODELS[model_name]
+    batch = args.batch or default_batch
+    torch.manual_seed(args.seed)
+    template = factory(k).to(device)
+    g = torch.Generator().manual_seed(args.seed)
+    x = torch.randn(batch, *template.input_shape, generator=g).to(device)
+    y = torch.randint(0, 10, (batch, k), generator=g).to(device)
+    shared_params = sum(p.numel() for p in template.body.parameters())
+
+    probe = copy.deepcopy(template)
+    t_f, t_b = single_pass_times(probe, _closure_for(probe, x, y), device, args.warmup,
+                                 max(args.steps, 5))
+    del probe
+
+    if not getattr(args, "_process_warm", False):
+        # First use of every code path (thread pools, kernels, lazy imports, allocator
+        # arenas) allocates memory once per process; pay it before any peak is measured.
+        for name in methods:
+            model = copy.deepcopy(template)
+            make_optimizer(name, model, args).step(
+                _closure_for(model, x, y, name in TASK_AWARE))
+        del model
+        args._process_warm = True
+
+    rows = []
+    for name in methods:
+        model = copy.deepcopy(template)
+        closure = _closure_for(model, x, y, name in TASK_AWARE)
+        gc.collect()
+        with PeakMemory(device) as mem:
+            opt = make_optimizer(name, model, args)
+            stats = time_fn(lambda opt=opt, closure=closure: opt.step(closure), device=device,
+                            warmup=args.warmup, repeats=args.steps, on_sample=bar.update)
+        counter = PassCounter(model.body, device)
+        step_timer = Timer(device)
+        with counter.installed():
+            timed_closure = counter.wrap_closure(closure, name in TASK_AWARE)
+            for _ in range(args.instr_steps):
+                with step_timer:
+                    opt.step(timed_closure)
+        n = args.instr_steps
+        fw, bw, bw_full = counter.forwards / n, counter.backwards / n, counter.backwards_full / n
+        step_i = step_timer.total / n
+        inside = (counter.fwd_timer.total + counter.bwd_timer.total) / n
+        expected = fw * t_f.median + bw * t_b.median
+        rows.append({
+            "bench": "step", "model": model_name, "tasks": k, "method": name,
+            "aggregator": args.aggregator, "batch": batch, "shared_params": shared_params,
+            "backend": getattr(opt, "backend", None), "rho": args.rho,
+            **stats.as_dict("step_"),
+            "peak_bytes": mem.peak_bytes, "mem_method": mem.method,
+            "forwards": fw, "backwards": bw, "backwards_full": bw_full,
+            "autograd_calls": counter.autograd_calls / n,
+            "t_fwd_single": t_f.median, "t_bwd_single": t_b.median,
+            "pass_cost_s": expected, "pass_cost_efficiency": stats.median / expected,
+            "instr_step_s": step_i, "instr_fwd_s": counter.fwd_timer.total / n,
+            "instr_bwd_s": counter.bwd_timer.total / n,
+            "outside_share": max(0.0, 1.0 - inside / step_i) if step_i > 0 else None,
+        })
+        del opt, model, closure
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    by = {r["method"]: r["step_median"] for r in rows}
+    for r in rows:
+        r["vs_naive_fmtl"] = r["step_median"] / by["naive-fmtl"] if "naive-fmtl" in by else None
+        r["vs_fmtl"] = r["step_median"] / by["fmtl"] if "fmtl" in by else None
+    return rows
+
+
+def print_table(rows: list[dict[str, Any]]) -> None:
+    r0 = rows[0]
+    print(f"\n== model={r0['model']} K={r0['tasks']} aggregator={r0['aggregator']} "
+          f"batch={r0['batch']} shared params={r0['shared_params']:,}  single pass: "
+          f"fwd {1e3 * r0['t_fwd_single']:.2f} ms, bwd {1e3 * r0['t_bwd_single']:.2f} ms")
+    head = (f"{'method':<20}{'step ms [IQR]':>28}{'peak MiB':>10}{'fwd':>6}{'bwd':>6}"
+            f"{'full':>6}{'eff':>6}{'outside':>9}{'/naive':>8}{'/fmtl':>7}")
+    print(head)
+    for r in rows:
+        step = (f"{1e3 * r['step_median']:.2f} [{1e3 * r['step_q1']:.2f}-"
+                f"{1e3 * r['step_q3']:.2f}]")
+        mem = f"{r['peak_bytes'] / 2**20:.1f}" if r["peak_bytes"] is not None else "-"
+        vs_n = f"{r['vs_naive_fmtl']:.2f}" if r["vs_naive_fmtl"] is not None else "-"
+        vs_f = f"{r['vs_fmtl']:.2f}" if r["vs_fmtl"] is not None else "-"
+        print(f"{r['method']:<20}{step:>28}{mem:>10}{r['forwards']:>6g}{r['backwards']:>6g}"
+              f"{r['backwards_full']:>6g}{r['pass_cost_efficiency']:>6.2f}"
+              f"{100 * r['outside_share']:>8.1f}%{vs_n:>8}{vs_f:>7}")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--tasks", default="2,3,10,40", help="comma-separated task counts K")
+    ap.add_argument("--model", default="auto",
+                    help=f"comma-separated from {list(MODELS)}; auto = mlp on CPU, "
+                         "mlp,resnet18 on CUDA")
+    ap.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    ap.add_argument("--methods", default=",".join(ALL_METHODS))
+    ap.add_argument("--aggregator", default="ls")
+    ap.add_argument("--backend", default="auto", help="MTLSAM backend for the fused ops")
+    ap.add_argument("--steps", type=int, default=10, help="timed steps per method")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--instr-steps", type=int, default=1,
+                    help="instrumented (counting) steps per method, after the timed ones")
+    ap.add_argument("--batch", type=int, default=None, help="override the model's batch")
+    ap.add_argument("--rho", type=float, default=0.05)
+    ap.add_argument("--lr", type=float, default=0.01)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    ap.add_argument("--blas-threads", type=int, default=None,
+                    help="cap NumPy/SciPy BLAS threads (threadpoolctl); default: untouched")
+    ap.add_argument("--out", help="append JSON lines (harness.record) to this file")
+    ap.add_argument("--no-progress", action="store_true")
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    from tqdm import tqdm
+
+    args = parse_args(argv)
+    cpu_allocator_setup()  # before any tensor exists, so CPU peak-RSS numbers are meaningful
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    limit_blas_threads(args.blas_threads)
+    dev_name = args.device
+    if dev_name == "auto":
+        dev_name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(dev_name)
+    models = (["mlp", "resnet18"] if device.type == "cuda" else ["mlp"]) \
+        if args.model == "auto" else [m for m in args.model.split(",") if m]
+    bad = [m for m in models if m not in MODELS]
+    methods = [m for m in args.methods.split(",") if m]
+    bad += [m for m in methods if m not in ALL_METHODS]
+    if bad:
+        sys.exit(f"unknown model/method {bad}; models {list(MODELS)}, methods {ALL_METHODS}")
+    if args.aggregator not in NAIVE_AGGREGATORS:
+        skipped = [m for m in methods if m in NAIVE]
+        if skipped:
+            print(f"note: no naive version of aggregator {args.aggregator!r}; skipping "
+                  f"{skipped}", file=sys.stderr)
+        methods = [m for m in methods if m not in NAIVE]
+    tasks = [int(t) for t in args.tasks.split(",") if t]
+    total = len(models) * len(tasks) * len(methods) * (args.steps + args.warmup)
+    bar = tqdm(total=total, disable=args.no_progress, desc="steps", file=sys.stderr)
+    all_rows = []
+    for model_name in models:
+        for k in tasks:
+            bar.set_postfix_str(f"{model_name} K={k}")
+            rows = bench_group(model_name, k, methods, args, device, bar)
+            rows = record(args.out, rows, device=device,
+                          command="python -m mtlsam_ext.benchmark.step "
+                          + " ".join(argv or sys.argv[1:]))
+            all_rows.extend(rows)
+            bar.clear()
+            print_table(rows)
+    bar.close()
+    return all_rows
+
+
+if __name__ == "__main__":
+    main()
