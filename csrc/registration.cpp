@@ -7,6 +7,8 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "cpu/simd_sums.h"
+
 TORCH_LIBRARY(mtlsam, m) {
   // Per-segment sum of (T x)^2, T = scale (or 1). -> [S] in the accumulation dtype.
   m.def("segment_sumsq(Tensor x, Tensor offsets, Tensor? scale) -> Tensor");
@@ -33,6 +35,16 @@ TORCH_LIBRARY(mtlsam, m) {
   m.def("flat_gram_(Tensor(a!) sam, Tensor loss) -> Tensor");
 }
 
+// The instruction set the CPU reductions picked at load ("avx2" or "baseline").
+static PyObject* cpu_isa(PyObject*, PyObject*) {
+  return PyUnicode_FromString(mtlsam::cpu::simd_isa());
+}
+
+static PyMethodDef mtlsam_methods[] = {
+    {"cpu_isa", cpu_isa, METH_NOARGS, "Instruction set of the CPU reductions in use."},
+    {nullptr, nullptr, 0, nullptr}};
+
 // An importable module: `import mtlsam_ext._C` runs the static registrations above.
-static struct PyModuleDef mtlsam_module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+static struct PyModuleDef mtlsam_module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1,
+                                           mtlsam_methods};
 PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&mtlsam_module); }

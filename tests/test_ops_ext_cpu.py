@@ -193,3 +193,47 @@ def test_segment_gram_is_thread_count_independent(dtype):
         assert torch.equal(got[0], got[1])
     finally:
         torch.set_num_threads(old)
+
+
+def _every_op(dtype):
+    """_run_all on two layouts plus the two Gram ops not in it."""
+    out = _run_all("ext", dtype, LAYOUTS["ragged"] * 7) + _run_all("ext", dtype,
+                                                                    LAYOUTS["long"])
+    rows, loss = _data((3, 20000), dtype, 33), _data((3, 20000), dtype, 34)
+    out.append(ops.segment_gram(rows, _t([0, 1, 9000, 9000, 20000]), backend="ext"))
+    out.append(ops.flat_gram_(rows, loss, backend="ext"))
+    return out
+
+
+_BASELINE_RUN = """
+import sys, torch
+from tests.test_ops_ext_cpu import _every_op
+from tests.tolerances import DTYPES
+import mtlsam_ext._C as c
+assert c.cpu_isa() == "baseline", c.cpu_isa()
+torch.save({str(d): _every_op(d) for d in DTYPES}, sys.argv[1])
+"""
+
+
+def test_same_bits_on_every_instruction_set(tmp_path):
+    """The AVX2 reductions and the x86-64 baseline ones (MTLSAM_CPU_ISA=baseline, run in a
+    child process because the choice is made once per process) give the same bits: one
+    wheel, one result, whatever CPU it lands on."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import mtlsam_ext._C as c
+
+    if c.cpu_isa() != "avx2":
+        pytest.skip(f"this CPU runs the {c.cpu_isa()} path only")
+    path = tmp_path / "baseline.pt"
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, MTLSAM_CPU_ISA="baseline", PYTHONPATH=str(root))
+    subprocess.run([sys.executable, "-c", _BASELINE_RUN, str(path)], env=env, check=True,
+                   cwd=root, timeout=300)
+    baseline = torch.load(path)
+    for dtype in DTYPES:
+        for a, b in zip(_every_op(dtype), baseline[str(dtype)], strict=True):
+            assert torch.equal(a, b), dtype

@@ -114,6 +114,19 @@ inline acc_t lane_sum(const acc_t* a) {
   return ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
 }
 
+// A range in the accumulation type: the data itself when no conversion is needed (the more
+// specialised overload wins), else a converted copy in buf (fp16/bf16 -> fp32).
+template <typename acc_t>
+inline const acc_t* as_acc(const acc_t* src, int64_t, acc_t*) {
+  return src;
+}
+
+template <typename scalar_t, typename acc_t>
+inline const acc_t* as_acc(const scalar_t* src, int64_t len, acc_t* buf) {
+  for (int64_t j = 0; j < len; ++j) buf[j] = static_cast<acc_t>(src[j]);
+  return buf;
+}
+
 // Grain for at::parallel_for over chunks: a few chunks per task keeps scheduling cheap.
 constexpr int64_t kGrain = 4;
 

@@ -2,37 +2,10 @@
 #include <type_traits>
 
 #include "common.h"
+#include "simd_sums.h"
 
 namespace mtlsam {
 namespace cpu {
-
-namespace {
-
-template <typename acc_t>
-acc_t dot_lanes(const acc_t* x, const acc_t* y, int64_t n) {
-  acc_t a[kLanes] = {};
-  int64_t j = 0;
-  for (; j + kLanes <= n; j += kLanes) {
-    for (int l = 0; l < kLanes; ++l) a[l] += x[j + l] * y[j + l];
-  }
-  for (int l = 0; j < n; ++j, ++l) a[l] += x[j] * y[j];
-  return lane_sum(a);
-}
-
-// The chunk of a row in the accumulation type: the row itself when no conversion is needed
-// (the more specialised overload wins), else a converted copy in buf.
-template <typename acc_t>
-const acc_t* as_acc(const acc_t* src, int64_t, acc_t*) {
-  return src;
-}
-
-template <typename scalar_t, typename acc_t>
-const acc_t* as_acc(const scalar_t* src, int64_t len, acc_t* buf) {
-  for (int64_t j = 0; j < len; ++j) buf[j] = static_cast<acc_t>(src[j]);
-  return buf;
-}
-
-}  // namespace
 
 namespace {
 
@@ -81,7 +54,7 @@ at::Tensor gram_impl(const at::Tensor& rows, const at::Tensor* loss) {
         acc_t* out_c = partial.data() + c * npairs;
         int64_t q = 0;
         for (int64_t i = 0; i < k; ++i) {
-          for (int64_t j = i; j < k; ++j) out_c[q++] = dot_lanes(row[i], row[j], len);
+          for (int64_t j = i; j < k; ++j) out_c[q++] = dot(row[i], row[j], len);
         }
       }
     });
@@ -137,7 +110,7 @@ at::Tensor segment_gram(const at::Tensor& rows, const at::Tensor& offsets) {
         acc_t* out_c = partial.data() + c * npairs;
         int64_t q = 0;
         for (int64_t i = 0; i < k; ++i) {
-          for (int64_t j = i; j < k; ++j) out_c[q++] = dot_lanes(row[i], row[j], len);
+          for (int64_t j = i; j < k; ++j) out_c[q++] = dot(row[i], row[j], len);
         }
       }
     });

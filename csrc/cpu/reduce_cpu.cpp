@@ -1,43 +1,12 @@
 // Segmented reductions: per-segment sums of squares and the global-local layer statistics.
 #include "common.h"
+#include "simd_sums.h"
+
+#include <algorithm>
+#include <type_traits>
 
 namespace mtlsam {
 namespace cpu {
-
-namespace {
-
-// sum_j (t_j x_j)^2 over [b, e) with kLanes accumulators (t = 1 when scale is null).
-template <typename scalar_t, typename acc_t>
-acc_t sumsq_range(const scalar_t* x, const scalar_t* t, int64_t b, int64_t e) {
-  acc_t a[kLanes] = {};
-  int64_t j = b;
-  if (t == nullptr) {
-    for (; j + kLanes <= e; j += kLanes) {
-      for (int l = 0; l < kLanes; ++l) {
-        const acc_t v = static_cast<acc_t>(x[j + l]);
-        a[l] += v * v;
-      }
-    }
-    for (int l = 0; j < e; ++j, ++l) {
-      const acc_t v = static_cast<acc_t>(x[j]);
-      a[l] += v * v;
-    }
-  } else {
-    for (; j + kLanes <= e; j += kLanes) {
-      for (int l = 0; l < kLanes; ++l) {
-        const acc_t v = static_cast<acc_t>(t[j + l]) * static_cast<acc_t>(x[j + l]);
-        a[l] += v * v;
-      }
-    }
-    for (int l = 0; j < e; ++j, ++l) {
-      const acc_t v = static_cast<acc_t>(t[j]) * static_cast<acc_t>(x[j]);
-      a[l] += v * v;
-    }
-  }
-  return lane_sum(a);
-}
-
-}  // namespace
 
 at::Tensor segment_sumsq(const at::Tensor& x, const at::Tensor& offsets,
                          const c10::optional<at::Tensor>& scale) {
@@ -55,8 +24,17 @@ at::Tensor segment_sumsq(const at::Tensor& x, const at::Tensor& offsets,
     const scalar_t* tp = scale.has_value() ? scale->data_ptr<scalar_t>() : nullptr;
     std::vector<acc_t> partial(chunks.size());
     at::parallel_for(0, static_cast<int64_t>(chunks.size()), kGrain, [&](int64_t b, int64_t e) {
+      // fp16/bf16 chunks are widened to fp32 first (a chunk fits in L1), then reduced by the
+      // same vectorised code as fp32.
+      std::vector<acc_t> xb, tb;
+      if (!std::is_same<scalar_t, acc_t>::value) {
+        xb.resize(kChunk);
+        if (tp) tb.resize(kChunk);
+      }
       for (int64_t c = b; c < e; ++c) {
-        partial[c] = sumsq_range<scalar_t, acc_t>(xp, tp, chunks[c].begin, chunks[c].end);
+        const int64_t s0 = chunks[c].begin, n = chunks[c].end - s0;
+        const acc_t* xv = as_acc(xp + s0, n, xb.data());
+        partial[c] = tp ? sumsq_scaled(xv, as_acc(tp + s0, n, tb.data()), n) : sumsq(xv, n);
       }
     });
     acc_t* op = out.data_ptr<acc_t>();
@@ -94,36 +72,28 @@ std::tuple<at::Tensor, at::Tensor> gl_layer_stats(const at::Tensor& g0, const at
     // partial[c][2 * i] = dot of task i over chunk c, partial[c][2 * i + 1] = its sum of squares
     std::vector<acc_t> partial(chunks.size() * 2 * k);
     at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t b, int64_t e) {
-      std::vector<acc_t> tg(kChunk);
+      std::vector<acc_t> tg(kChunk), vb(kChunk), tb(tp ? kChunk : 0);
       for (int64_t c = b; c < e; ++c) {
         const Chunk& ch = chunks[c];
         const int64_t n = ch.end - ch.begin;
-        // T g0 for this chunk once (the chunk stays in L1 while every task re-reads it).
-        for (int64_t j = 0; j < n; ++j) {
-          const acc_t g = static_cast<acc_t>(gp[ch.begin + j]);
-          tg[j] = tp ? static_cast<acc_t>(tp[ch.begin + j]) * g : g;
+        // T g0 for this chunk once (the chunk stays in L1 while every task re-reads it); for
+        // fp32/fp64 without a scale, g0 itself.
+        const acc_t* t = tp ? as_acc(tp + ch.begin, n, tb.data()) : nullptr;
+        const acc_t* g = as_acc(gp + ch.begin, n, tg.data());
+        if (t != nullptr) {
+          if (g != tg.data()) std::copy(g, g + n, tg.data());
+          for (int64_t j = 0; j < n; ++j) tg[j] *= t[j];
+          g = tg.data();
         }
         const int64_t loff = ls[ch.seg] + (ch.begin - st[ch.seg]);
         for (int64_t i = 0; i < k; ++i) {
-          const scalar_t* row = lp + i * m + loff;
-          acc_t ad[kLanes] = {}, aq[kLanes] = {};
-          int64_t j = 0;
-          for (; j + kLanes <= n; j += kLanes) {
-            for (int l = 0; l < kLanes; ++l) {
-              acc_t v = static_cast<acc_t>(row[j + l]);
-              if (tp) v *= static_cast<acc_t>(tp[ch.begin + j + l]);
-              ad[l] += v * tg[j + l];
-              aq[l] += v * v;
-            }
+          const acc_t* v = as_acc(lp + i * m + loff, n, vb.data());
+          if (t != nullptr) {
+            if (v != vb.data()) std::copy(v, v + n, vb.data());
+            for (int64_t j = 0; j < n; ++j) vb[j] *= t[j];
+            v = vb.data();
           }
-          for (int l = 0; j < n; ++j, ++l) {
-            acc_t v = static_cast<acc_t>(row[j]);
-            if (tp) v *= static_cast<acc_t>(tp[ch.begin + j]);
-            ad[l] += v * tg[j];
-            aq[l] += v * v;
-          }
-          partial[(c * k + i) * 2] = lane_sum(ad);
-          partial[(c * k + i) * 2 + 1] = lane_sum(aq);
+          dot_sumsq(v, g, n, &partial[(c * k + i) * 2], &partial[(c * k + i) * 2 + 1]);
         }
       }
     });
