@@ -19,7 +19,15 @@ from functools import partial
 
 import torch
 
-from bench.ops_cases import DTYPES, LAYOUTS, cases, copy_seconds, foreach_cases
+from bench.ops_cases import (
+    DTYPES,
+    LAYOUTS,
+    REDUCTIONS,
+    cases,
+    copy_seconds,
+    dot_seconds,
+    foreach_cases,
+)
 from mtlsam_ext.benchmark.harness import record, time_fn
 
 
@@ -59,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     mods = {n: _kernel_module(n, dev) for n in names if n != "foreach"}
     rows_out = []
     cols = "".join(f"{n + ' GB/s':>14}" for n in names)
-    head = f"{'layout':9}{'dtype':6}{'op':28}{'MB':>8}{cols}{'copy GB/s':>11}{'best/copy':>10}"
+    head = (f"{'layout':9}{'dtype':6}{'op':28}{'MB':>8}{cols}{'copy GB/s':>11}{'best/copy':>10}"
+            f"{'dot GB/s':>10}{'best/dot':>9}")
     print(head)
     print("-" * len(head))
     for lname in args.layouts.split(","):
@@ -69,9 +78,13 @@ def main(argv: list[str] | None = None) -> int:
             fe = foreach_cases(sizes, dtype, dev) if "foreach" in names else {}
             for op, nbytes, fn in cases(sizes, dtype, args.tasks, dev):
                 t_copy = copy_seconds(nbytes, dev, args.warmup, args.repeats)
+                # Reductions are read-only: their reference is torch.dot's read bandwidth.
+                t_dot = (dot_seconds(nbytes, dev, args.warmup, args.repeats)
+                         if op in REDUCTIONS else None)
                 row = dict(bench="ops", layout=lname, segments=len(sizes), elements=sum(sizes),
                            dtype=dname, op=op, tasks=args.tasks, bytes=nbytes,
-                           copy_s=t_copy, copy_gbs=nbytes / t_copy / 1e9)
+                           copy_s=t_copy, copy_gbs=nbytes / t_copy / 1e9, dot_s=t_dot,
+                           dot_gbs=None if t_dot is None else nbytes / t_dot / 1e9)
                 cells = []
                 for n in names:
                     call = fe.get(op) if n == "foreach" else partial(fn, mods[n])
@@ -92,8 +105,12 @@ def main(argv: list[str] | None = None) -> int:
                 if best is not None and pure:
                     row["speedup_vs_pure_torch"] = min(pure) / best
                 ratio = "-" if best is None else f"{t_copy / best:.2f}"
+                row["best_over_dot"] = (None if best is None or t_dot is None
+                                        else t_dot / best)
+                dot_gbs = "-" if t_dot is None else f"{row['dot_gbs']:.2f}"
+                dratio = "-" if row["best_over_dot"] is None else f"{row['best_over_dot']:.2f}"
                 print(f"{lname:9}{dname:6}{op:28}{nbytes / 1e6:8.1f}{''.join(cells)}"
-                      f"{row['copy_gbs']:11.2f}{ratio:>10}")
+                      f"{row['copy_gbs']:11.2f}{ratio:>10}{dot_gbs:>10}{dratio:>9}")
                 rows_out.append(row)
     cmd = "python -m bench.ops_bench " + " ".join(argv if argv is not None else sys.argv[1:])
     full = record(args.out, rows_out, device=dev, command=cmd)

@@ -91,9 +91,23 @@ def cases(sizes: list[int], dtype: torch.dtype, k: int, dev: torch.device):
                                   local_starts, True, False)),
         ("restore_", 2 * n * e, lambda K: K.restore_(param, backup)),
         ("gram", k * n * e, lambda K: K.gram(rows)),
+        ("segment_gram", k * n * e, lambda K: K.segment_gram(rows, off)),
+        ("flat_gram_", 3 * k * n * e, lambda K: K.flat_gram_(rows_b, rows)),
         ("combine_", (k + 1) * n * e, lambda K: K.combine_(out, rows, w)),
         ("sub_", 3 * k * n * e, lambda K: K.sub_(rows_b, rows)),
     ]
+
+
+#: The reductions, whose reference is the read bandwidth of ``torch.dot`` (issue target: the
+#: fused CPU kernels at >= 0.8 of it for fp32, >= 0.6 for 16-bit inputs).
+REDUCTIONS = ("segment_sumsq", "segment_sumsq_adaptive", "gl_layer_stats", "gram",
+              "segment_gram", "flat_gram_")
+
+
+def dot_seconds(nbytes: int, dev: torch.device, warmup: int, repeats: int) -> float:
+    """``torch.dot(x, x)`` over an fp32 buffer of ``nbytes``: the read bandwidth BLAS reaches."""
+    x = torch.randn(max(1, nbytes // 4), device=dev, dtype=torch.float32)
+    return time_fn(lambda: torch.dot(x, x), device=dev, warmup=warmup, repeats=repeats).median
 
 
 def copy_seconds(nbytes: int, dev: torch.device, warmup: int, repeats: int) -> float:
