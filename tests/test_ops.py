@@ -93,7 +93,8 @@ def test_mix_perturb_and_restore(backend, layout, dtype, adaptive, with_local):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", [(1, 1), (3, 257), (10, 4099), (2, 0)])
+# K = 7, 9, 10: every register-tile remainder of the CPU kernel (tiles of 4 rows, 2 x 4 blocks).
+@pytest.mark.parametrize("shape", [(1, 1), (3, 257), (7, 1001), (9, 35), (10, 4099), (2, 0)])
 def test_gram(backend, dtype, shape):
     rows = _data(shape[1], dtype, 9, shape[0])
     got = ops.gram(rows, backend=backend)
@@ -105,7 +106,7 @@ def test_gram(backend, dtype, shape):
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.parametrize("k", [1, 3, 6])
 def test_segment_gram(backend, layout, dtype, k):
     offs = offsets_of(LAYOUTS[layout])
     rows = _data(offs[-1], dtype, 16, k)

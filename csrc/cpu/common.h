@@ -7,6 +7,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "simd_sums.h"
+
 #include <cstdint>
 #include <vector>
 
@@ -119,6 +121,12 @@ inline acc_t lane_sum(const acc_t* a) {
 template <typename acc_t>
 inline const acc_t* as_acc(const acc_t* src, int64_t, acc_t*) {
   return src;
+}
+
+inline const float* as_acc(const c10::BFloat16* src, int64_t len, float* buf) {
+  static_assert(sizeof(c10::BFloat16) == sizeof(uint16_t), "bf16 is 16 bits");
+  widen_bf16(reinterpret_cast<const uint16_t*>(src), len, buf);
+  return buf;
 }
 
 template <typename scalar_t, typename acc_t>

@@ -9,6 +9,24 @@ namespace cpu {
 
 namespace {
 
+// The pair sums of one chunk: rows i at base + i * stride, len elements each. bfloat16 rows are
+// read in place (widened in registers), fp16 through a converted copy in buf (k * kChunk),
+// fp32/fp64 in place.
+template <typename scalar_t, typename acc_t>
+void chunk_pair_dots(const scalar_t* base, int64_t stride, int64_t k, int64_t len,
+                     std::vector<acc_t>& buf, std::vector<const void*>& ptr, acc_t* out) {
+  if constexpr (std::is_same<scalar_t, c10::BFloat16>::value) {
+    for (int64_t i = 0; i < k; ++i) ptr[i] = base + i * stride;
+    pair_dots_bf16(reinterpret_cast<const uint16_t* const*>(ptr.data()), k, len, out);
+  } else {
+    for (int64_t i = 0; i < k; ++i) {
+      acc_t* scratch = buf.empty() ? nullptr : buf.data() + i * kChunk;
+      ptr[i] = as_acc(base + i * stride, len, scratch);
+    }
+    pair_dots(reinterpret_cast<const acc_t* const*>(ptr.data()), k, len, out);
+  }
+}
+
 // Gram of the [K, N] rows; with `loss`, first rows -= loss in place (chunk by chunk, the stored
 // rounded value being the one the Gram sees), so F-MTL's flat rows and their Gram take one pass.
 at::Tensor gram_impl(const at::Tensor& rows, const at::Tensor* loss) {
@@ -36,26 +54,21 @@ at::Tensor gram_impl(const at::Tensor& rows, const at::Tensor* loss) {
     std::vector<acc_t> partial(nchunks * npairs);
     at::parallel_for(0, nchunks, 1, [&](int64_t cb, int64_t ce) {
       std::vector<acc_t> buf;
-      if (!std::is_same<scalar_t, acc_t>::value) buf.resize(k * kChunk);
-      std::vector<const acc_t*> row(k);
+      if (std::is_same<scalar_t, at::Half>::value) buf.resize(k * kChunk);
+      std::vector<const void*> ptr(k);
       for (int64_t c = cb; c < ce; ++c) {
         const int64_t b = c * kChunk, len = std::min(kChunk, n - b);
-        for (int64_t i = 0; i < k; ++i) {
-          scalar_t* r = rp + i * n + b;
-          if (lp != nullptr) {  // same arithmetic as sub_
+        if (lp != nullptr) {  // same arithmetic as sub_
+          for (int64_t i = 0; i < k; ++i) {
+            scalar_t* r = rp + i * n + b;
             const scalar_t* l = lp + i * n + b;
             for (int64_t j = 0; j < len; ++j) {
               r[j] = static_cast<scalar_t>(static_cast<acc_t>(r[j]) - static_cast<acc_t>(l[j]));
             }
           }
-          acc_t* scratch = buf.empty() ? nullptr : buf.data() + i * kChunk;
-          row[i] = as_acc(static_cast<const scalar_t*>(r), len, scratch);
         }
-        acc_t* out_c = partial.data() + c * npairs;
-        int64_t q = 0;
-        for (int64_t i = 0; i < k; ++i) {
-          for (int64_t j = i; j < k; ++j) out_c[q++] = dot(row[i], row[j], len);
-        }
+        chunk_pair_dots<scalar_t, acc_t>(rp + b, n, k, len, buf, ptr,
+                                         partial.data() + c * npairs);
       }
     });
     acc_t* g = out.data_ptr<acc_t>();
@@ -99,19 +112,12 @@ at::Tensor segment_gram(const at::Tensor& rows, const at::Tensor& offsets) {
     std::vector<acc_t> partial(nchunks * npairs);
     at::parallel_for(0, nchunks, 1, [&](int64_t cb, int64_t ce) {
       std::vector<acc_t> buf;
-      if (!std::is_same<scalar_t, acc_t>::value) buf.resize(k * kChunk);
-      std::vector<const acc_t*> row(k);
+      if (std::is_same<scalar_t, at::Half>::value) buf.resize(k * kChunk);
+      std::vector<const void*> ptr(k);
       for (int64_t c = cb; c < ce; ++c) {
         const int64_t b = chunks[c].begin, len = chunks[c].end - b;
-        for (int64_t i = 0; i < k; ++i) {
-          acc_t* scratch = buf.empty() ? nullptr : buf.data() + i * kChunk;
-          row[i] = as_acc(rp + i * n + b, len, scratch);
-        }
-        acc_t* out_c = partial.data() + c * npairs;
-        int64_t q = 0;
-        for (int64_t i = 0; i < k; ++i) {
-          for (int64_t j = i; j < k; ++j) out_c[q++] = dot(row[i], row[j], len);
-        }
+        chunk_pair_dots<scalar_t, acc_t>(rp + b, n, k, len, buf, ptr,
+                                         partial.data() + c * npairs);
       }
     });
     acc_t* g = out.data_ptr<acc_t>();

@@ -23,11 +23,24 @@ float sumsq(const float* x, int64_t n);
 double sumsq(const double* x, int64_t n);
 float sumsq_scaled(const float* x, const float* t, int64_t n);
 double sumsq_scaled(const double* x, const double* t, int64_t n);
-float dot(const float* x, const float* y, int64_t n);
-double dot(const double* x, const double* y, int64_t n);
-// d = <v, g>, q = <v, v> in one read of v.
-void dot_sumsq(const float* v, const float* g, int64_t n, float* d, float* q);
-void dot_sumsq(const double* v, const double* g, int64_t n, double* d, double* q);
+// Inner products of every pair i <= j of k rows over [0, n), written to out in row-major
+// upper-triangle order (k (k + 1) / 2 values). Each pair has its own 8 lanes (lane j % 8) and
+// a fixed tree, so the result does not depend on how pairs are grouped into register tiles.
+void pair_dots(const float* const* rows, int64_t k, int64_t n, float* out);
+void pair_dots(const double* const* rows, int64_t k, int64_t n, double* out);
+// d[i] = <v_i, g>, q[i] = <v_i, v_i> for k rows v_i, g read once per four rows; each value has
+// 8 lanes and a fixed tree (the grouping does not change the result).
+void dots_sumsqs(const float* g, const float* const* v, int64_t k, int64_t n, float* d,
+                 float* q);
+void dots_sumsqs(const double* g, const double* const* v, int64_t k, int64_t n, double* d,
+                 double* q);
+// The same two for bfloat16 rows (their bits), widened to float in registers as they are read.
+void pair_dots_bf16(const uint16_t* const* rows, int64_t k, int64_t n, float* out);
+void dots_sumsqs_bf16(const uint16_t* g, const uint16_t* const* v, int64_t k, int64_t n,
+                      float* d, float* q);
+// bfloat16 bit patterns to float (exact: the bits shifted into the upper half), vectorised;
+// the conversion that bf16 inputs of every reduction go through.
+void widen_bf16(const uint16_t* src, int64_t n, float* dst);
 // "avx2" or "baseline": the code path in use.
 const char* simd_isa();
 
