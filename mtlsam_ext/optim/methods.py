@@ -642,10 +642,14 @@ def step_gl(run: Run) -> Tensor:
 
     rows = opt.buffers("rows", k)
     offs = [b.seg_offsets for b in sh.buckets]
+    # every task's per-segment coefficients gathered once (one index per bucket, not per task)
+    ca = [coef_a[:, s] for s in seg_layers]
+    cb = [coef_b[:, ids] for ids in samp_layers]
+    directions = [g[0] for g in g0]
     for i in range(k):
-        run.perturb_shared([g[0] for g in g0], [coef_a[i, s] for s in seg_layers], offs,
+        run.perturb_shared(directions, [c[i] for c in ca], offs,
                            local=[loc[i] for loc in local],
-                           local_coefs=[coef_b[i, ids] for ids in samp_layers], tables=tables)
+                           local_coefs=[c[i] for c in cb], tables=tables)
         if hc is not None:
             run.perturb_head(i, hc)
         run.zero_shared()
