@@ -12,7 +12,7 @@ from torch import nn
 from mtlsam_ext import MTLSAM
 from tests.models import TwoTask
 
-STEPS = 3
+STEPS = 5
 
 
 def shard(m: TwoTask, rank: int, world: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -55,7 +55,7 @@ def train(rank: int, world: int, spec: dict) -> dict:
     m = TwoTask(k=3, dtype=torch.float64, seed=1, width=12)
     x, y = shard(m, rank, world)
     opt = make(m, spec["cfg"], aggregator=spec["agg"], perturb_sync=spec.get("sync", "global"))
-    losses = [opt.step(closure_for(m, x, y)) for _ in range(STEPS)]
+    losses = [opt.step(closure_for(m, x, y)) for _ in range(spec.get("steps", STEPS))]
     return {"params": [p.detach().clone() for p in m.parameters()], "losses": losses,
             "info": opt.info()}
 

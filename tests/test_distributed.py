@@ -1,5 +1,6 @@
-"""Data parallel on torch.distributed (gloo, 2 CPU processes): with perturb_sync="global" two
-ranks on half batches equal one process on the whole batch; every rank ends identical; a
+"""Data parallel on torch.distributed (gloo, 2 and 3 CPU processes): with perturb_sync="global"
+the ranks on equal shards equal one process on the whole batch; perturb_sync="local" equals a
+float64 oracle in which every rank perturbs with its own gradients; every rank ends identical; a
 non-finite value on one rank skips the step everywhere; a rank with another K fails
 clearly on every rank; state dicts saved on rank 0 resume every rank; a DDP-wrapped backbone
 runs without DDP's own all-reduce."""
@@ -20,15 +21,16 @@ pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distribut
 METHODS = {"gl": dict(method="gl"), "gl-lagged": dict(method="gl", local_grad="lagged"),
            "gl-zo": dict(method="gl", local_grad="zo", n_dirs=2), "fmtl": dict(method="fmtl"),
            "sam": dict(method="sam"), "erm": dict(method="erm")}
-AGGS = ["mgda", "ls", "pcgrad"]
+AGGS = ["mgda", "ls", "pcgrad", "nash"]
 WORLD = 2
+LOCAL_ORACLE = ["sam", "fmtl", "gl"]  # the methods whose local perturbation differs
 
 
-def _spawn(tmp_path, scenarios):
+def _spawn(tmp_path, scenarios, world=WORLD):
     init = tmp_path / "init"
-    mp.spawn(w.run_scenarios, args=(WORLD, str(init), str(tmp_path), scenarios), nprocs=WORLD,
+    mp.spawn(w.run_scenarios, args=(world, str(init), str(tmp_path), scenarios), nprocs=world,
              join=True)
-    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world)]
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +43,9 @@ def ranks(tmp_path_factory):
             scenarios.append((f"train-{name}-{agg}", {"kind": "train", "cfg": cfg, "agg": agg}))
         scenarios.append((f"local-{name}", {"kind": "train", "cfg": cfg, "agg": "mgda",
                                             "sync": "local"}))
+        if name in LOCAL_ORACLE:
+            scenarios.append((f"local1-{name}", {"kind": "train", "cfg": cfg, "agg": "mgda",
+                                                 "sync": "local", "steps": 1}))
         scenarios.append((f"nonfinite-{name}", {"kind": "nonfinite", "cfg": cfg}))
     scenarios.append(("wrong_k", {"kind": "wrong_k"}))
     for name in ("gl-lagged", "fmtl"):
@@ -50,10 +55,20 @@ def ranks(tmp_path_factory):
     return _spawn(tmp, scenarios)
 
 
-def _single_process(cfg, agg):
+@pytest.fixture(scope="module")
+def three_ranks(tmp_path_factory):
+    """Every method x aggregator again on 3 ranks (shards of 21 of the 64 samples)."""
+    tmp = tmp_path_factory.mktemp("dist3")
+    scenarios = [(f"train-{name}-{agg}", {"kind": "train", "cfg": cfg, "agg": agg})
+                 for name, cfg in METHODS.items() for agg in AGGS]
+    return _spawn(tmp, scenarios, world=3)
+
+
+def _single_process(cfg, agg, world=WORLD):
     m = TwoTask(k=3, dtype=torch.float64, seed=1, width=12)
+    n = m.x.shape[0] // world * world  # the samples the ranks' shards cover
     opt = w.make(m, cfg, aggregator=agg)
-    losses = [opt.step(w.closure_for(m, m.x, m.y)) for _ in range(w.STEPS)]
+    losses = [opt.step(w.closure_for(m, m.x[:n], m.y[:n])) for _ in range(w.STEPS)]
     return [p.detach() for p in m.parameters()], losses
 
 
@@ -75,6 +90,78 @@ def test_global_sync_equals_one_process_on_the_whole_batch(ranks, name, agg):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
     comm = r0["info"]["communication"]
     assert r0["info"]["world_size"] == WORLD and comm["collectives"] > 0
+
+
+@pytest.mark.parametrize("agg", AGGS)
+@pytest.mark.parametrize("name", METHODS)
+def test_three_ranks_equal_one_process(three_ranks, name, agg):
+    res = [_ok(r[f"train-{name}-{agg}"]) for r in three_ranks]
+    for r in res[1:]:
+        for a, b in zip(res[0]["params"], r["params"]):
+            assert torch.equal(a, b)
+    params, losses = _single_process(METHODS[name], agg, world=3)
+    for a, b in zip(res[0]["params"], params):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+    for a, b in zip(res[0]["losses"], losses):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+
+
+def _local_oracle(name):
+    """One step of perturb_sync="local" from the method formulas (tests/oracles/methods.py):
+    each rank's SAM rows (and F-MTL's loss rows) at its own perturbation on its own shard,
+    averaged over the ranks; M on the averaged rows; heads get the mean of their ranks' SAM
+    gradients; then SGD's first step (p -= lr d)."""
+    from mtlsam_ext.aggregators import get_aggregator
+    from tests.oracles.methods import oracle_step
+
+    m = TwoTask(k=3, dtype=torch.float64, seed=1, width=12)
+    body = [mod for mod in m.body if isinstance(mod, torch.nn.Linear)]
+    shared_layers = [[mod.weight, mod.bias] for mod in body]
+    heads = [[hd.weight, hd.bias] for hd in m.heads]
+
+    def loss_fn_for(x, y):
+        def loss_fn(shared, hs):
+            h = x
+            for j in range(0, len(shared), 2):
+                h = torch.tanh(h @ shared[j].T + shared[j + 1])
+            return [((h @ wt.T + b).squeeze(1) - y[:, i]).pow(2).mean()
+                    for i, (wt, b) in enumerate(hs)]
+        return loss_fn
+
+    mgda = get_aggregator("mgda")
+    k = len(heads)
+    sam_rows, loss_rows, head_vecs = [], [], []
+    for rank in range(WORLD):
+        x, y = w.shard(m, rank, WORLD)
+        fn = loss_fn_for(x, y)
+        res = oracle_step(fn, shared_layers, heads, method=name, aggregate=mgda)
+        sam_rows.append(res.sam_rows)
+        head_vecs.append(res.head_vec)
+        if name == "fmtl":  # loss rows: ERM with the one-hot "aggregator" e_i gives row i
+            loss_rows.append(torch.stack([oracle_step(
+                fn, shared_layers, heads, method="erm",
+                aggregate=lambda g, i=i: torch.eye(k, dtype=torch.float64)[i]).shared_vec
+                for i in range(k)]))
+    sam = torch.stack(sam_rows).mean(0)
+    if name == "fmtl":
+        loss = torch.stack(loss_rows).mean(0)
+        flat = sam - loss
+        d = mgda(loss @ loss.T).double() @ loss + mgda(flat @ flat.T).double() @ flat
+    else:
+        d = mgda(sam @ sam.T).double() @ sam
+    update = torch.cat([d, torch.stack(head_vecs).mean(0)])
+    before = torch.cat([t.detach().reshape(-1) for layer in shared_layers for t in layer]
+                       + [t.detach().reshape(-1) for h in heads for t in h])
+    return before - 0.05 * update
+
+
+@pytest.mark.parametrize("name", LOCAL_ORACLE)
+def test_local_sync_equals_the_per_rank_perturbation_oracle(ranks, name):
+    r0, r1 = (_ok(r[f"local1-{name}"]) for r in ranks)
+    for a, b in zip(r0["params"], r1["params"]):
+        assert torch.equal(a, b)
+    got = torch.cat([p.reshape(-1) for p in r0["params"]])
+    torch.testing.assert_close(got, _local_oracle(name), rtol=1e-9, atol=1e-11)
 
 
 @pytest.mark.parametrize("name", METHODS)
