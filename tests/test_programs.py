@@ -66,3 +66,15 @@ def test_two_task_regression():
         return sum(named.values())
 
     assert total(lines[-1]) < total(lines[0])
+
+
+def test_torchrun_data_parallel_example(tmp_path):
+    """The torchrun example: two gloo ranks train, the losses fall and every rank ends with
+    the same parameters (the program itself checks that and fails otherwise)."""
+    out = _run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                str(ROOT / "python/ddp_two_task.py"), "--steps", "30",
+                "--every", "30"], tmp_path)
+    steps = [ln.split() for ln in out.splitlines() if ln.startswith("step")]
+    assert len(steps) == 2
+    assert float(steps[-1][3]) + float(steps[-1][5]) < float(steps[0][3]) + float(steps[0][5])
+    assert "world 2, ranks identical: True" in out
