@@ -1,9 +1,12 @@
-"""Communication per data-parallel step: MTLSAM's own collectives against what DDP would send.
+"""Communication and time per data-parallel step: MTLSAM's own collectives against what DDP
+would send, and 2 ranks against 1 process.
 
-Two gloo processes on the CPU run each method for a few steps on the main job's MLP (K tasks)
-and report, for the last step, the collectives MTLSAM issued and the bytes it summed, next to
-DDP's per-backward all-reduce of every parameter (backward passes x parameter bytes), which
-is what a per-task-gradient optimizer would send under a plain DDP wrapper.
+Two gloo processes on the CPU (one thread each) run each method on the main job's MLP (K tasks,
+32 samples per rank) and report, for the last step, the collectives MTLSAM issued and the
+bytes it summed, next to DDP's per-backward all-reduce of every parameter (backward passes x
+parameter bytes), which is what a per-task-gradient optimizer would send under a plain DDP
+wrapper. Then the median step time of the 2 ranks against one process (one thread) on the
+same 64 samples, measured in the same run.
 
 Run from the repository root: ``python -m bench.dist_comm --tasks 10``.
 """
@@ -11,8 +14,11 @@ Run from the repository root: ``python -m bench.dist_comm --tasks 10``.
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import subprocess
 import tempfile
+import time
 
 import torch
 import torch.distributed as dist
@@ -31,30 +37,49 @@ BACKWARDS = {"erm": lambda k: k, "sam": lambda k: 1 + k, "fmtl": lambda k: 2 * k
              "gl-zo": lambda k: 1 + k}
 
 
+PER_RANK = 32  # samples per rank
+STEPS = 10  # timed steps (after 3 warm-up steps)
+
+
+def run_config(name: str, sync: str, k: int, aggregator: str, batch: int,
+               process_group: object = None) -> tuple[dict, float]:
+    """A few steps of one configuration; (communication of the last step, median ms/step)."""
+    torch.manual_seed(0)
+    model = MLPNet(k)
+    x = torch.randn(batch, 64)
+    y = torch.randint(0, 10, (batch, k))
+    opt = MTLSAM(model.body, torch.optim.SGD, heads=list(model.heads), lr=0.01,
+                 aggregator=aggregator, perturb_sync=sync, process_group=process_group,
+                 generator=torch.Generator().manual_seed(0), **CONFIGS[name])
+
+    def closure() -> list[torch.Tensor]:
+        h = model.body(x)
+        return [F.cross_entropy(hd(h), y[:, i]) for i, hd in enumerate(model.heads)]
+
+    for _ in range(3):
+        opt.step(closure)
+    times = []
+    for _ in range(STEPS):
+        t0 = time.perf_counter()
+        opt.step(closure)
+        times.append(time.perf_counter() - t0)
+    return opt.info()["communication"], 1e3 * sorted(times)[len(times) // 2]
+
+
 def worker(rank: int, world: int, init: str, k: int, aggregator: str, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
     torch.set_num_threads(1)
     rows = []
-    for name, cfg in CONFIGS.items():
+    for name in CONFIGS:
         for sync in ("global", "local"):
-            torch.manual_seed(0)
-            model = MLPNet(k)
-            x = torch.randn(32, 64)
-            y = torch.randint(0, 10, (32, k))
-            opt = MTLSAM(model.body, torch.optim.SGD, heads=list(model.heads), lr=0.01,
-                         aggregator=aggregator, perturb_sync=sync,
-                         generator=torch.Generator().manual_seed(0), **cfg)
-
-            def closure(model=model, x=x, y=y):
-                h = model.body(x)
-                return [F.cross_entropy(hd(h), y[:, i]) for i, hd in enumerate(model.heads)]
-
-            for _ in range(3):
-                opt.step(closure)
-            comm = opt.info()["communication"]
-            n_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+            dist.barrier()
+            comm, ms = run_config(name, sync, k, aggregator, PER_RANK)
+            slowest = torch.tensor([ms])
+            dist.all_reduce(slowest, op=dist.ReduceOp.MAX)  # a step ends on the slowest rank
+            n_bytes = sum(p.numel() * p.element_size() for p in MLPNet(k).parameters())
             ddp = BACKWARDS[name](k) * n_bytes
-            rows.append((name, sync, comm["collectives"], comm["bytes"], BACKWARDS[name](k), ddp))
+            rows.append((name, sync, comm["collectives"], comm["bytes"], BACKWARDS[name](k), ddp,
+                         float(slowest)))
     if rank == 0:
         torch.save(rows, out)
     dist.barrier()  # no rank tears gloo down while another still uses it
@@ -65,19 +90,37 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tasks", type=int, default=10)
     ap.add_argument("--aggregator", default="mgda")
+    ap.add_argument("--out", help="append the rows as JSON lines here")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "rows.pt")
         mp.spawn(worker, args=(2, os.path.join(tmp, "init"), args.tasks, args.aggregator, out),
                  nprocs=2, join=True)
         rows = torch.load(out)
-    print(f"MLP (main job), K={args.tasks}, aggregator={args.aggregator}, 2 ranks (gloo), "
-          f"torch {torch.__version__}; per step")
+    torch.set_num_threads(1)
+    single = {name: run_config(name, "global", args.tasks, args.aggregator, 2 * PER_RANK,
+                               process_group=False)[1] for name in CONFIGS}
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True).stdout.strip()
+    print(f"MLP (main job), K={args.tasks}, aggregator={args.aggregator}, 2 ranks (gloo) x "
+          f"{PER_RANK} samples vs 1 process x {2 * PER_RANK}, 1 thread each, "
+          f"torch {torch.__version__}, commit {commit}; per step")
     print(f"{'method':<13}{'sync':<8}{'collectives':>12}{'MiB':>9}{'DDP bwd':>9}"
-          f"{'DDP MiB':>9}{'ratio':>7}")
-    for name, sync, coll, nbytes, bwd, ddp in rows:
+          f"{'DDP MiB':>9}{'ratio':>7}{'ms 2 ranks':>11}{'ms 1 proc':>10}{'x 1 proc':>9}")
+    records = []
+    for name, sync, coll, nbytes, bwd, ddp, ms in rows:
         print(f"{name:<13}{sync:<8}{coll:>12}{nbytes / 2**20:>9.2f}{bwd:>9}"
-              f"{ddp / 2**20:>9.2f}{nbytes / ddp:>7.2f}")
+              f"{ddp / 2**20:>9.2f}{nbytes / ddp:>7.2f}{ms:>11.1f}{single[name]:>10.1f}"
+              f"{ms / single[name]:>9.2f}")
+        records.append(dict(method=name, sync=sync, collectives=coll, bytes=nbytes,
+                            ddp_backwards=bwd, ddp_bytes=ddp, ms_2_ranks=ms,
+                            ms_1_process=single[name], tasks=args.tasks,
+                            aggregator=args.aggregator, torch=torch.__version__,
+                            commit=commit))
+    if args.out:
+        with open(args.out, "a") as f:
+            for r in records:
+                f.write(json.dumps(r) + "\n")
 
 
 if __name__ == "__main__":
