@@ -391,7 +391,11 @@ class Run:
 
     # -- end of step ----------------------------------------------------------------------------
     def all_finite(self) -> Tensor:
-        return torch.stack([torch.isfinite(c).all() for c in self.checks]).all()
+        # One isfinite over all the step's small check vectors (losses, Gram, weights, norms)
+        # instead of one per vector: 2K + 3 small ops fewer per step.
+        flat = [c.reshape(-1) for c in self.checks]
+        dt = torch.float64 if any(c.dtype == torch.float64 for c in flat) else torch.float32
+        return torch.isfinite(torch.cat([c.to(dt) for c in flat])).all()
 
     def nonfinite_message(self) -> str:
         parts = [finite_report(list(self.unperturbed), "loss")]
