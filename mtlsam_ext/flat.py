@@ -53,14 +53,14 @@ class Bucket:
     seg_layers: list[int] = field(default_factory=list)
     seg_offsets: Tensor | None = None
     grad_views: list[Tensor] = field(default_factory=list)
+    _ranges: dict[int, tuple[int, int]] | None = None
 
     def layer_range(self, layer: int) -> tuple[int, int]:
         """``(start, end)`` of ``layer`` in this bucket (``(0, 0)`` when absent)."""
-        if layer in self.seg_layers:
-            s = self.seg_layers.index(layer)
-            off = self.seg_offsets
-            return int(off[s]), int(off[s + 1])
-        return 0, 0
+        if self._ranges is None:  # Python ints, built once: asked for per task per step
+            off = self.seg_offsets.tolist()
+            self._ranges = {li: (off[s], off[s + 1]) for s, li in enumerate(self.seg_layers)}
+        return self._ranges.get(layer, (0, 0))
 
 
 def _layers_from(shared: nn.Module | Iterable | dict, prefix: str) -> list[Layer]:

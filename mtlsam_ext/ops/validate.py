@@ -92,8 +92,8 @@ def sampled(starts: Tensor, lengths: Tensor, local_starts: Tensor, n: int, m: in
     # the same three tables every step (cached per layer selection): checked once, ~0.5 ms of
     # a K = 10 gl step on the MLP went to re-checking them
     # (the compiled kernels check the table again in any case)
-    state = (id(lengths), id(local_starts), starts._version, lengths._version, local_starts._version,
-             n, m)
+    state = (id(lengths), id(local_starts), starts._version, lengths._version,
+             local_starts._version, n, m)
     if _already_checked(starts, state):
         return
     if bool((starts < 0).any() or (lengths < 0).any() or (local_starts < 0).any()):

@@ -360,8 +360,9 @@ class Run:
             if e == s:
                 continue
             acc = torch.float64 if b.dtype == torch.float64 else torch.float32
+            c = coef if coef.dtype == acc else coef.to(acc)
             ops.mix_perturb_(b.data[s:e], self.head_backup[j][0][s:e], self.head_dir[j][0][s:e],
-                             coef[i:i + 1].to(acc), _whole(e - s), adaptive=self.opt.adaptive,
+                             c[i:i + 1], _whole(e - s), adaptive=self.opt.adaptive,
                              save_backup=False, backend=self.be)
             if zero_grad_after:
                 b.grad[s:e].zero_()
