@@ -368,18 +368,23 @@ class Run:
                 b.grad[s:e].zero_()
 
     def finish_head(self, i: int) -> None:
-        """Keep head i's SAM gradient (from the backward just run) and restore head i."""
+        """Keep head i's SAM gradient (from the backward just run). Head i stays perturbed
+        until :meth:`heads_to_grad`: no later pass uses loss i, the only loss it reaches, so
+        all heads are restored at once there instead of one restore per task."""
         if self.heads is None or not self.heads_saved:
             return
         for j, b in enumerate(self.heads.buckets):
             s, e = b.layer_range(i)
             if e > s:
                 self.head_out[j][0][s:e].copy_(b.grad[s:e])
-                ops.restore_(b.data[s:e], self.head_backup[j][0][s:e], backend=self.be)
 
     def heads_to_grad(self) -> None:
-        """Heads' gradients := the SAM gradients kept by :meth:`finish_head`."""
+        """Heads restored; their gradients := the SAM gradients kept by :meth:`finish_head`."""
         if self.heads is not None:
+            if self.heads_saved:
+                for j, b in enumerate(self.heads.buckets):
+                    ops.restore_(b.data, self.head_backup[j][0], backend=self.be)
+                self.heads_saved = False
             for j, b in enumerate(self.heads.buckets):
                 b.grad.copy_(self.head_out[j][0])
 
