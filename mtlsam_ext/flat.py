@@ -185,6 +185,34 @@ class FlatParams:
                 if p.grad is not g:
                     p.grad = g
 
+    def ordered_params(self) -> list[Tensor]:
+        """Every parameter in flat order (bucket by bucket)."""
+        return [p for b in self.buckets for p in b.params]
+
+    def copy_batched(self, rows: list[Tensor], first_row: int, k: int,
+                     grads: Sequence[Tensor | None]) -> None:
+        """Rows ``first_row .. first_row + k - 1`` := per-parameter ``[k, *shape]`` gradients
+        given in :meth:`ordered_params` order (``None``: the parameter was not reached, 0)."""
+        it = iter(grads)
+        for b, r in zip(self.buckets, rows):
+            for p, s in zip(b.params, b.starts):
+                g = next(it)
+                dst = r[first_row:first_row + k, s:s + p.numel()]
+                if g is None:
+                    dst.zero_()
+                else:
+                    dst.copy_(g.reshape(k, -1))
+
+    def add_summed_batched(self, grads: Sequence[Tensor | None]) -> None:
+        """``p.grad += sum_k g[k]`` for per-parameter ``[K, *shape]`` gradients in
+        :meth:`ordered_params` order (the heads: only task i's row reaches head i)."""
+        it = iter(grads)
+        for b in self.buckets:
+            for g_view in b.grad_views:
+                g = next(it)
+                if g is not None:
+                    g_view.add_(g.sum(0))
+
     def zero_grad(self) -> None:
         for b in self.buckets:
             b.grad.zero_()
@@ -258,6 +286,20 @@ class FlatParams:
             for p, li in zip(b.params, b.layer_of):
                 if li in wanted:
                     views.append(loc[task, m:m + p.numel()].view(p.shape))
+                    m += p.numel()
+        return views
+
+    def local_batched_views(self, locals_: list[Tensor], layer_ids: Sequence[int]
+                            ) -> list[Tensor]:
+        """``[K, *shape]`` views of all K rows of the compact local buffers, aligned with
+        :meth:`layer_params` (for gradients computed with batched cotangents)."""
+        wanted = set(layer_ids)
+        views = []
+        for b, loc in zip(self.buckets, locals_):
+            m = 0
+            for p, li in zip(b.params, b.layer_of):
+                if li in wanted:
+                    views.append(loc[:, m:m + p.numel()].view(loc.shape[0], *p.shape))
                     m += p.numel()
         return views
 

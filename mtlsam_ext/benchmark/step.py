@@ -154,6 +154,9 @@ OURS: dict[str, dict[str, Any]] = {
     "gl-autograd": dict(method="gl", local_grad="autograd"),
     "gl-lagged": dict(method="gl", local_grad="lagged"),
     "gl-zo": dict(method="gl", local_grad="zo", n_dirs=1),
+    # the K task gradients at one point as one batched backward (not in the default list)
+    "fmtl-batched": dict(method="fmtl", batched_grads=True),
+    "gl-autograd-batched": dict(method="gl", local_grad="autograd", batched_grads=True),
 }
 # Configurations that differ from another only by a task-aware closure (``closure(task=i)``
 # builds one head and one loss at task i's perturbed point instead of all K).
@@ -427,7 +430,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         if args.model == "auto" else [m for m in args.model.split(",") if m]
     bad = [m for m in models if m not in MODELS]
     methods = [m for m in args.methods.split(",") if m]
-    bad += [m for m in methods if m not in ALL_METHODS]
+    bad += [m for m in methods if m not in ALL_METHODS and m not in OURS]
     if bad:
         sys.exit(f"unknown model/method {bad}; models {list(MODELS)}, methods {ALL_METHODS}")
     if args.aggregator not in NAIVE_AGGREGATORS:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import warnings
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -182,6 +183,44 @@ class Run:
             if head_out:
                 more += [h[0] for h in self.head_out]
         self.sync.sum_(list(bufs) + more)
+
+    def batched_task_grads(self, losses: list[Tensor], params: list[Tensor]
+                           ) -> tuple[Tensor | None, ...] | None:
+        """``[K, *shape]`` gradients of the K (scaled) losses for each of ``params`` in ONE
+        backward with K batched cotangents (``autograd.grad(..., is_grads_batched=True)``: the
+        rows of the identity, vmapped over the graph); the graph is kept.
+
+        ``None``, with one warning, when vmap cannot run this model's backward; the optimizer
+        then stays on K sequential passes (``batched_grads`` is switched off)."""
+        k = len(losses)
+        with torch.enable_grad():
+            stacked = torch.stack([self.scaling.scaled(loss) for loss in losses])
+        eye = torch.eye(k, dtype=stacked.dtype, device=stacked.device)
+        try:
+            with torch.enable_grad(), _closure_contract():
+                return torch.autograd.grad(stacked, params, grad_outputs=eye,
+                                           is_grads_batched=True, retain_graph=True,
+                                           allow_unused=True)
+        except RuntimeError as err:  # (a closure that ran backward is a ValueError already)
+            self.opt.batched_grads = False
+            warnings.warn(f"batched_grads: vmap could not run this model's backward ({err}); "
+                          "computing the task gradients with K backward passes", stacklevel=5)
+            return None
+
+    def batched_rows(self, losses: list[Tensor], rows: list[Tensor], first_row: int) -> bool:
+        """Rows ``first_row + i`` := the shared gradient of ``losses[i]`` for every i from
+        :meth:`batched_task_grads`; each head gets the sum of its batched gradients, i.e. its
+        own task's gradient (only loss i reaches head i). Shared and head gradients are zero
+        on entry (:meth:`zero_all` precedes the per-task rows). False if vmap failed."""
+        shared = self.shared.ordered_params()
+        heads = self.heads.ordered_params() if self.heads is not None else []
+        got = self.batched_task_grads(losses, shared + heads)
+        if got is None:
+            return False
+        self.shared.copy_batched(rows, first_row, len(losses), got[:len(shared)])
+        if self.heads is not None:
+            self.heads.add_summed_batched(got[len(shared):])
+        return True
 
     # -- gradients ------------------------------------------------------------------------------
     def zero_shared(self) -> None:
@@ -430,12 +469,15 @@ class Run:
 # -- methods ------------------------------------------------------------------------------------
 def _per_task_rows(run: Run, losses: list[Tensor], rows: list[Tensor], first_row: int = 0
                    ) -> None:
-    """Rows ``first_row + i`` := the shared gradient of ``losses[i]`` (K backward passes).
+    """Rows ``first_row + i`` := the shared gradient of ``losses[i]`` (K backward passes, or
+    one batched backward with ``batched_grads``).
 
     Heads accumulate across the passes, which leaves head i with its own gradient since only
     loss i reaches it (checked on the first step).
     """
     k = len(losses)
+    if run.opt.batched_grads and run.batched_rows(losses, rows, first_row):
+        return
     for i, loss in enumerate(losses):
         if i:
             run.zero_shared()
@@ -598,11 +640,17 @@ def step_gl(run: Run) -> Tensor:
         local = [torch.zeros(k, t[3], dtype=b.dtype, device=b.device)
                  for t, b in zip(tables, sh.buckets)]
         params_s = sh.layer_params(sampled)
-        for i in range(k):
-            got = run.task_grads(losses[i], params_s)
-            views = sh.local_views(local, i, sampled)
+        got = run.batched_task_grads(losses, params_s) if opt.batched_grads else None
+        if got is not None:  # [K, *shape] per parameter, one batched backward
+            views = sh.local_batched_views(local, sampled)
             torch._foreach_copy_([v for v, g in zip(views, got) if g is not None],
                                  [g for g in got if g is not None])
+        else:
+            for i in range(k):
+                got = run.task_grads(losses[i], params_s)
+                views = sh.local_views(local, i, sampled)
+                torch._foreach_copy_([v for v, g in zip(views, got) if g is not None],
+                                     [g for g in got if g is not None])
     run.zero_all()
     run.backward(run.average_loss(losses))
     g0 = opt.buffers("g0", 1)

@@ -103,6 +103,13 @@ class MTLSAM(torch.optim.Optimizer):
             process on the concatenated batch (equal local batches, mean losses). ``"local"``:
             each rank perturbs with its own gradients (SAM's m-sharpness); only the gradients
             the aggregator combines are averaged.
+        batched_grads: compute the K per-task gradients at one point (erm, fmtl's loss
+            gradients, sam's gradients at the perturbed point) in one backward with K batched
+            cotangents (``autograd.grad(..., is_grads_batched=True)``) instead of K backward
+            passes. Equal to the sequential rows to rounding. If vmap cannot run the model's
+            backward, one warning is given and the sequential passes are used from then on.
+            Off by default: on this project's CPU measurements it was not faster (README,
+            "Numbers").
     """
 
     # GradScaler hands itself to step() (grad_scaler=) instead of unscaling the gradients: the
@@ -123,7 +130,7 @@ class MTLSAM(torch.optim.Optimizer):
                  max_grad_norm: float | None = None, grad_scaler: Any = None,
                  process_group: Any = None, perturb_sync: str = "global",
                  n_sampled: int = 3, resample_every: int = 10, layer_ema: float = 0.9,
-                 **base_kwargs: Any) -> None:
+                 batched_grads: bool = False, **base_kwargs: Any) -> None:
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
         if local_grad not in LOCAL_GRADS:
@@ -206,6 +213,9 @@ class MTLSAM(torch.optim.Optimizer):
         self.constant_weights: str | None = (
             aggregator.lower() if isinstance(aggregator, str)
             and aggregator.lower() in ("ls", "mean") and not conv else None)
+        if not isinstance(batched_grads, bool):
+            raise ValueError(f"batched_grads must be True or False, got {batched_grads!r}")
+        self.batched_grads = batched_grads
         self.rho = float(rho)
         self.rho_heads = float(rho if rho_heads is None else rho_heads)
         self.alpha = float(alpha)
@@ -557,6 +567,7 @@ class MTLSAM(torch.optim.Optimizer):
             "backend": self.backend, "rho": self.rho, "rho_heads": self.rho_heads,
             "alpha": self.alpha, "norm": self.norm, "local_grad": self.local_grad,
             "adaptive": self.adaptive, "decompose": self.decompose,
+            "batched_grads": self.batched_grads,
             "sampled_layers": [self.shared.layer_names[i] for i in self.sampled_layers],
             "layer_mode": self.layer_selector.mode,
             "num_layers": len(self.shared.layers), "shared_numel": self.shared.numel,
