@@ -150,6 +150,8 @@ class FlatParams:
             self._pack(b)
         self.numel = sum(b.numel for b in self.buckets)
         self.layer_names = [la.name for la in self.layers]
+        self.params_flat_order = [p for b in self.buckets for p in b.params]
+        self._row_views: dict[tuple, list[Tensor]] = {}
 
     # -- construction -----------------------------------------------------------------------
     @staticmethod
@@ -185,9 +187,25 @@ class FlatParams:
                 if p.grad is not g:
                     p.grad = g
 
+    def point_grads(self, rows: list[Tensor], i: int) -> None:
+        """Re-point every ``p.grad`` to its slice of row ``i`` of the ``[K, N]`` row matrices,
+        so that a backward accumulates straight into that row (no zero + backward + copy of
+        the whole buffer per task). :meth:`attach_grads` points them back. The views are
+        built once per (row matrix, i)."""
+        key = (tuple((r.data_ptr(), r.shape) for r in rows), i)
+        views = self._row_views.get(key)
+        if views is None:
+            if len(self._row_views) > 1024:  # row matrices are few and persistent
+                self._row_views.clear()
+            views = self._row_views[key] = [
+                r[i, s:s + p.numel()].view(p.shape)
+                for b, r in zip(self.buckets, rows) for p, s in zip(b.params, b.starts)]
+        for p, v in zip(self.params_flat_order, views):
+            p.grad = v
+
     def ordered_params(self) -> list[Tensor]:
         """Every parameter in flat order (bucket by bucket)."""
-        return [p for b in self.buckets for p in b.params]
+        return list(self.params_flat_order)
 
     def copy_batched(self, rows: list[Tensor], first_row: int, k: int,
                      grads: Sequence[Tensor | None]) -> None:

@@ -7,7 +7,8 @@ point; the shared update is left in the flat gradient buffer and head i's gradie
 segment of the heads' buffer, for the base optimizer to apply.
 
 Gradients reach the flat buffers because ``p.grad`` are views of them and autograd
-accumulates in place; a per-task gradient is ``zero -> backward -> copy into row i``.
+accumulates in place; for a per-task gradient the views are re-pointed at row i of the
+``[K, N]`` row matrix (zeroed once per step) for that one backward.
 """
 
 from __future__ import annotations
@@ -164,6 +165,18 @@ class Run:
         with torch.enable_grad(), _closure_contract():
             self.scaling.scaled(loss).backward(retain_graph=retain_graph)
 
+    def backward_into(self, loss: Tensor, rows: list[Tensor], i: int,
+                      retain_graph: bool = False) -> None:
+        """``loss.backward()`` with the shared gradients pointing at row ``i`` (zero before:
+        the callers zero their rows once per step), then back at the flat gradient buffer
+        before anything else (a closure that zeroes the model's gradients must not reach the
+        rows). Replaces zero + backward + copy of the whole shared buffer per task."""
+        self.shared.point_grads(rows, i)
+        try:
+            self.backward(loss, retain_graph=retain_graph)
+        finally:
+            self.shared.attach_grads()
+
     def task_grads(self, loss: Tensor, params: list[Tensor]) -> tuple[Tensor | None, ...]:
         """``autograd.grad`` of the scaled loss (the graph is kept for the later passes)."""
         with torch.enable_grad(), _closure_contract():
@@ -233,11 +246,6 @@ class Run:
 
     def grads(self) -> list[Tensor]:
         return [b.grad for b in self.shared.buckets]
-
-    def capture(self, rows: list[Tensor], i: int) -> None:
-        """Row ``i`` of the per-bucket row matrices := the current shared gradient."""
-        for r, b in zip(rows, self.shared.buckets):
-            r[i].copy_(b.grad)
 
     def true_gram(self, grams: list[Tensor]) -> Tensor:
         """The Gram matrix of the true gradients from per-bucket Grams of the (scaled) rows:
@@ -478,11 +486,10 @@ def _per_task_rows(run: Run, losses: list[Tensor], rows: list[Tensor], first_row
     k = len(losses)
     if run.opt.batched_grads and run.batched_rows(losses, rows, first_row):
         return
+    for r in rows:  # the backward passes accumulate straight into the rows
+        r[first_row:first_row + k].zero_()
     for i, loss in enumerate(losses):
-        if i:
-            run.zero_shared()
-        run.backward(loss, retain_graph=i < k - 1)
-        run.capture(rows, first_row + i)
+        run.backward_into(loss, rows, first_row + i, retain_graph=i < k - 1)
 
 
 def _finish(run: Run, rows: list[Tensor]) -> None:
@@ -580,13 +587,13 @@ def step_fmtl(run: Run) -> Tensor:
     hc = run.head_coefs() if run.heads is not None else None
     offs = [_whole(b.numel) for b in run.shared.buckets]
     coefs = [run.global_coef([r[i] for r in rows], opt.rho) for i in range(k)]
+    for r in rows:  # the SAM passes accumulate straight into rows K..2K-1
+        r[k:].zero_()
     for i in range(k):
         run.perturb_shared([r[i] for r in rows], [coefs[i].reshape(1)] * len(offs), offs)
         if hc is not None:
             run.perturb_head(i, hc)
-        run.zero_shared()
-        run.backward(run.perturbed_loss(i))
-        run.capture(rows, k + i)
+        run.backward_into(run.perturbed_loss(i), rows, k + i)
         run.finish_head(i)
     run.restore_shared()
     # SAM rows (and, with local perturbations, the loss rows too) in one phase
@@ -699,6 +706,8 @@ def step_gl(run: Run) -> Tensor:
         coef_b = coef_b * rescale  # B (r ghat) with ghat as stored
 
     rows = opt.buffers("rows", k)
+    for r in rows:  # the SAM passes accumulate straight into the rows
+        r.zero_()
     offs = [b.seg_offsets for b in sh.buckets]
     # every task's per-segment coefficients gathered once (one index per bucket, not per task)
     ca = [coef_a[:, s] for s in seg_layers]
@@ -710,9 +719,7 @@ def step_gl(run: Run) -> Tensor:
                            local_coefs=[c[i] for c in cb], tables=tables)
         if hc is not None:
             run.perturb_head(i, hc)
-        run.zero_shared()
-        run.backward(run.perturbed_loss(i))
-        run.capture(rows, i)
+        run.backward_into(run.perturbed_loss(i), rows, i)
         run.finish_head(i)
     run.restore_shared()
     run.reduce(rows, head_out=True)
