@@ -46,7 +46,7 @@ def tiny_sizes(count: int = 2000, seed: int = 0) -> list[int]:
 
 LAYOUTS: dict[str, Callable[[], list[int]]] = {"resnet18": resnet18_sizes,
                                                "tiny2000": tiny_sizes}
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def _offsets(sizes: list[int]) -> torch.Tensor:

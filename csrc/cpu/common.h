@@ -129,6 +129,14 @@ inline const float* as_acc(const c10::BFloat16* src, int64_t len, float* buf) {
   return buf;
 }
 
+inline const float* as_acc(const c10::Half* src, int64_t len, float* buf) {
+  static_assert(sizeof(c10::Half) == sizeof(uint16_t), "fp16 is 16 bits");
+  if (!widen_fp16(reinterpret_cast<const uint16_t*>(src), len, buf)) {
+    for (int64_t j = 0; j < len; ++j) buf[j] = static_cast<float>(src[j]);
+  }
+  return buf;
+}
+
 template <typename scalar_t, typename acc_t>
 inline const acc_t* as_acc(const scalar_t* src, int64_t len, acc_t* buf) {
   for (int64_t j = 0; j < len; ++j) buf[j] = static_cast<acc_t>(src[j]);

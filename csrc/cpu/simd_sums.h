@@ -41,6 +41,9 @@ void dots_sumsqs_bf16(const uint16_t* g, const uint16_t* const* v, int64_t k, in
 // bfloat16 bit patterns to float (exact: the bits shifted into the upper half), vectorised;
 // the conversion that bf16 inputs of every reduction go through.
 void widen_bf16(const uint16_t* src, int64_t n, float* dst);
+// float16 bit patterns to float with the F16C instruction when the AVX2 path is in use (true);
+// false otherwise, and the caller converts element by element (the same exact values).
+bool widen_fp16(const uint16_t* src, int64_t n, float* dst);
 // "avx2" or "baseline": the code path in use.
 const char* simd_isa();
 
