@@ -9,6 +9,7 @@
 
 #include "simd_sums.h"
 
+#include <algorithm>
 #include <cstdint>
 #include <vector>
 
@@ -141,6 +142,41 @@ template <typename scalar_t, typename acc_t>
 inline const acc_t* as_acc(const scalar_t* src, int64_t len, acc_t* buf) {
   for (int64_t j = 0; j < len; ++j) buf[j] = static_cast<acc_t>(src[j]);
   return buf;
+}
+
+// Store float results into the tensor's dtype: fp16 narrowed with F16C where available (the
+// element-by-element c10 conversion ran fp16 sub_/combine_ at 3 GB/s), others cast.
+inline void store_acc(const float* src, int64_t len, c10::Half* dst) {
+  if (!narrow_fp16(src, len, reinterpret_cast<uint16_t*>(dst))) {
+    for (int64_t j = 0; j < len; ++j) dst[j] = static_cast<c10::Half>(src[j]);
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+inline void store_acc(const acc_t* src, int64_t len, scalar_t* dst) {
+  for (int64_t j = 0; j < len; ++j) dst[j] = static_cast<scalar_t>(src[j]);
+}
+
+// r[j] := r[j] - o[j] over [0, len) in the accumulation type. fp16 goes through float
+// scratch (vectorised conversions); the other dtypes convert in the loop.
+template <typename scalar_t>
+inline void sub_range(scalar_t* r, const scalar_t* o, int64_t len) {
+  using acc_t = at::opmath_type<scalar_t>;
+  for (int64_t j = 0; j < len; ++j) {
+    r[j] = static_cast<scalar_t>(static_cast<acc_t>(r[j]) - static_cast<acc_t>(o[j]));
+  }
+}
+
+inline void sub_range(c10::Half* r, const c10::Half* o, int64_t len) {
+  constexpr int64_t kPiece = 1024;
+  float a[kPiece], b[kPiece];
+  for (int64_t s = 0; s < len; s += kPiece) {
+    const int64_t m = std::min(kPiece, len - s);
+    const float* x = as_acc(r + s, m, a);
+    const float* y = as_acc(o + s, m, b);
+    for (int64_t j = 0; j < m; ++j) a[j] = x[j] - y[j];
+    store_acc(a, m, r + s);
+  }
 }
 
 // Grain for at::parallel_for over chunks: a few chunks per task keeps scheduling cheap.

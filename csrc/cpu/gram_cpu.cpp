@@ -59,13 +59,7 @@ at::Tensor gram_impl(const at::Tensor& rows, const at::Tensor* loss) {
       for (int64_t c = cb; c < ce; ++c) {
         const int64_t b = c * kChunk, len = std::min(kChunk, n - b);
         if (lp != nullptr) {  // same arithmetic as sub_
-          for (int64_t i = 0; i < k; ++i) {
-            scalar_t* r = rp + i * n + b;
-            const scalar_t* l = lp + i * n + b;
-            for (int64_t j = 0; j < len; ++j) {
-              r[j] = static_cast<scalar_t>(static_cast<acc_t>(r[j]) - static_cast<acc_t>(l[j]));
-            }
-          }
+          for (int64_t i = 0; i < k; ++i) sub_range(rp + i * n + b, lp + i * n + b, len);
         }
         chunk_pair_dots<scalar_t, acc_t>(rp + b, n, k, len, buf, ptr,
                                          partial.data() + c * npairs);
@@ -160,17 +154,17 @@ void combine_(at::Tensor& out, const at::Tensor& rows, const at::Tensor& weights
     const scalar_t* rp = rows.data_ptr<scalar_t>();
     const acc_t* wp = w.data_ptr<acc_t>();
     at::parallel_for(0, (n + kChunk - 1) / kChunk, 1, [&](int64_t cb, int64_t ce) {
-      std::vector<acc_t> acc(kChunk);
+      std::vector<acc_t> acc(kChunk), buf(std::is_same<scalar_t, acc_t>::value ? 0 : kChunk);
       for (int64_t c = cb; c < ce; ++c) {
         const int64_t b = c * kChunk, len = std::min(kChunk, n - b);
         std::fill(acc.begin(), acc.begin() + len, acc_t(0));
         // Rows in order 0..K-1, as torch_ref.combine_ defines it.
         for (int64_t i = 0; i < k; ++i) {
-          const scalar_t* r = rp + i * n + b;
+          const acc_t* r = as_acc(rp + i * n + b, len, buf.data());
           const acc_t wi = wp[i];
-          for (int64_t j = 0; j < len; ++j) acc[j] += static_cast<acc_t>(r[j]) * wi;
+          for (int64_t j = 0; j < len; ++j) acc[j] += r[j] * wi;
         }
-        for (int64_t j = 0; j < len; ++j) op[b + j] = static_cast<scalar_t>(acc[j]);
+        store_acc(acc.data(), len, op + b);
       }
     });
   });

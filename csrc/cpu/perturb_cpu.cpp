@@ -1,10 +1,55 @@
 // Element-wise kernels: fused mix-and-perturb with backup, bit-exact restore, in-place sub.
 #include <algorithm>
+#include <cstring>
 
 #include "common.h"
 
 namespace mtlsam {
 namespace cpu {
+
+namespace {
+
+// theta = theta0 + T^2 (a g0 + bl * l) over n elements; l == nullptr: no local part. The
+// operation order matches torch_ref.mix_perturb_.
+template <typename scalar_t, typename acc_t>
+void mix_range(scalar_t* p, scalar_t* bk, const scalar_t* g, const scalar_t* l, int64_t n,
+               acc_t av, acc_t bl, bool save_backup, bool adaptive) {
+  for (int64_t j = 0; j < n; ++j) {
+    const scalar_t x0 = save_backup ? p[j] : bk[j];
+    if (save_backup) bk[j] = x0;
+    const acc_t base = static_cast<acc_t>(x0);
+    acc_t eps = av * static_cast<acc_t>(g[j]);
+    if (l != nullptr) eps += bl * static_cast<acc_t>(l[j]);
+    if (adaptive) eps *= base * base;
+    p[j] = static_cast<scalar_t>(base + eps);
+  }
+}
+
+// fp16: the same arithmetic on float pieces, converted with F16C where available (one element
+// at a time, the c10 conversions held fp16 mix_perturb_ at 3.8 GB/s).
+void mix_range(c10::Half* p, c10::Half* bk, const c10::Half* g, const c10::Half* l, int64_t n,
+               float av, float bl, bool save_backup, bool adaptive) {
+  constexpr int64_t kPiece = 1024;
+  float x[kPiece], e[kPiece], t[kPiece];
+  for (int64_t s = 0; s < n; s += kPiece) {
+    const int64_t m = std::min(kPiece, n - s);
+    if (save_backup) std::memcpy(bk + s, p + s, m * sizeof(c10::Half));
+    const float* base = as_acc(bk + s, m, x);
+    const float* gv = as_acc(g + s, m, t);
+    for (int64_t j = 0; j < m; ++j) e[j] = av * gv[j];
+    if (l != nullptr) {
+      const float* lv = as_acc(l + s, m, t);
+      for (int64_t j = 0; j < m; ++j) e[j] += bl * lv[j];
+    }
+    if (adaptive) {
+      for (int64_t j = 0; j < m; ++j) e[j] *= base[j] * base[j];
+    }
+    for (int64_t j = 0; j < m; ++j) e[j] = base[j] + e[j];
+    store_acc(e, m, p + s);
+  }
+}
+
+}  // namespace
 
 void mix_perturb_(at::Tensor& param, at::Tensor& backup, const at::Tensor& g0,
                   const at::Tensor& coef, const at::Tensor& offsets,
@@ -52,18 +97,8 @@ void mix_perturb_(at::Tensor& param, at::Tensor& backup, const at::Tensor& g0,
     const int64_t* ln = has_local ? lengths->data_ptr<int64_t>() : nullptr;
     const int64_t* ls = has_local ? local_starts->data_ptr<int64_t>() : nullptr;
 
-    // theta = theta0 + T^2 (a g0 + bl * l) on [u, v); l == nullptr: no local part. The
-    // operation order matches torch_ref.mix_perturb_.
     auto piece = [&](int64_t u, int64_t v, acc_t av, const scalar_t* l, acc_t bl) {
-      for (int64_t j = u; j < v; ++j) {
-        const scalar_t x0 = save_backup ? pp[j] : bp[j];
-        if (save_backup) bp[j] = x0;
-        const acc_t base = static_cast<acc_t>(x0);
-        acc_t eps = av * static_cast<acc_t>(gp[j]);
-        if (l != nullptr) eps += bl * static_cast<acc_t>(l[j - u]);
-        if (adaptive) eps *= base * base;
-        pp[j] = static_cast<scalar_t>(base + eps);
-      }
+      mix_range(pp + u, bp + u, gp + u, l, v - u, av, bl, save_backup, adaptive);
     };
 
     at::parallel_for(0, static_cast<int64_t>(chunks.size()), kGrain, [&](int64_t cb, int64_t ce) {
@@ -117,11 +152,7 @@ void sub_(at::Tensor& rows, const at::Tensor& other) {
     using acc_t = at::opmath_type<scalar_t>;
     scalar_t* r = rows.data_ptr<scalar_t>();
     const scalar_t* o = other.data_ptr<scalar_t>();
-    at::parallel_for(0, n, 1 << 14, [&](int64_t b, int64_t e) {
-      for (int64_t j = b; j < e; ++j) {
-        r[j] = static_cast<scalar_t>(static_cast<acc_t>(r[j]) - static_cast<acc_t>(o[j]));
-      }
-    });
+    at::parallel_for(0, n, 1 << 14, [&](int64_t b, int64_t e) { sub_range(r + b, o + b, e - b); });
   });
 }
 

@@ -44,6 +44,9 @@ void widen_bf16(const uint16_t* src, int64_t n, float* dst);
 // float16 bit patterns to float with the F16C instruction when the AVX2 path is in use (true);
 // false otherwise, and the caller converts element by element (the same exact values).
 bool widen_fp16(const uint16_t* src, int64_t n, float* dst);
+// float to float16 bit patterns (round to nearest even), F16C on the AVX2 path (true); false
+// otherwise, and the caller converts element by element (the same values).
+bool narrow_fp16(const float* src, int64_t n, uint16_t* dst);
 // "avx2" or "baseline": the code path in use.
 const char* simd_isa();
 
