@@ -297,15 +297,7 @@ class FlatParams:
                     ) -> list[Tensor]:
         """Views into row ``task`` of the compact local buffers, aligned with
         :meth:`layer_params` (so a list of per-parameter gradients can be copied in at once)."""
-        wanted = set(layer_ids)
-        views = []
-        for b, loc in zip(self.buckets, locals_):
-            m = 0
-            for p, li in zip(b.params, b.layer_of):
-                if li in wanted:
-                    views.append(loc[task, m:m + p.numel()].view(p.shape))
-                    m += p.numel()
-        return views
+        return [v[task] for v in self.local_batched_views(locals_, layer_ids)]
 
     def local_batched_views(self, locals_: list[Tensor], layer_ids: Sequence[int]
                             ) -> list[Tensor]:

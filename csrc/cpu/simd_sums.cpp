@@ -348,31 +348,17 @@ static bool use_f16c() {
 }
 #endif
 
+#ifdef MTLSAM_X86
 bool widen_fp16(const uint16_t* src, int64_t n, float* dst) {
-#ifdef MTLSAM_X86
-  if (use_f16c()) {
-    widen_fp16_f16c(src, n, dst);
-    return true;
-  }
-#endif
-  (void)src;
-  (void)n;
-  (void)dst;
-  return false;
+  return use_f16c() && (widen_fp16_f16c(src, n, dst), true);
 }
-
 bool narrow_fp16(const float* src, int64_t n, uint16_t* dst) {
-#ifdef MTLSAM_X86
-  if (use_f16c()) {
-    narrow_fp16_f16c(src, n, dst);
-    return true;
-  }
-#endif
-  (void)src;
-  (void)n;
-  (void)dst;
-  return false;
+  return use_f16c() && (narrow_fp16_f16c(src, n, dst), true);
 }
+#else
+bool widen_fp16(const uint16_t*, int64_t, float*) { return false; }
+bool narrow_fp16(const float*, int64_t, uint16_t*) { return false; }
+#endif
 
 const char* simd_isa() { return use_avx2() ? "avx2" : "baseline"; }
 
