@@ -336,6 +336,16 @@ def cross_check(name: str, torch_req: str, out: Path, work: Path, progress: Prog
     return row
 
 
+def source_commit() -> str:
+    """HEAD, with "+changes" when the package's sources differ from it (what is built is the
+    working tree)."""
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
+                          capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "setup.py", "pyproject.toml", "csrc",
+                            "mtlsam_ext"], cwd=ROOT, capture_output=True, text=True).stdout
+    return head + ("+changes" if dirty.strip() else "")
+
+
 def merge_results(header: dict, rows: list[dict], cross: list[dict]) -> list[dict]:
     """This run's rows (each stamped with command, commit, date, versions) replace the rows of
     the same entries in python/results/wheels.jsonl; rows of other entries are kept."""
@@ -423,6 +433,7 @@ def main() -> None:
         return
     args.out.mkdir(parents=True, exist_ok=True)
     args.work.mkdir(parents=True, exist_ok=True)
+    commit = source_commit()
     crosses = [] if args.no_cross else [c for c in CROSS if c[0] in names]
     progress = Progress(len(entries) + len(crosses))
     rows, cross_rows = [], []
@@ -437,8 +448,6 @@ def main() -> None:
         progress.entry(f"cross: {name} under {req}")
         cross_rows.append(cross_check(name, req, args.out, args.work, progress))
         print(f"  = {'refused cleanly' if cross_rows[-1]['ok'] else 'FAIL'}", flush=True)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
-                            capture_output=True, text=True).stdout.strip()
     header = {"command": "python python/build_wheels.py " + " ".join(sys.argv[1:]),
               "commit": commit, "date": datetime.date.today().isoformat(),
               "python": platform.python_version(),

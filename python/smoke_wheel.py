@@ -77,7 +77,7 @@ def _ops_outputs(backend: str) -> list:
     out = torch.empty(n, dtype=torch.float64)
     ops.combine_(out, rows, torch.tensor([0.5, -1.0, 2.0, 0.25]), backend=backend)
     diff = rows.clone()
-    ops.sub_(diff, x, backend=backend)
+    ops.sub_(diff, r(4, n), backend=backend)
     return [ops.segment_sumsq(x, t(offs), scale, backend=backend),
             *ops.gl_layer_stats(g0, local, st, ln, ls, scale, backend=backend),
             theta, restored, ops.gram(rows, backend=backend),
