@@ -244,4 +244,5 @@ def extension_setup() -> dict:
             "options": {"bdist_wheel": {"py_limited_api": LIMITED_API_TAG}}}
 
 
-setup(version=package_version(), **extension_setup())
+if __name__ == "__main__":  # pip and setuptools run this file as __main__; tests import it
+    setup(version=package_version(), **extension_setup())
