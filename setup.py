@@ -46,7 +46,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # CPython 3.10's limited API (abi3): the oldest Python the package supports.
 LIMITED_API_TAG = "cp310"
 # Peak resident memory of one compile job, rounded up for headroom so that MAX_JOBS never
-# outruns the memory (measured peaks: see python/results/wheels.md, column "peak MiB").
+# outruns the memory (measured peaks: see python/results/wheels/matrix.md, column "peak MiB").
 NVCC_JOB_GIB = 2.0
 CXX_JOB_GIB = 1.0
 # Python's own build flags (sysconfig CFLAGS) carry -g: debug info was 9.0 of the CPU module's

@@ -18,8 +18,9 @@ deleted afterwards. Build time and peak memory (the largest single process of th
 Cross checks (CROSS below) install a wheel under another torch of the matrix and expect the
 load guard to refuse it cleanly.
 
-Results: ``python/results/wheels.jsonl`` (one line per entry, plus a header with command,
-commit and versions) and ``python/results/wheels.md`` (the table the README shows).
+Results: ``python/results/wheels/matrix.jsonl`` (one line per entry and cross check, each with
+the command, commit and versions) and ``python/results/wheels/matrix.md`` (the table the
+README shows).
 
 Environment: ``TORCH_CUDA_ARCH_LIST`` and ``MAX_JOBS`` pass through to setup.py (defaults
 there: the arch list per toolkit, jobs bounded by free memory).
@@ -44,7 +45,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mtlsam-wheels"
-RESULTS = ROOT / "python" / "results"
+# A folder of its own: python/results/*.jsonl are training runs (python/mtl_runs.py report).
+RESULTS = ROOT / "python" / "results" / "wheels"
 # Libraries the wheel must not carry: torch's wheel (or the CUDA packages it depends on)
 # provides them, and a second copy of libgomp or libcudart in one process is a known source of
 # hangs and "invalid device context" errors.
@@ -348,8 +350,8 @@ def source_commit() -> str:
 
 def merge_results(header: dict, rows: list[dict], cross: list[dict]) -> list[dict]:
     """This run's rows (each stamped with command, commit, date, versions) replace the rows of
-    the same entries in python/results/wheels.jsonl; rows of other entries are kept."""
-    path = RESULTS / "wheels.jsonl"
+    the same entries in python/results/wheels/matrix.jsonl; rows of other entries are kept."""
+    path = RESULTS / "matrix.jsonl"
     old = []
     if path.exists():
         old = [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
@@ -363,7 +365,7 @@ def merge_results(header: dict, rows: list[dict], cross: list[dict]) -> list[dic
 
 def write_results(merged: list[dict]) -> str:
     RESULTS.mkdir(parents=True, exist_ok=True)
-    with open(RESULTS / "wheels.jsonl", "w") as f:
+    with open(RESULTS / "matrix.jsonl", "w") as f:
         for r in merged:
             f.write(json.dumps(r, sort_keys=True) + "\n")
     lines = ["| entry | wheel | size MiB | build s | peak MiB | torch | CUDA | archs | smoke "
@@ -385,7 +387,7 @@ def write_results(merged: list[dict]) -> str:
     lines += ["", "Runs: " + "; ".join(f"`{c}` at {k} on {d} (Python {p}, {m})"
                                        for c, k, d, p, m in runs)]
     text = "\n".join(lines) + "\n"
-    (RESULTS / "wheels.md").write_text(text)
+    (RESULTS / "matrix.md").write_text(text)
     return text
 
 
@@ -420,7 +422,7 @@ def main() -> None:
                     help="venvs and logs (default: ~/.cache/mtlsam-wheels/work)")
     ap.add_argument("--no-cross", action="store_true", help="skip the cross-torch checks")
     ap.add_argument("--no-results", action="store_true",
-                    help="do not write python/results/wheels.{jsonl,md}")
+                    help="do not write python/results/wheels/matrix.{jsonl,md}")
     args = ap.parse_args()
     names = [n.strip() for n in args.only.split(",")] if args.only else [e.name for e in MATRIX]
     unknown = sorted(set(names) - {e.name for e in MATRIX})
