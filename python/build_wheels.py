@@ -182,10 +182,13 @@ def cuda_home_from_packages(py: Path, entry: Entry, dest: Path) -> Path:
     roots = [site / "nvidia" / d for d in ("cuda_nvcc", "cuda_runtime", "cuda_cccl")]
     if not (roots[0] / "bin" / "nvcc").exists():
         have = sorted(str(p.relative_to(roots[0])) for p in roots[0].rglob("*")
-                      if p.is_file() and "include" not in p.parts and p.suffix != ".py")
-        raise StepError(f"{entry.toolkit[0]} has no nvcc: the package ships {have} only (no "
-                        "nvcc driver, cicc, cudafe++, fatbinary or nvlink), so it cannot "
-                        "compile .cu sources; use a full CUDA toolkit (cuda_home=...)")
+                      if p.is_file() and "include" not in p.parts
+                      and p.suffix not in (".py", ".pyc"))
+        # First line: the table's "smoke" column; the rest: the JSON record and the log.
+        raise StepError(f"{entry.toolkit[0]} has no nvcc (ships {', '.join(have)} only)\n"
+                        "No nvcc driver, cicc, cudafe++, fatbinary or nvlink: .cu sources "
+                        "cannot be compiled with it; give the entry a full CUDA toolkit "
+                        "(cuda_home=...)")
     for root in roots:
         for sub in ("bin", "include", "lib", "nvvm"):
             src = root / sub
