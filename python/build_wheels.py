@@ -6,11 +6,11 @@ each wheel in another fresh venv with its own torch.
     python python/build_wheels.py --only cu130-torch2.14,cpu
     python python/build_wheels.py                            # the whole matrix
 
-Per entry: a venv with the entry's torch (pip's download cache keeps what came over the
-network), a CUDA toolkit that matches it (a local one, or NVIDIA's pip packages assembled into a
-CUDA_HOME), ``pip wheel --no-build-isolation`` of a copy of the sources with the local version
-label set (``0.1.0+cu130torch2.14``), ``auditwheel repair`` with libtorch, libc10, the CUDA
-runtime and libgomp left out (torch provides them), then a smoke test
+Per entry: a venv with the entry's torch (through a download cache,
+``~/.cache/mtlsam-wheels/downloads``), a CUDA toolkit that matches it (a local one, or NVIDIA's
+pip packages assembled into a CUDA_HOME), ``pip wheel --no-build-isolation`` of a copy of the
+sources with the local version label set (``0.1.0+cu130torch2.14``), ``auditwheel repair`` with
+libtorch, libc10, the CUDA runtime and libgomp left out (torch provides them), then a smoke test
 (python/smoke_wheel.py) in a second fresh venv, run from a temporary directory. Both venvs are
 deleted afterwards. Build time and peak memory (the largest single process of the build, from
 ``wait4``) are recorded.
@@ -47,6 +47,8 @@ ROOT = Path(__file__).resolve().parents[1]
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mtlsam-wheels"
 # A folder of its own: python/results/*.jsonl are training runs (python/mtl_runs.py report).
 RESULTS = ROOT / "python" / "results" / "wheels"
+# Every file pip installs into the venvs, kept between runs (the CUDA entries need ~3 GB each).
+DOWNLOADS = CACHE / "downloads"
 # Libraries the wheel must not carry: torch's wheel (or the CUDA packages it depends on)
 # provides them, and a second copy of libgomp or libcudart in one process is a known source of
 # hangs and "invalid device context" errors.
@@ -166,8 +168,20 @@ def make_venv(path: Path, log: Path, progress: Progress) -> Path:
 
 
 def pip(py: Path, args: list[str], log: Path, progress: Progress, what: str) -> dict:
-    cmd = [str(py), "-m", "pip", "install", "-q", "--cache-dir", str(CACHE / "pip"), *args]
-    return run_logged(cmd, log, progress, what)
+    """Install ``args`` (requirements, or wheel files) through the download cache: ``pip
+    download`` fills DOWNLOADS (files already there are not fetched again), then the install
+    reads only from it. pip's own HTTP cache is not used: the package index here answers with
+    responses pip does not cache, so it re-downloaded multi-GB CUDA wheels per venv."""
+    DOWNLOADS.mkdir(parents=True, exist_ok=True)
+    ours = [a for a in args if a.endswith(".whl")]
+    t = run_logged([str(py), "-m", "pip", "download", "-q", "-d", str(DOWNLOADS), *args], log,
+                   progress, f"{what} (download)")
+    for w in ours:  # pip download copies local wheel files too; ours do not belong there
+        (DOWNLOADS / Path(w).name).unlink(missing_ok=True)
+    u = run_logged([str(py), "-m", "pip", "install", "-q", "--no-index", "--find-links",
+                    str(DOWNLOADS), *args], log, progress, what)
+    return {"seconds": round(t["seconds"] + u["seconds"], 1),
+            "peak_mib": max(t["peak_mib"], u["peak_mib"])}
 
 
 def py_out(py: Path, code: str) -> str:
@@ -222,8 +236,8 @@ def smoke(wheel: Path, torch_req: str, expect: str, work: Path, log: Path,
     venv = work / f"smoke-{wheel.stem[:40]}"
     py = make_venv(venv, log, progress)
     try:
-        pip(py, [torch_req], log, progress, f"smoke venv: {torch_req}")
-        pip(py, [str(wheel)], log, progress, "smoke venv: the wheel")
+        # One resolution: the wheel's own "torch>=2.1" alone would pull the newest torch.
+        pip(py, [torch_req, str(wheel)], log, progress, f"smoke venv: {torch_req} + wheel")
         with tempfile.TemporaryDirectory() as cwd:
             script = Path(cwd) / "smoke_wheel.py"
             shutil.copy2(ROOT / "python" / "smoke_wheel.py", script)
@@ -395,7 +409,7 @@ def write_results(merged: list[dict]) -> str:
 
 
 def plan(entries: list[Entry], out: Path, work: Path) -> None:
-    print(f"output: {out}\nwork dir (venvs, logs): {work}\npip cache: {CACHE / 'pip'}\n")
+    print(f"output: {out}\nwork dir (venvs, logs): {work}\ndownload cache: {DOWNLOADS}\n")
     for e in entries:
         home = e.cuda_home or ("assembled from " + ", ".join(e.toolkit) if e.toolkit else "-")
         print(f"{e.name}: mtlsam_ext+{e.label} against {e.torch} (CUDA {e.cuda or 'none'}); "
