@@ -75,7 +75,7 @@ __global__ void __launch_bounds__(kBlock)
 
 }  // namespace
 
-void combine_(const at::Tensor& out, const at::Tensor& rows, const at::Tensor& weights) {
+void combine_(at::Tensor& out, const at::Tensor& rows, const at::Tensor& weights) {
   const char* op = "combine_";
   const at::Device dev = out.device();
   check_float_tensor(op, "out", out, dev);
@@ -106,7 +106,7 @@ void combine_(const at::Tensor& out, const at::Tensor& rows, const at::Tensor& w
   });
 }
 
-void sub_(const at::Tensor& rows, const at::Tensor& other) {
+void sub_(at::Tensor& rows, const at::Tensor& other) {
   const char* op = "sub_";
   const at::Device dev = rows.device();
   check_float_tensor(op, "rows", rows, dev);

@@ -209,16 +209,16 @@ std::tuple<at::Tensor, at::Tensor> gl_layer_stats(const at::Tensor& g0, const at
                                                   const at::Tensor& lengths,
                                                   const at::Tensor& local_starts,
                                                   const c10::optional<at::Tensor>& scale);
-void mix_perturb_(const at::Tensor& param, const at::Tensor& backup, const at::Tensor& g0,
+void mix_perturb_(at::Tensor& param, at::Tensor& backup, const at::Tensor& g0,
                   const at::Tensor& coef, const at::Tensor& offsets,
                   const c10::optional<at::Tensor>& local,
                   const c10::optional<at::Tensor>& local_coef,
                   const c10::optional<at::Tensor>& starts,
                   const c10::optional<at::Tensor>& lengths,
                   const c10::optional<at::Tensor>& local_starts, bool adaptive, bool save_backup);
-void restore_(const at::Tensor& param, const at::Tensor& backup);
+void restore_(at::Tensor& param, const at::Tensor& backup);
 at::Tensor gram(const at::Tensor& rows);
-void combine_(const at::Tensor& out, const at::Tensor& rows, const at::Tensor& weights);
-void sub_(const at::Tensor& rows, const at::Tensor& other);
+void combine_(at::Tensor& out, const at::Tensor& rows, const at::Tensor& weights);
+void sub_(at::Tensor& rows, const at::Tensor& other);
 
 }  // namespace mtlsam_cuda

@@ -111,7 +111,7 @@ __global__ void __launch_bounds__(kBlock)
 
 }  // namespace
 
-void mix_perturb_(const at::Tensor& param, const at::Tensor& backup, const at::Tensor& g0,
+void mix_perturb_(at::Tensor& param, at::Tensor& backup, const at::Tensor& g0,
                   const at::Tensor& coef, const at::Tensor& offsets,
                   const c10::optional<at::Tensor>& local,
                   const c10::optional<at::Tensor>& local_coef,
@@ -208,7 +208,7 @@ void mix_perturb_(const at::Tensor& param, const at::Tensor& backup, const at::T
   });
 }
 
-void restore_(const at::Tensor& param, const at::Tensor& backup) {
+void restore_(at::Tensor& param, const at::Tensor& backup) {
   const char* op = "restore_";
   const at::Device dev = param.device();
   check_float_tensor(op, "param", param, dev);

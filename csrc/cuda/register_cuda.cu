@@ -1,4 +1,7 @@
 // Registers the CUDA kernels of the mtlsam ops (schemas in csrc/registration.cpp).
+// Each kernel's C++ signature must equal the CPU kernel's (csrc/cpu/register_cpu.cpp): the
+// dispatcher compares them when the module loads and aborts the process on a mismatch
+// ("Mismatch in kernel C++ signatures"), so mutated arguments are at::Tensor& on both.
 #include <torch/library.h>
 
 #include "common.cuh"

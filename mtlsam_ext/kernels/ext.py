@@ -1,7 +1,8 @@
 """The compiled backend: thin wrappers over the ``torch.ops.mtlsam`` ops of ``mtlsam_ext._C``.
 
-Importing this module raises ``ImportError`` when the extension was not built, which the
-dispatcher treats as "backend not available". Fake (meta) implementations are registered so
+Importing this module raises ``ImportError`` when the extension was not built or was built
+against another torch (see :mod:`mtlsam_ext.kernels.build_record`), which the dispatcher
+treats as "backend not available". Fake (meta) implementations are registered so
 the ops are traceable by ``torch.compile``.
 """
 
@@ -10,7 +11,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-import mtlsam_ext._C  # noqa: F401  (registers torch.ops.mtlsam.*)
+from mtlsam_ext.kernels.build_record import ext_status
+
+# Checks the build record against the running torch, then imports mtlsam_ext._C (which
+# registers torch.ops.mtlsam.*).
+if ext_status().module is None:
+    raise ImportError(ext_status().reason)
 
 _ops = torch.ops.mtlsam
 

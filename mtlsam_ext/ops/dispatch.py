@@ -25,6 +25,14 @@ def _load_ext() -> ModuleType | None:
         return None
 
 
+def ext_unavailable_reason() -> str | None:
+    """Why the compiled extension is not loaded (not built, built against another torch,
+    failed to load), or None when it is."""
+    from mtlsam_ext.kernels.build_record import ext_status
+
+    return ext_status().reason
+
+
 def _load_triton() -> ModuleType | None:
     try:
         return importlib.import_module("mtlsam_ext.kernels.triton_kernels")
@@ -77,8 +85,9 @@ def resolve_backend(requested: str, device: torch.device | str) -> str:
         return requested
     if requested not in usable:
         why = {
-            "ext": "the compiled extension mtlsam_ext._C is not built for this device "
-                   "(install with a C++ compiler, and a CUDA toolkit for GPU tensors)",
+            "ext": ext_unavailable_reason()
+                   or "the compiled extension mtlsam_ext._C has no kernels for this device "
+                      "(build it with a CUDA toolkit and a CUDA build of torch for GPU tensors)",
             "triton": "Triton kernels need CUDA tensors and the optional 'triton' package "
                       "(pip install mtlsam_ext[triton])",
         }[requested]

@@ -1,5 +1,9 @@
 #!/usr/bin/env bash
-# CI compile check of the CUDA kernels (csrc/cuda/*.cu): no GPU is needed, only nvcc.
+# CI check of the CUDA wheel: build the torch 2.14.1/cu130 wheel (csrc/cuda/*.cu compiled with
+# nvcc; no GPU is needed), install it into the CUDA venv and smoke-test it there
+# (python/smoke_wheel.py: it loads, the CPU ops and MTLSAM steps of backend="ext" equal the torch
+# backend, the CUDA kernels are registered), then install it under torch 2.13.0 (CPU) in a fresh
+# venv, where the load guard must refuse it with one warning.
 #
 # - A throwaway venv (${TMPDIR:-/tmp}/mtlsam-cuda-venv, reused when present) gets the CUDA 13.0
 #   build of torch (torch==2.14.1, from the local wheel mirror) with the runtime libraries it needs
@@ -7,21 +11,24 @@
 #   build tools. The local CUDA toolkit (CUDA_HOME) only needs nvcc and the CUDA runtime headers:
 #   the kernels include c10/cuda headers, not ATen/cuda/CUDAContext.h (which needs cuBLAS/cuSPARSE
 #   headers).
-# - The extension is built with MTLSAM_FORCE_CUDA=1 from a copy of the sources, into a temporary
-#   build directory, so nothing (.so, build/, egg-info) is left in the source tree.
+# - The wheel is built with MTLSAM_FORCE_CUDA=1 and `pip wheel --no-build-isolation` from a copy
+#   of the sources in a temporary directory, so nothing (.so, build/, egg-info) is left in the
+#   source tree. The arch list is two archs (8.0;9.0), not the release default, to keep CI
+#   time: the release wheels come from python/build_wheels.py.
 # - Warnings policy: every nvcc compilation (our .cu files) runs with
 #   NVCC_APPEND_FLAGS="-Werror=all-warnings -Xcompiler=-Wall,-Wextra,-Werror": device-side and
 #   host-side warnings in our code fail the check. torch's include directories are added again
 #   with -isystem, so torch's own headers (which have unused parameters) are not held to these
 #   flags. The C++ sources (registration.cpp, csrc/cpu) keep setup.py's -Wall.
 # Environment: CUDA_HOME (default /usr/local/cuda), TORCH_CUDA_ARCH_LIST (default "8.0;9.0"),
-# MAX_JOBS (default 2), MTLSAM_CUDA_VENV (venv path), MTLSAM_TORCH_CUDA (torch requirement).
+# MAX_JOBS (default 2), MTLSAM_CUDA_VENV (venv path), MTLSAM_TORCH_CUDA (torch requirement),
+# MTLSAM_CROSS_TORCH (the torch the wheel must be refused under; default torch==2.13.0).
 set -euo pipefail
 start=$(date +%s)
 src="$(cd "$(dirname "$0")/.." && pwd)"
 export CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}"
 if [ ! -x "$CUDA_HOME/bin/nvcc" ]; then
-    echo "cuda_compile_check: nvcc not found under CUDA_HOME=$CUDA_HOME" >&2
+    echo "cuda_wheel_check: nvcc not found under CUDA_HOME=$CUDA_HOME" >&2
     exit 1
 fi
 venv="${MTLSAM_CUDA_VENV:-${TMPDIR:-/tmp}/mtlsam-cuda-venv}"
@@ -33,14 +40,14 @@ py="$venv/bin/python"
 if ! "$py" -c "import torch, sys; sys.exit(0 if torch.version.cuda else 1)" 2>/dev/null; then
     "$py" -m pip install -q "$torch_req"
 fi
-"$py" -m pip install -q numpy 'setuptools>=77' wheel ninja
-"$py" -c "import torch; print('cuda_compile_check: torch', torch.__version__, 'CUDA', torch.version.cuda)"
+"$py" -m pip install -q numpy 'setuptools>=77' wheel ninja scipy tqdm
+"$py" -c "import torch; print('cuda_wheel_check: torch', torch.__version__, 'CUDA', torch.version.cuda)"
 
 tmp="$(mktemp -d "${TMPDIR:-/tmp}/mtlsam-cuda-build.XXXXXX")"
 trap 'rm -rf "$tmp"' EXIT
 # A copy of the sources (not the venvs or build outputs of the checkout).
 mkdir -p "$tmp/src"
-( cd "$src" && tar cf - --exclude=./.venv --exclude=./build --exclude='*.so' --exclude=./.git \
+( cd "$src" && tar cf - --exclude=./.venv --exclude=./build --exclude='*.so' --exclude=./.git --exclude=_build_info.json \
       setup.py pyproject.toml README.md csrc mtlsam_ext ) | ( cd "$tmp/src" && tar xf - )
 cd "$tmp/src"
 export MTLSAM_FORCE_CUDA=1
@@ -51,16 +58,34 @@ torch_isystem=$("$py" -c "from torch.utils import cpp_extension as c; print(' '.
 export NVCC_APPEND_FLAGS="${NVCC_APPEND_FLAGS:+$NVCC_APPEND_FLAGS }$torch_isystem -Werror=all-warnings -Xcompiler=-Wall,-Wextra,-Werror"
 export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-8.0;9.0}" MAX_JOBS="${MAX_JOBS:-2}"
 export PATH="$venv/bin:$CUDA_HOME/bin:$PATH"
-"$py" setup.py -q build_ext --build-temp "$tmp/build" --build-lib "$tmp/lib"
-so=$(find "$tmp/lib" -name '_C*.so' | head -n 1)
-if [ -z "$so" ]; then
-    echo "cuda_compile_check: no extension was built" >&2
+export MTLSAM_LOCAL_VERSION=cu130torch2.14
+"$py" -m pip wheel -q --no-build-isolation --no-deps -w "$tmp/wheels" .
+wheel=$(find "$tmp/wheels" -name 'mtlsam_ext-*.whl' | head -n 1)
+if [ -z "$wheel" ]; then
+    echo "cuda_wheel_check: no wheel was built" >&2
     exit 1
 fi
+so="$tmp/_C.so"
+unzip -p "$wheel" 'mtlsam_ext/_C.abi3.so' > "$so"
 # The CUDA kernels must be in the library (a dispatch name of csrc/cuda/reduce.cu). grep reads
 # the file itself: no pipe whose early exit pipefail would turn into a failure.
 if ! grep -a -q "mtlsam_segment_sumsq" "$so"; then
-    echo "cuda_compile_check: $so has no CUDA kernels" >&2
+    echo "cuda_wheel_check: $(basename "$wheel") has no CUDA kernels" >&2
     exit 1
 fi
-echo "cuda_compile_check: built $(basename "$so") with CUDA kernels in $(( $(date +%s) - start )) s"
+echo "cuda_wheel_check: built $(basename "$wheel") in $(( $(date +%s) - start )) s"
+
+# Smoke test from the installed wheel, run outside the source tree (python -I: neither the
+# script's directory nor the working directory is on sys.path).
+mkdir -p "$tmp/run"
+cp "$src/python/smoke_wheel.py" "$tmp/run/"
+cd "$tmp/run"
+"$py" -m pip install -q --no-deps --force-reinstall "$wheel"
+"$py" -I smoke_wheel.py --expect loads
+"$py" -m pip uninstall -q -y mtlsam_ext
+
+# The load guard for real: the torch 2.14 wheel under torch 2.13 must be refused cleanly.
+python3 -m venv "$tmp/cross-venv"
+"$tmp/cross-venv/bin/python" -m pip install -q "${MTLSAM_CROSS_TORCH:-torch==2.13.0}" "$wheel"
+"$tmp/cross-venv/bin/python" -I smoke_wheel.py --expect refused
+echo "cuda_wheel_check: wheel built and smoke-tested in $(( $(date +%s) - start )) s"

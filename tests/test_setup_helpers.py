@@ -1,0 +1,66 @@
+"""Build settings computed by setup.py: version labels, arch lists per toolkit, the nvcc/torch
+CUDA check, MAX_JOBS bounded by memory. setup.py is imported as a module (it only calls
+setup() when run as __main__)."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def setup_py():
+    spec = importlib.util.spec_from_file_location("mtlsam_setup", ROOT / "setup.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_local_version(setup_py, monkeypatch):
+    monkeypatch.delenv("MTLSAM_LOCAL_VERSION", raising=False)
+    base = setup_py.package_version()
+    assert "+" not in base
+    monkeypatch.setenv("MTLSAM_LOCAL_VERSION", "cu130torch2.14")
+    assert setup_py.package_version() == base + "+cu130torch2.14"
+    monkeypatch.setenv("MTLSAM_LOCAL_VERSION", "CU130-torch")
+    with pytest.raises(ValueError, match="local version label"):
+        setup_py.package_version()
+
+
+def test_arch_list_per_toolkit(setup_py):
+    assert setup_py.default_arch_list("12.6.85") == "8.0;8.6;8.9;9.0+PTX"
+    assert setup_py.default_arch_list("12.8.93") == "8.0;8.6;8.9;9.0;10.0;12.0+PTX"
+    assert setup_py.default_arch_list("13.0.88") == "8.0;8.6;8.9;9.0;10.0;12.0+PTX"
+
+
+def test_nvcc_major_must_match_torch(setup_py):
+    setup_py.check_nvcc_matches_torch("13.0.88", "13.0")
+    setup_py.check_nvcc_matches_torch("12.8.93", "12.6")  # minor differences are fine
+    with pytest.raises(RuntimeError, match="CUDA 13.0.88 but torch was built with CUDA 12.8"):
+        setup_py.check_nvcc_matches_torch("13.0.88", "12.8")
+
+
+def test_max_jobs_bounded_by_memory(setup_py, monkeypatch):
+    monkeypatch.delenv("MAX_JOBS", raising=False)
+    jobs = setup_py.bounded_max_jobs(1.0)
+    assert 1 <= jobs
+    # A job size larger than any machine's memory leaves one job, whatever MAX_JOBS asks.
+    monkeypatch.setenv("MAX_JOBS", "64")
+    assert setup_py.bounded_max_jobs(1e9) == 1
+    monkeypatch.setenv("MAX_JOBS", "zero")
+    with pytest.raises(ValueError, match="MAX_JOBS"):
+        setup_py.bounded_max_jobs(1.0)
+
+
+def test_build_wheels_plan():
+    """The build program's plan mode lists every matrix entry and runs nothing."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, str(ROOT / "python/build_wheels.py"), "--plan"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    for name in ("cpu:", "cu130-torch2.14:", "cu130-torch2.11:", "cu128-torch2.9:", "cross:"):
+        assert name in done.stdout
