@@ -27,9 +27,14 @@ void chunk_pair_dots(const scalar_t* base, int64_t stride, int64_t k, int64_t le
   }
 }
 
-// Gram of the [K, N] rows; with `loss`, first rows -= loss in place (chunk by chunk, the stored
-// rounded value being the one the Gram sees), so F-MTL's flat rows and their Gram take one pass.
-at::Tensor gram_impl(const at::Tensor& rows, const at::Tensor* loss) {
+// Per-segment Grams [S, K, K] of the [K, N] rows (segment s spans columns [offsets[s],
+// offsets[s + 1]); the whole-matrix Gram is the one-segment case). With `loss`, first
+// rows -= loss in place (chunk by chunk, the stored rounded value being the one the Gram sees),
+// so F-MTL's flat rows and their Gram take one pass. The chunks never straddle a segment; each
+// chunk's K(K+1)/2 partials come from one read of its K row pieces, and each segment sums its
+// chunks' partials in chunk order, so the result does not depend on the thread count.
+at::Tensor grams_impl(const at::Tensor& rows, const at::Tensor* loss,
+                      const at::Tensor& offsets) {
   TORCH_CHECK(rows.device().is_cpu(), "rows must be a CPU tensor");
   TORCH_CHECK(rows.dim() == 2 && rows.is_contiguous(), "rows must be a contiguous [K, N] matrix");
   TORCH_CHECK(at::isFloatingType(rows.scalar_type()), "rows must be floating point");
@@ -40,57 +45,6 @@ at::Tensor gram_impl(const at::Tensor& rows, const at::Tensor* loss) {
                 "loss must match the rows' shape and dtype");
   }
   const int64_t k = rows.size(0), n = rows.size(1);
-  const auto acc_type = rows.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  at::Tensor out = at::zeros({k, k}, rows.options().dtype(acc_type));
-  const int64_t npairs = k * (k + 1) / 2;
-  const int64_t nchunks = (n + kChunk - 1) / kChunk;
-  if (k == 0 || nchunks == 0) return out;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, rows.scalar_type(), "gram", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    scalar_t* rp = static_cast<scalar_t*>(rows.data_ptr());
-    const scalar_t* lp = loss ? loss->data_ptr<scalar_t>() : nullptr;
-    // One read of the matrix: every chunk of all K rows is loaded once (into L2) and all
-    // K(K+1)/2 inner products of the chunk are taken from there.
-    std::vector<acc_t> partial(nchunks * npairs);
-    at::parallel_for(0, nchunks, 1, [&](int64_t cb, int64_t ce) {
-      std::vector<acc_t> buf;
-      if (std::is_same<scalar_t, at::Half>::value) buf.resize(k * kChunk);
-      std::vector<const void*> ptr(k);
-      for (int64_t c = cb; c < ce; ++c) {
-        const int64_t b = c * kChunk, len = std::min(kChunk, n - b);
-        if (lp != nullptr) {  // same arithmetic as sub_
-          for (int64_t i = 0; i < k; ++i) sub_range(rp + i * n + b, lp + i * n + b, len);
-        }
-        chunk_pair_dots<scalar_t, acc_t>(rp + b, n, k, len, buf, ptr,
-                                         partial.data() + c * npairs);
-      }
-    });
-    acc_t* g = out.data_ptr<acc_t>();
-    int64_t q = 0;
-    for (int64_t i = 0; i < k; ++i) {
-      for (int64_t j = i; j < k; ++j, ++q) {
-        acc_t s = 0;
-        for (int64_t c = 0; c < nchunks; ++c) s += partial[c * npairs + q];
-        g[i * k + j] = s;
-        g[j * k + i] = s;
-      }
-    }
-  });
-  return out;
-}
-
-}  // namespace
-
-at::Tensor gram(const at::Tensor& rows) { return gram_impl(rows, nullptr); }
-
-// Per-segment Grams [S, K, K]: the chunks never straddle a segment, each chunk's K(K+1)/2
-// partials are taken from one read of its K row pieces (as in gram_impl), and each segment
-// sums its chunks' partials in chunk order, so the result does not depend on threads.
-at::Tensor segment_gram(const at::Tensor& rows, const at::Tensor& offsets) {
-  TORCH_CHECK(rows.device().is_cpu(), "rows must be a CPU tensor");
-  TORCH_CHECK(rows.dim() == 2 && rows.is_contiguous(), "rows must be a contiguous [K, N] matrix");
-  TORCH_CHECK(at::isFloatingType(rows.scalar_type()), "rows must be floating point");
-  const int64_t k = rows.size(0), n = rows.size(1);
   check_offsets(offsets, n);
   const int64_t nseg = offsets.numel() - 1;
   const auto acc_type = rows.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
@@ -99,10 +53,10 @@ at::Tensor segment_gram(const at::Tensor& rows, const at::Tensor& offsets) {
   const int64_t nchunks = static_cast<int64_t>(chunks.size());
   const int64_t npairs = k * (k + 1) / 2;
   if (k == 0 || nchunks == 0) return out;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, rows.scalar_type(), "segment_gram",
-                                  [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, rows.scalar_type(), "gram", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* rp = rows.data_ptr<scalar_t>();
+    scalar_t* rp = static_cast<scalar_t*>(rows.data_ptr());
+    const scalar_t* lp = loss ? loss->data_ptr<scalar_t>() : nullptr;
     std::vector<acc_t> partial(nchunks * npairs);
     at::parallel_for(0, nchunks, 1, [&](int64_t cb, int64_t ce) {
       std::vector<acc_t> buf;
@@ -110,6 +64,9 @@ at::Tensor segment_gram(const at::Tensor& rows, const at::Tensor& offsets) {
       std::vector<const void*> ptr(k);
       for (int64_t c = cb; c < ce; ++c) {
         const int64_t b = chunks[c].begin, len = chunks[c].end - b;
+        if (lp != nullptr) {  // same arithmetic as sub_
+          for (int64_t i = 0; i < k; ++i) sub_range(rp + i * n + b, lp + i * n + b, len);
+        }
         chunk_pair_dots<scalar_t, acc_t>(rp + b, n, k, len, buf, ptr,
                                          partial.data() + c * npairs);
       }
@@ -133,7 +90,22 @@ at::Tensor segment_gram(const at::Tensor& rows, const at::Tensor& offsets) {
   return out;
 }
 
-at::Tensor flat_gram_(at::Tensor& sam, const at::Tensor& loss) { return gram_impl(sam, &loss); }
+// The whole matrix as one segment: [K, K].
+at::Tensor whole_gram(const at::Tensor& rows, const at::Tensor* loss) {
+  TORCH_CHECK(rows.dim() == 2, "rows must be a contiguous [K, N] matrix");
+  const at::Tensor whole = at::tensor({int64_t{0}, rows.size(1)}, at::kLong);
+  return grams_impl(rows, loss, whole).reshape({rows.size(0), rows.size(0)});
+}
+
+}  // namespace
+
+at::Tensor gram(const at::Tensor& rows) { return whole_gram(rows, nullptr); }
+
+at::Tensor segment_gram(const at::Tensor& rows, const at::Tensor& offsets) {
+  return grams_impl(rows, nullptr, offsets);
+}
+
+at::Tensor flat_gram_(at::Tensor& sam, const at::Tensor& loss) { return whole_gram(sam, &loss); }
 
 void combine_(at::Tensor& out, const at::Tensor& rows, const at::Tensor& weights) {
   check_flat(out, "out");
