@@ -19,7 +19,8 @@ weights) belongs to its first layer.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import contextlib
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -152,6 +153,7 @@ class FlatParams:
         self.layer_names = [la.name for la in self.layers]
         self.params_flat_order = [p for b in self.buckets for p in b.params]
         self._row_views: dict[tuple, list[Tensor]] = {}
+        self._slots: list[list[tuple[nn.Module, str]]] = []
 
     # -- construction -----------------------------------------------------------------------
     @staticmethod
@@ -248,6 +250,51 @@ class FlatParams:
     def new_rows(self, k: int) -> list[Tensor]:
         """Per bucket an uninitialised ``[k, N_b]`` matrix: one row per task gradient."""
         return [torch.empty(k, b.numel, dtype=b.dtype, device=b.device) for b in self.buckets]
+
+    # -- re-parametrisation (batched points) --------------------------------------------------
+    def find_owners(self, roots: Iterable[object]) -> list[str]:
+        """Find, under the given root modules, every ``(module, attribute)`` slot that holds one
+        of these parameters (a tied parameter has several), for :meth:`reparametrized`.
+
+        Returns the names of parameters no module holds (empty when all are found): those
+        were given as bare tensors, so no module attribute can be swapped for them."""
+        slots: dict[int, list[tuple[nn.Module, str]]] = {id(p): [] for p in self.params}
+        seen: set[int] = set()
+        for root in roots:
+            if not isinstance(root, nn.Module):
+                continue
+            for mod in root.modules():
+                if id(mod) in seen:
+                    continue
+                seen.add(id(mod))
+                for name, p in mod._parameters.items():
+                    if p is not None and id(p) in slots:
+                        slots[id(p)].append((mod, name))
+        self._slots = [slots[id(p)] for p in self.params_flat_order]
+        return [n for b in self.buckets for p, n in zip(b.params, b.names) if not slots[id(p)]]
+
+    def param_views(self, rows: Sequence[Tensor]) -> list[Tensor]:
+        """Per-parameter views (shape of the parameter) of one flat row per bucket, in
+        :meth:`ordered_params` order; works on vmapped (batched) rows."""
+        return [r[s:s + p.numel()].view(p.shape)
+                for b, r in zip(self.buckets, rows) for p, s in zip(b.params, b.starts)]
+
+    @contextlib.contextmanager
+    def reparametrized(self, tensors: Sequence[Tensor]) -> Iterator[None]:
+        """Within the block every module slot found by :meth:`find_owners` holds the given
+        tensor instead of its parameter (``tensors`` in :meth:`ordered_params` order), the way
+        ``torch.func.functional_call`` swaps them; the parameters are put back on exit, also
+        when the block raises."""
+        saved: list[tuple[nn.Module, str, Tensor]] = []
+        try:
+            for slots, t in zip(self._slots, tensors):
+                for mod, name in slots:
+                    saved.append((mod, name, mod._parameters[name]))
+                    mod._parameters[name] = t
+            yield
+        finally:
+            for mod, name, p in reversed(saved):
+                mod._parameters[name] = p
 
     # -- layers -------------------------------------------------------------------------------
     def layer_index(self, spec: int | str) -> int:

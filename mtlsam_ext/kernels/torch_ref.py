@@ -109,6 +109,29 @@ def mix_perturb_(param: Tensor, backup: Tensor, g0: Tensor, coef: Tensor, offset
     param.copy_((base + eps).to(param.dtype))
 
 
+def perturb_points_(out: Tensor, theta: Tensor, directions: Tensor, coefs: Tensor,
+                    offsets: Tensor, local: Tensor | None = None,
+                    local_coefs: Tensor | None = None, starts: Tensor | None = None,
+                    lengths: Tensor | None = None, local_starts: Tensor | None = None,
+                    adaptive: bool = False) -> None:
+    """All K perturbed points at once: ``out[i] = theta + T^2 (A_i d_i + B_i ghat_i)``.
+
+    Row ``i`` is exactly what :func:`mix_perturb_` writes into the parameters for task ``i``
+    (``coefs[i]`` per segment, direction ``directions[i]``, or ``directions[0]`` for every task
+    when it has one row, local row ``local[i]`` scaled by ``local_coefs[i]`` per sampled
+    segment), so the batched passes evaluate the same points, bit for bit, as the sequential
+    ones: the global-local ``eps_hat_{i,sh}`` (report, Alg. 1) or F-MTL's per-task
+    ``eps_i = rho g_i / ||g_i||`` (Phan et al., Alg. 1 line 3). ``T = |theta|`` when
+    ``adaptive``. ``theta`` is only read.
+    """
+    shared_dir = directions.shape[0] == 1
+    for i in range(out.shape[0]):
+        mix_perturb_(out[i], theta, directions[0 if shared_dir else i], coefs[i], offsets,
+                     None if local is None else local[i],
+                     None if local_coefs is None else local_coefs[i], starts, lengths,
+                     local_starts, adaptive=adaptive, save_backup=False)
+
+
 def restore_(param: Tensor, backup: Tensor) -> None:
     """Bit-exact restore of ``theta0`` saved by :func:`mix_perturb_`."""
     param.copy_(backup)

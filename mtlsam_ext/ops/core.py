@@ -65,6 +65,53 @@ def mix_perturb_(param: Tensor, backup: Tensor, g0: Tensor, coef: Tensor, offset
                                     lengths, local_starts, adaptive, save_backup)
 
 
+def perturb_points_(out: Tensor, theta: Tensor, directions: Tensor, coefs: Tensor,
+                    offsets: Tensor, local: Tensor | None = None,
+                    local_coefs: Tensor | None = None, starts: Tensor | None = None,
+                    lengths: Tensor | None = None, local_starts: Tensor | None = None, *,
+                    adaptive: bool = False, backend: str = "auto") -> None:
+    """``out[i] = theta + T^2 (A_i d_i + B_i ghat_i)`` for all K points in one call (the
+    parameters of every perturbed pass, for the batched passes); see
+    :func:`mtlsam_ext.kernels.torch_ref.perturb_points_`."""
+    validate.rows("out", out)
+    validate.flat("theta", theta, like=None)
+    if theta.dtype != out.dtype or theta.device != out.device or theta.numel() != out.shape[1]:
+        raise ValueError(f"theta must be a flat {out.dtype} tensor of {out.shape[1]} elements on "
+                         f"{out.device}, got {theta.dtype} {tuple(theta.shape)} on {theta.device}")
+    k, n = out.shape
+    validate.rows("directions", directions, n)
+    if directions.shape[0] not in (1, k) or directions.dtype != out.dtype \
+            or directions.device != out.device:
+        raise ValueError(f"directions must be [1, {n}] or [{k}, {n}] {out.dtype} rows on "
+                         f"{out.device}, got {directions.dtype} {tuple(directions.shape)}")
+    validate.offsets("offsets", offsets, n)
+    if coefs.shape != (k, offsets.numel() - 1):
+        raise ValueError(f"coefs must be [{k}, {offsets.numel() - 1}] (task x segment), got "
+                         f"{tuple(coefs.shape)}")
+    if local is not None:
+        validate.rows("local", local)
+        if local.shape[0] != k or local.dtype != out.dtype or local.device != out.device:
+            raise ValueError(f"local must be [{k}, M] {out.dtype} rows on {out.device}")
+        if local_coefs is None or starts is None or lengths is None or local_starts is None:
+            raise ValueError("local needs local_coefs, starts, lengths and local_starts")
+        validate.sampled(starts, lengths, local_starts, n, local.shape[1])
+        if local_coefs.shape != (k, starts.numel()):
+            raise ValueError(f"local_coefs must be [{k}, {starts.numel()}] (task x sampled "
+                             f"segment), got {tuple(local_coefs.shape)}")
+    mod = _k(backend, out)
+    fused = getattr(mod, "perturb_points_", None)
+    if fused is not None:
+        fused(out, theta, directions, coefs, offsets, local, local_coefs, starts, lengths,
+              local_starts, adaptive)
+        return
+    # No fused kernel in this backend: its single-point kernel once per row (same bits).
+    for i in range(k):
+        mod.mix_perturb_(out[i], theta, directions[0 if directions.shape[0] == 1 else i],
+                         coefs[i], offsets, None if local is None else local[i],
+                         None if local_coefs is None else local_coefs[i], starts, lengths,
+                         local_starts, adaptive, False)
+
+
 def restore_(param: Tensor, backup: Tensor, *, backend: str = "auto") -> None:
     """Bit-exact restore of the parameters saved by :func:`mix_perturb_`."""
     validate.flat("param", param)

@@ -8,11 +8,12 @@ import torch
 from torch import Tensor
 
 
-def as_loss_list(out: object, k: int | None) -> list[Tensor]:
+def as_loss_list(out: object, k: int | None, graph: bool = True) -> list[Tensor]:
     """The closure's K task losses as a list of scalar tensors with a graph.
 
     Raises ``ValueError`` naming the problem: wrong container, wrong count, non-scalar loss,
-    or a loss that does not require grad (computed under ``no_grad`` or detached).
+    or a loss that does not require grad (computed under ``no_grad`` or detached; not checked
+    with ``graph=False``: under vmap a loss is a batched wrapper that hides its graph).
     """
     if isinstance(out, Tensor):
         if out.dim() != 1:
@@ -36,7 +37,7 @@ def as_loss_list(out: object, k: int | None) -> list[Tensor]:
             raise ValueError(f"loss {i} must be a scalar, got shape {tuple(loss.shape)}")
         if not loss.dtype.is_floating_point:
             raise ValueError(f"loss {i} must be floating point, got {loss.dtype}")
-        if not loss.requires_grad or loss.grad_fn is None:
+        if graph and (not loss.requires_grad or loss.grad_fn is None):
             raise ValueError(f"loss {i} has no autograd graph (computed under no_grad, "
                              "detached, or independent of the parameters)")
     return [loss.reshape(()) for loss in losses]

@@ -24,6 +24,7 @@ from torch import Tensor
 
 from mtlsam_ext import ops
 from mtlsam_ext.optim.amp import Scaling
+from mtlsam_ext.optim.batched import AGREE, BatchedError, point_losses, timer
 from mtlsam_ext.optim.checks import finite_report
 from mtlsam_ext.optim.closure import CONTRACT, accepts_task
 from mtlsam_ext.optim.perturbation import global_local_coefs, safe_scale
@@ -106,6 +107,7 @@ class Run:
         self.head_dir = opt.buffers("head_dir", 1, self.heads) if self.heads else []
         self.head_out = opt.buffers("head_out", 1, self.heads) if self.heads else []
         self.on_commit: list[Callable[[], None]] = []
+        self.clock = timer(self.shared.device)
 
     # -- closure and losses ---------------------------------------------------------------------
     def call(self, task: int | None = None) -> list[Tensor]:
@@ -215,6 +217,13 @@ class Run:
                                            is_grads_batched=True, retain_graph=True,
                                            allow_unused=True)
         except RuntimeError as err:  # (a closure that ran backward is a ValueError already)
+            policy = self.opt.batched
+            if policy.state("grads") == "batched" and not self.opt.batched_grads:
+                raise BatchedError(f"batched=True: vmap could not run this model's backward "
+                                   f"with K batched cotangents: {err}") from err
+            if policy.state("grads") == "trial":
+                policy.fall_back("grads", f"vmap could not run this model's backward ({err})")
+                return None
             self.opt.batched_grads = False
             warnings.warn(f"batched_grads: vmap could not run this model's backward ({err}); "
                           "computing the task gradients with K backward passes", stacklevel=5)
@@ -234,6 +243,11 @@ class Run:
         if self.heads is not None:
             self.heads.add_summed_batched(got[len(shared):])
         return True
+
+    def grads_state(self) -> str:
+        """How the per-task gradients at one point are computed: ``"batched"`` (one backward
+        with K cotangents), ``"sequential"`` or ``"trial"`` (``batched="auto"``)."""
+        return "batched" if self.opt.batched_grads else self.opt.batched.state("grads")
 
     # -- gradients ------------------------------------------------------------------------------
     def zero_shared(self) -> None:
@@ -484,12 +498,149 @@ def _per_task_rows(run: Run, losses: list[Tensor], rows: list[Tensor], first_row
     loss i reaches it (checked on the first step).
     """
     k = len(losses)
-    if run.opt.batched_grads and run.batched_rows(losses, rows, first_row):
+    state = run.grads_state()
+    if state == "batched" and run.batched_rows(losses, rows, first_row):
         return
+    trial = None
+    if state == "trial":  # batched = "auto": both ways (batched first, the graph is kept)
+        trial = _trial_grads(run, losses, rows)
+        t0 = run.clock()
     for r in rows:  # the backward passes accumulate straight into the rows
         r[first_row:first_row + k].zero_()
     for i, loss in enumerate(losses):
         run.backward_into(loss, rows, first_row + i, retain_graph=i < k - 1)
+    if trial is not None:
+        run.opt.batched.record("grads", "sequential", run.clock() - t0)
+        _agree(run, "grads", [r[first_row:first_row + k] for r in rows], trial)
+
+
+def _trial_grads(run: Run, losses: list[Tensor], rows: list[Tensor]) -> list[Tensor] | None:
+    """``batched="auto"`` trial of the batched cotangents: the shared rows into scratch
+    buffers (the heads are left to the sequential passes), timed."""
+    t0 = run.clock()
+    got = run.batched_task_grads(losses, run.shared.ordered_params())
+    if got is None:
+        return None
+    scratch = [t[:len(losses)] for t in run.opt.buffers("rows_trial", len(losses))]
+    run.shared.copy_batched(scratch, 0, len(losses), got)
+    run.opt.batched.record("grads", "batched", run.clock() - t0)
+    return scratch
+
+
+def _agree(run: Run, phase: str, want: list[Tensor], got: list[Tensor] | None,
+           heads: bool = False) -> None:
+    """``batched="auto"``: a trial whose batched result differs from the sequential one (beyond
+    rounding, :data:`AGREE`) turns the phase off; trial buffers go once the phase is decided."""
+    policy = run.opt.batched
+    if got is not None and policy.state(phase) == "trial":
+        pairs = list(zip(want, got))
+        if heads and run.heads is not None:
+            pairs += [(h[0], b.grad) for h, b in zip(run.head_out, run.heads.buckets)]
+        for a, b in pairs:
+            scale = float(a.abs().max()) if a.numel() else 0.0
+            err = float((a.double() - b.double()).abs().max()) if a.numel() else 0.0
+            if not err <= AGREE[a.dtype] * max(scale, 1e-30):
+                policy.fall_back(phase, f"the batched {phase} differ from the sequential ones "
+                                 f"(max error {err:.3g} at scale {scale:.3g}; random ops or "
+                                 "state changed by the closure?)")
+                break
+    if policy.state(phase) != "trial":
+        for name in ("rows_trial", "points"):
+            if all(policy.state(p) != "trial" for p in ("points", "grads")):
+                run.opt._buffers.pop(name, None)
+
+
+def _sam_passes(run: Run, dirs: list[Tensor], coefs: list[Tensor], offs: list[Tensor],
+                rows: list[Tensor], first_row: int, hc: Tensor | None,
+                local: list[Tensor] | None = None, local_coefs: list[Tensor] | None = None,
+                tables: list | None = None) -> None:
+    """The K perturbed passes: rows ``first_row + i`` := the shared gradient of loss i at
+    ``theta + eps_i`` (``eps_i`` from row ``i`` of ``coefs`` / ``local_coefs`` / ``local`` and
+    the direction ``dirs[b][i]``, or ``dirs[b][0]`` for all), head i's SAM gradient kept by
+    :meth:`Run.finish_head`; the shared parameters are left perturbed (or not) for the
+    caller's :meth:`Run.restore_shared`. Sequential passes, or one batched pass
+    (:mod:`mtlsam_ext.optim.batched`), per ``batched``."""
+    k = run.k
+    state = run.opt.batched.state("points")
+    if state == "batched":
+        _batched_sam_passes(run, dirs, coefs, offs, rows, first_row, hc, local, local_coefs,
+                            tables)
+        return
+    t0 = run.clock() if state == "trial" else 0.0
+    for r in rows:  # the SAM passes accumulate straight into the rows
+        r[first_row:first_row + k].zero_()
+    for i in range(k):
+        run.perturb_shared([d[0 if d.shape[0] == 1 else i] for d in dirs],
+                           [c[i] for c in coefs], offs,
+                           local=None if local is None else [loc[i] for loc in local],
+                           local_coefs=None if local_coefs is None else [c[i] for c in local_coefs],
+                           tables=tables)
+        if hc is not None:
+            run.perturb_head(i, hc)
+        run.backward_into(run.perturbed_loss(i), rows, first_row + i)
+        run.finish_head(i)
+    if state == "trial":  # batched = "auto": the batched way too, into scratch rows
+        run.opt.batched.record("points", "sequential", run.clock() - t0)
+        scratch = [t[:k] for t in run.opt.buffers("rows_trial", k)]
+        t0 = run.clock()
+        try:
+            _batched_sam_passes(run, dirs, coefs, offs, scratch, 0, hc, local, local_coefs,
+                                tables, trial=True)
+        except BatchedError as err:
+            run.opt.batched.fall_back("points", str(err))
+            scratch = None
+        else:
+            run.opt.batched.record("points", "batched", run.clock() - t0)
+        _agree(run, "points", [r[first_row:first_row + k] for r in rows], scratch, heads=True)
+        if run.heads is not None:
+            run.heads.zero_grad()
+
+
+def _batched_sam_passes(run: Run, dirs: list[Tensor], coefs: list[Tensor], offs: list[Tensor],
+                        rows: list[Tensor], first_row: int, hc: Tensor | None,
+                        local: list[Tensor] | None, local_coefs: list[Tensor] | None,
+                        tables: list | None, trial: bool = False) -> None:
+    """:func:`_sam_passes` as batched passes of ``task_chunk`` points: the points written by
+    :func:`ops.perturb_points_`, one vmapped forward, one backward into the rows."""
+    opt, k, sh = run.opt, run.k, run.shared
+    chunk = min(k, opt.batched.task_chunk or k)
+    points = opt.buffers("points", chunk)
+    if hc is not None:  # every head at its own task's point; no other loss reaches it
+        for i in range(k):
+            run.perturb_head(i, hc)
+    if run.bn:
+        run.bn.restore("first")
+    run.n_calls += 1
+    randomness = "different" if opt.batched.mode is True else "error"
+    for c0 in range(0, k, chunk):
+        c1 = min(k, c0 + chunk)
+        leaves = []
+        for j, b in enumerate(sh.buckets):
+            acc = _acc(b.dtype)
+            theta = run.backup[j][0] if run.shared_saved else b.data
+            has_local = local is not None and tables[j][0].numel() > 0
+            st, ln, ls, _ = tables[j] if has_local else (None, None, None, None)
+            d = dirs[j] if dirs[j].shape[0] == 1 else dirs[j][c0:c1]
+            out = points[j][:c1 - c0]
+            ops.perturb_points_(out, theta, d, coefs[j][c0:c1].to(acc), offs[j],
+                                local[j][c0:c1] if has_local else None,
+                                local_coefs[j][c0:c1].to(acc) if has_local else None, st, ln,
+                                ls, adaptive=opt.adaptive, backend=run.be)
+            leaf = out.detach().requires_grad_(True)
+            dst = rows[j][first_row + c0:first_row + c1]
+            dst.zero_()
+            leaf.grad = dst  # the backward accumulates straight into the rows
+            leaves.append(leaf)
+        losses = point_losses(run, leaves, c0, randomness)
+        with torch.enable_grad():
+            total = losses.sum()
+        run.backward(total)
+        if not trial:
+            run.perturbed_losses.extend(losses.detach().unbind(0))
+            run.checks.append(losses.detach())
+    if not trial:
+        for i in range(k):
+            run.finish_head(i)
 
 
 def _finish(run: Run, rows: list[Tensor]) -> None:
@@ -586,15 +737,9 @@ def step_fmtl(run: Run) -> Tensor:
         run.reduce([r[:k] for r in rows], head_grads=True)
     hc = run.head_coefs() if run.heads is not None else None
     offs = [_whole(b.numel) for b in run.shared.buckets]
-    coefs = [run.global_coef([r[i] for r in rows], opt.rho) for i in range(k)]
-    for r in rows:  # the SAM passes accumulate straight into rows K..2K-1
-        r[k:].zero_()
-    for i in range(k):
-        run.perturb_shared([r[i] for r in rows], [coefs[i].reshape(1)] * len(offs), offs)
-        if hc is not None:
-            run.perturb_head(i, hc)
-        run.backward_into(run.perturbed_loss(i), rows, k + i)
-        run.finish_head(i)
+    coefs = torch.stack([run.global_coef([r[i] for r in rows], opt.rho) for i in range(k)])
+    _sam_passes(run, [r[:k] for r in rows], [coefs.reshape(k, 1)] * len(offs), offs, rows, k,
+                hc)
     run.restore_shared()
     # SAM rows (and, with local perturbations, the loss rows too) in one phase
     run.reduce([r[k:] for r in rows] if run.global_sync else rows, head_out=True)
@@ -647,17 +792,29 @@ def step_gl(run: Run) -> Tensor:
         local = [torch.zeros(k, t[3], dtype=b.dtype, device=b.device)
                  for t, b in zip(tables, sh.buckets)]
         params_s = sh.layer_params(sampled)
-        got = run.batched_task_grads(losses, params_s) if opt.batched_grads else None
-        if got is not None:  # [K, *shape] per parameter, one batched backward
-            views = sh.local_batched_views(local, sampled)
-            torch._foreach_copy_([v for v, g in zip(views, got) if g is not None],
-                                 [g for g in got if g is not None])
-        else:
+        state = run.grads_state()
+        trial = got = None
+        if state in ("batched", "trial"):
+            t0 = run.clock()
+            got = run.batched_task_grads(losses, params_s)
+            if got is not None:  # [K, *shape] per parameter, one batched backward
+                if state == "trial":  # batched = "auto": into scratch, then sequential too
+                    trial = [torch.zeros_like(t) for t in local]
+                views = sh.local_batched_views(local if trial is None else trial, sampled)
+                torch._foreach_copy_([v for v, g in zip(views, got) if g is not None],
+                                     [g for g in got if g is not None])
+                if trial is not None:
+                    opt.batched.record("grads", "batched", run.clock() - t0)
+        if trial is not None or got is None:  # sequential (also after a failed batched try)
+            t0 = run.clock()
             for i in range(k):
                 got = run.task_grads(losses[i], params_s)
                 views = sh.local_views(local, i, sampled)
                 torch._foreach_copy_([v for v, g in zip(views, got) if g is not None],
                                      [g for g in got if g is not None])
+            if trial is not None:
+                opt.batched.record("grads", "sequential", run.clock() - t0)
+                _agree(run, "grads", local, trial)
     run.zero_all()
     run.backward(run.average_loss(losses))
     g0 = opt.buffers("g0", 1)
@@ -706,21 +863,11 @@ def step_gl(run: Run) -> Tensor:
         coef_b = coef_b * rescale  # B (r ghat) with ghat as stored
 
     rows = opt.buffers("rows", k)
-    for r in rows:  # the SAM passes accumulate straight into the rows
-        r.zero_()
     offs = [b.seg_offsets for b in sh.buckets]
     # every task's per-segment coefficients gathered once (one index per bucket, not per task)
     ca = [coef_a[:, s] for s in seg_layers]
     cb = [coef_b[:, ids] for ids in samp_layers]
-    directions = [g[0] for g in g0]
-    for i in range(k):
-        run.perturb_shared(directions, [c[i] for c in ca], offs,
-                           local=[loc[i] for loc in local],
-                           local_coefs=[c[i] for c in cb], tables=tables)
-        if hc is not None:
-            run.perturb_head(i, hc)
-        run.backward_into(run.perturbed_loss(i), rows, i)
-        run.finish_head(i)
+    _sam_passes(run, g0, ca, offs, rows, 0, hc, local=local, local_coefs=cb, tables=tables)
     run.restore_shared()
     run.reduce(rows, head_out=True)
     run.heads_to_grad()

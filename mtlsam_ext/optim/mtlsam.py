@@ -19,6 +19,7 @@ from mtlsam_ext.flat import FlatParams
 from mtlsam_ext.ops.dispatch import check_backend_name, resolve_backend
 from mtlsam_ext.optim import methods
 from mtlsam_ext.optim.amp import init_scaler, report_found_inf, scaling_for
+from mtlsam_ext.optim.batched import BatchedPolicy, unsupported_reason
 from mtlsam_ext.optim.batchnorm import BN_STATS, RunningStats, batchnorm_modules
 from mtlsam_ext.optim.checks import reachable_leaves
 from mtlsam_ext.optim.closure import CONTRACT, parse_all, parse_one
@@ -110,6 +111,20 @@ class MTLSAM(torch.optim.Optimizer):
             backward, one warning is given and the sequential passes are used from then on.
             Off by default: on this project's CPU measurements it was not faster (README,
             "Numbers").
+        batched: run the K perturbed passes of ``gl`` and ``fmtl`` as one batched pass
+            (:mod:`mtlsam_ext.optim.batched`): the K points written as ``[K, N]`` rows by one
+            op, the closure run once under ``torch.func.vmap`` over them, one backward. ``True``
+            also computes the per-task gradients at one point with batched cotangents (as
+            ``batched_grads``). ``"auto"``: the first 3 steps run both ways (the sequential
+            result is used), check they agree and keep, per phase, whichever was faster; a
+            closure vmap cannot run falls back to the sequential passes with one warning.
+            ``False`` (default): the sequential passes. The closure must be vmappable (no
+            ``.item()``, no branching on tensor values; see ``RULES`` there); needs the shared
+            parameters held by the modules given here (or in ``bn_modules``) and
+            ``bn_stats="first"``. Equal to the sequential passes to rounding.
+        task_chunk: with ``batched``, the number of points per batched pass (``None``: all K).
+            A batched pass holds the activations of ``task_chunk`` forwards at once; smaller
+            chunks cap that memory at the cost of more, smaller passes.
     """
 
     # GradScaler hands itself to step() (grad_scaler=) instead of unscaling the gradients: the
@@ -130,7 +145,8 @@ class MTLSAM(torch.optim.Optimizer):
                  max_grad_norm: float | None = None, grad_scaler: Any = None,
                  process_group: Any = None, perturb_sync: str = "global",
                  n_sampled: int = 3, resample_every: int = 10, layer_ema: float = 0.9,
-                 batched_grads: bool = False, **base_kwargs: Any) -> None:
+                 batched_grads: bool = False, batched: bool | str = False,
+                 task_chunk: int | None = None, **base_kwargs: Any) -> None:
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
         if local_grad not in LOCAL_GRADS:
@@ -216,6 +232,20 @@ class MTLSAM(torch.optim.Optimizer):
         if not isinstance(batched_grads, bool):
             raise ValueError(f"batched_grads must be True or False, got {batched_grads!r}")
         self.batched_grads = batched_grads
+        unsupported = None
+        if batched is True or batched == "auto":
+            tied = [r for r in roots if isinstance(r, nn.Module)]
+            unsupported = unsupported_reason(
+                self.shared.find_owners(tied),
+                self.heads.find_owners(tied) if self.heads is not None else [],
+                bn_stats == "all" and bool(batchnorm_modules(roots)))
+        self.batched = BatchedPolicy(batched, task_chunk, unsupported)
+        self.batched.only({
+            "points": method in ("gl", "fmtl"),
+            "grads": method == "fmtl" or (method == "gl" and local_grad == "autograd") or (
+                method in ("erm", "sam") and self.constant_weights is None)})
+        # BatchNorm layers that normalise functionally (batch statistics) inside vmap
+        self.batched_bn = batchnorm_modules(roots)
         self.rho = float(rho)
         self.rho_heads = float(rho if rho_heads is None else rho_heads)
         self.alpha = float(alpha)
@@ -519,9 +549,10 @@ class MTLSAM(torch.optim.Optimizer):
         return all(g is None or not bool(g.ne(0).any()) for g in got)
 
     def call_closure(self, closure: Callable[..., Any], task: int | None = None,
-                     task_aware: bool = False) -> list[Tensor]:
+                     task_aware: bool = False, batched: bool = False) -> list[Tensor]:
         """Call the closure (``closure(task=...)`` when ``task_aware``) and return the K losses,
-        or ``[loss_task]`` for a task-aware call with ``task`` given."""
+        or ``[loss_task]`` for a task-aware call with ``task`` given. ``batched``: the call runs
+        under vmap (the K losses of one point; the form was fixed by the first call)."""
         with torch.enable_grad():  # step() runs under no_grad; the losses need graphs
             if not task_aware:
                 out = closure()
@@ -534,7 +565,7 @@ class MTLSAM(torch.optim.Optimizer):
                 losses = [parse_one(out, task, name)]
             else:
                 losses, names = parse_all(out, self.num_tasks, self.task_names,
-                                          self._form_fixed)
+                                          self._form_fixed, graph=not batched)
                 if not self._form_fixed:
                     self.task_names = names
                     self._form_fixed = True
@@ -568,6 +599,7 @@ class MTLSAM(torch.optim.Optimizer):
             "alpha": self.alpha, "norm": self.norm, "local_grad": self.local_grad,
             "adaptive": self.adaptive, "decompose": self.decompose,
             "batched_grads": self.batched_grads,
+            "batched": self.batched.info(),
             "sampled_layers": [self.shared.layer_names[i] for i in self.sampled_layers],
             "layer_mode": self.layer_selector.mode,
             "num_layers": len(self.shared.layers), "shared_numel": self.shared.numel,
