@@ -273,11 +273,11 @@ class FlatParams:
         self._slots = [slots[id(p)] for p in self.params_flat_order]
         return [n for b in self.buckets for p, n in zip(b.params, b.names) if not slots[id(p)]]
 
-    def param_views(self, rows: Sequence[Tensor]) -> list[Tensor]:
-        """Per-parameter views (shape of the parameter) of one flat row per bucket, in
-        :meth:`ordered_params` order; works on vmapped (batched) rows."""
-        return [r[s:s + p.numel()].view(p.shape)
-                for b, r in zip(self.buckets, rows) for p, s in zip(b.params, b.starts)]
+    def batched_param_views(self, mats: Sequence[Tensor]) -> list[Tensor]:
+        """``[R, *shape]`` views of the parameters' columns of one ``[R, N_b]`` matrix per
+        bucket, in :meth:`ordered_params` order (R points or R gradients at once)."""
+        return [m[:, s:s + p.numel()].view(m.shape[0], *p.shape)
+                for b, m in zip(self.buckets, mats) for p, s in zip(b.params, b.starts)]
 
     @contextlib.contextmanager
     def reparametrized(self, tensors: Sequence[Tensor]) -> Iterator[None]:

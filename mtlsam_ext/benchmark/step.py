@@ -157,6 +157,13 @@ OURS: dict[str, dict[str, Any]] = {
     # the K task gradients at one point as one batched backward (not in the default list)
     "fmtl-batched": dict(method="fmtl", batched_grads=True),
     "gl-autograd-batched": dict(method="gl", local_grad="autograd", batched_grads=True),
+    # the K perturbed passes as one vmapped pass (batched="points"), or both batched phases
+    # chosen by measurement on the first steps (batched="auto")
+    "fmtl-vmap": dict(method="fmtl", batched="points"),
+    "gl-lagged-vmap": dict(method="gl", local_grad="lagged", batched="points"),
+    "gl-autograd-vmap": dict(method="gl", local_grad="autograd", batched="points"),
+    "fmtl-auto": dict(method="fmtl", batched="auto"),
+    "gl-lagged-auto": dict(method="gl", local_grad="lagged", batched="auto"),
 }
 # Configurations that differ from another only by a task-aware closure (``closure(task=i)``
 # builds one head and one loss at task i's perturbed point instead of all K).
@@ -175,8 +182,11 @@ def make_optimizer(name: str, model: nn.Module, args: argparse.Namespace) -> Any
                   lr=args.lr)
     if name in OURS or name in TASK_AWARE:
         gen = torch.Generator().manual_seed(args.seed)
+        cfg = OURS[TASK_AWARE.get(name, name)]
+        if "batched" in cfg:
+            common["task_chunk"] = args.task_chunk
         return MTLSAM(model.body, torch.optim.SGD, backend=args.backend, generator=gen,
-                      **OURS[TASK_AWARE.get(name, name)], **common)
+                      **cfg, **common)
     cls, kw = NAIVE[name]
     return cls(model.body, torch.optim.SGD, seed=args.seed, **kw, **common)
 
@@ -403,6 +413,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--instr-steps", type=int, default=1,
                     help="instrumented (counting) steps per method, after the timed ones")
     ap.add_argument("--batch", type=int, default=None, help="override the model's batch")
+    ap.add_argument("--task-chunk", type=int, default=None,
+                    help="points per batched pass of the -vmap/-auto methods (default: all K)")
     ap.add_argument("--rho", type=float, default=0.05)
     ap.add_argument("--lr", type=float, default=0.01)
     ap.add_argument("--seed", type=int, default=0)

@@ -37,7 +37,7 @@ from torch import Tensor, nn
 if TYPE_CHECKING:
     from mtlsam_ext.optim.methods import Run
 
-MODES = (False, True, "auto")
+MODES = (False, True, "auto", "points")
 PHASES = ("points", "grads")
 
 #: Trial steps of ``batched="auto"``: both ways run, the faster one is kept. The first step is
@@ -75,21 +75,23 @@ class BatchedPolicy:
 
     def __init__(self, mode: bool | str, task_chunk: int | None, unsupported: str | None
                  ) -> None:
-        if mode not in MODES or (mode is not True and mode is not False and mode != "auto"):
-            raise ValueError(f"batched must be True, False or 'auto', got {mode!r}")
+        if not (mode is True or mode is False or mode in ("auto", "points")):
+            raise ValueError(f"batched must be True, False, 'auto' or 'points', got {mode!r}")
         if task_chunk is not None and not (isinstance(task_chunk, int)
                                            and not isinstance(task_chunk, bool)
                                            and task_chunk >= 1):
             raise ValueError(f"task_chunk must be None or a positive int, got {task_chunk!r}")
-        if mode is True and unsupported is not None:
-            raise ValueError(f"batched=True: {unsupported}")
+        if (mode is True or mode == "points") and unsupported is not None:
+            raise ValueError(f"batched={mode!r}: {unsupported}")
         self.mode = mode
         self.task_chunk = task_chunk
-        first = {True: "batched", False: "sequential", "auto": "trial"}[mode]
+        first = "trial" if mode == "auto" else "batched" if mode is True else "sequential"
         if unsupported is not None:
             first = "sequential"
         self.phases = {p: Phase(first, unsupported if mode == "auto" else None)
                        for p in PHASES}
+        if mode == "points":  # only the K perturbed passes (batched cotangents stay off)
+            self.phases["points"].state = "batched"
 
     def only(self, used: dict[str, bool]) -> None:
         """``"auto"`` decides only the phases this optimizer's method runs every step; the
@@ -167,15 +169,21 @@ def batch_statistics(modules: list[nn.Module]) -> Iterator[None]:
 
 
 def point_losses(run: Run, points: list[Tensor], first: int, randomness: str) -> Tensor:
-    """Forward of the K' points ``points[b][i]`` (one ``[K', N_b]`` leaf per bucket) under
-    vmap; returns ``[K']`` losses, point ``i`` taking loss ``first + i``."""
+    """Forward of K' points under vmap, given per parameter as ``[K', *shape]`` leaves (in
+    :meth:`~mtlsam_ext.flat.FlatParams.ordered_params` order); returns ``[K']`` losses, point
+    ``i`` taking loss ``first + i``.
+
+    One leaf per parameter, not one per bucket: the backward of a slice of a flat leaf would
+    fill a zero ``[K', N]`` gradient per parameter and add them up (measured here: 8 such
+    fills and adds made the MLP pass 2x slower); per-parameter leaves get their gradients
+    accumulated straight into views of the rows."""
     opt = run.opt
     shared = run.shared
     kk = points[0].shape[0]
     eye = torch.eye(run.k, device=points[0].device)[first:first + kk]
 
-    def one(rows: list[Tensor], e: Tensor) -> Tensor:
-        with shared.reparametrized(shared.param_views(rows)):
+    def one(params: list[Tensor], e: Tensor) -> Tensor:
+        with shared.reparametrized(params):
             losses = opt.call_closure(run.closure, None, run.task_aware, batched=True)
         # loss i of point i as a dot product with e_i: no indexing by a batched value
         return sum(e[j] * loss.float() if loss.dtype != torch.float64 else e[j].double() * loss

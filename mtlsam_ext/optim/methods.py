@@ -611,10 +611,10 @@ def _batched_sam_passes(run: Run, dirs: list[Tensor], coefs: list[Tensor], offs:
     if run.bn:
         run.bn.restore("first")
     run.n_calls += 1
-    randomness = "different" if opt.batched.mode is True else "error"
+    randomness = "error" if opt.batched.mode == "auto" else "different"
     for c0 in range(0, k, chunk):
         c1 = min(k, c0 + chunk)
-        leaves = []
+        pts, dsts = [], []
         for j, b in enumerate(sh.buckets):
             acc = _acc(b.dtype)
             theta = run.backup[j][0] if run.shared_saved else b.data
@@ -626,15 +626,23 @@ def _batched_sam_passes(run: Run, dirs: list[Tensor], coefs: list[Tensor], offs:
                                 local[j][c0:c1] if has_local else None,
                                 local_coefs[j][c0:c1].to(acc) if has_local else None, st, ln,
                                 ls, adaptive=opt.adaptive, backend=run.be)
-            leaf = out.detach().requires_grad_(True)
+            pts.append(out)
             dst = rows[j][first_row + c0:first_row + c1]
             dst.zero_()
-            leaf.grad = dst  # the backward accumulates straight into the rows
+            dsts.append(dst)
+        leaves = []
+        for p, g in zip(sh.batched_param_views(pts), sh.batched_param_views(dsts)):
+            leaf = p.detach().requires_grad_(True)
+            leaf.grad = g  # the backward accumulates straight into the rows
             leaves.append(leaf)
         losses = point_losses(run, leaves, c0, randomness)
         with torch.enable_grad():
             total = losses.sum()
-        run.backward(total)
+        with warnings.catch_warnings():
+            # The rows' column blocks are strided views; autograd adds into them in place
+            # all the same, and says that a dense layout "may" be faster.
+            warnings.filterwarnings("ignore", message="grad and param do not obey")
+            run.backward(total)
         if not trial:
             run.perturbed_losses.extend(losses.detach().unbind(0))
             run.checks.append(losses.detach())

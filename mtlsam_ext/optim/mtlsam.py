@@ -118,7 +118,8 @@ class MTLSAM(torch.optim.Optimizer):
             ``batched_grads``). ``"auto"``: the first 3 steps run both ways (the sequential
             result is used), check they agree and keep, per phase, whichever was faster; a
             closure vmap cannot run falls back to the sequential passes with one warning.
-            ``False`` (default): the sequential passes. The closure must be vmappable (no
+            ``"points"``: only the K perturbed passes batched. ``False`` (default): the
+            sequential passes. The closure must be vmappable (no
             ``.item()``, no branching on tensor values; see ``RULES`` there); needs the shared
             parameters held by the modules given here (or in ``bn_modules``) and
             ``bn_stats="first"``. Equal to the sequential passes to rounding.
@@ -233,7 +234,7 @@ class MTLSAM(torch.optim.Optimizer):
             raise ValueError(f"batched_grads must be True or False, got {batched_grads!r}")
         self.batched_grads = batched_grads
         unsupported = None
-        if batched is True or batched == "auto":
+        if batched is not False:
             tied = [r for r in roots if isinstance(r, nn.Module)]
             unsupported = unsupported_reason(
                 self.shared.find_owners(tied),
