@@ -24,6 +24,7 @@ METHODS = {"gl": dict(method="gl"), "gl-lagged": dict(method="gl", local_grad="l
 AGGS = ["mgda", "ls", "pcgrad", "nash"]
 WORLD = 2
 LOCAL_ORACLE = ["sam", "fmtl", "gl"]  # the methods whose local perturbation differs
+BATCHED = ["gl", "gl-lagged", "fmtl"]  # batched=True: the K perturbed passes in one vmap
 
 
 def _spawn(tmp_path, scenarios, world=WORLD):
@@ -47,6 +48,11 @@ def ranks(tmp_path_factory):
             scenarios.append((f"local1-{name}", {"kind": "train", "cfg": cfg, "agg": "mgda",
                                                  "sync": "local", "steps": 1}))
         scenarios.append((f"nonfinite-{name}", {"kind": "nonfinite", "cfg": cfg}))
+    for name in BATCHED:
+        for sync in ("global", "local"):
+            scenarios.append((f"batched-{name}-{sync}", {
+                "kind": "train", "cfg": dict(METHODS[name], batched=True), "agg": "mgda",
+                "sync": sync}))
     scenarios.append(("wrong_k", {"kind": "wrong_k"}))
     for name in ("gl-lagged", "fmtl"):
         scenarios.append((f"resume-{name}", {"kind": "resume", "cfg": METHODS[name],
@@ -153,6 +159,21 @@ def _local_oracle(name):
     before = torch.cat([t.detach().reshape(-1) for layer in shared_layers for t in layer]
                        + [t.detach().reshape(-1) for h in heads for t in h])
     return before - 0.05 * update
+
+
+@pytest.mark.parametrize("sync", ["global", "local"])
+@pytest.mark.parametrize("name", BATCHED)
+def test_batched_passes_sync_once_per_phase_like_sequential(ranks, name, sync):
+    """batched=True under data parallelism: ranks identical, equal to the sequential passes,
+    and the same collectives (one per phase) and bytes."""
+    bat = [_ok(r[f"batched-{name}-{sync}"]) for r in ranks]
+    seq = _ok(ranks[0][f"train-{name}-mgda" if sync == "global" else f"local-{name}"])
+    for a, b in zip(bat[0]["params"], bat[1]["params"]):
+        assert torch.equal(a, b)
+    for a, b in zip(bat[0]["params"], seq["params"]):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+    assert bat[0]["info"]["communication"] == seq["info"]["communication"]
+    assert bat[0]["info"]["batched"]["points"]["state"] == "batched"
 
 
 @pytest.mark.parametrize("name", LOCAL_ORACLE)

@@ -92,6 +92,52 @@ def test_mix_perturb_and_restore(backend, layout, dtype, adaptive, with_local):
     assert torch.equal(theta, original)
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("adaptive", [False, True])
+@pytest.mark.parametrize("shape", ["gl", "fmtl"])
+def test_perturb_points(backend, layout, dtype, adaptive, shape):
+    """All K points in one call: row i equals the oracle's perturbed point of task i and,
+    bit for bit, what mix_perturb_ writes into the parameters for task i."""
+    lengths = LAYOUTS[layout]
+    offs = offsets_of(lengths)
+    n, k = offs[-1], 3
+    theta = _data(n, dtype, 11)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    coefs = torch.linspace(-0.2, 0.3, k * len(lengths), dtype=acc).reshape(k, len(lengths))
+    kw, table, local = {}, None, None
+    if shape == "gl":  # one direction g0, per-task local rows on the sampled segments
+        dirs = _data(n, dtype, 12).unsqueeze(0)
+        table = sampled_of(lengths)
+        local = _data(sum(t[1] for t in table), dtype, 13, k)
+        lcoefs = torch.linspace(0.1, -0.4, k * len(table), dtype=acc).reshape(k, len(table))
+        kw = dict(local=local, local_coefs=lcoefs, starts=_t([t[0] for t in table]),
+                  lengths=_t([t[1] for t in table]), local_starts=_t([t[2] for t in table]))
+    else:  # F-MTL: one direction per task, one coefficient per task
+        dirs = _data(n, dtype, 12, k)
+        offs = [0, n]
+        coefs = coefs[:, :1]
+    out = torch.full((k, n), 7.0, dtype=dtype)
+    before = theta.clone()
+    ops.perturb_points_(out, theta, dirs, coefs, _t(offs), adaptive=adaptive, backend=backend,
+                        **kw)
+    assert torch.equal(theta, before)
+    for i in range(k):
+        d = dirs[0 if dirs.shape[0] == 1 else i]
+        row_kw = {} if shape == "fmtl" else dict(
+            local=local[i], local_coef=kw["local_coefs"][i], starts=kw["starts"],
+            lengths=kw["lengths"], local_starts=kw["local_starts"])
+        want = oracle.perturbed(before, d, coefs[i].tolist(), offs,
+                                None if local is None else local[i],
+                                None if local is None else kw["local_coefs"][i].tolist(), table,
+                                adaptive)
+        torch.testing.assert_close(out[i].double(), want, **ELEMENTWISE[dtype])
+        single = theta.clone()
+        ops.mix_perturb_(single, torch.empty_like(single), d, coefs[i], _t(offs),
+                         adaptive=adaptive, backend=backend, **row_kw)
+        assert torch.equal(out[i], single)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 # K = 7, 9, 10: every register-tile remainder of the CPU kernel (tiles of 4 rows, 2 x 4 blocks).
 @pytest.mark.parametrize("shape", [(1, 1), (3, 257), (7, 1001), (9, 35), (10, 4099), (2, 0)])
@@ -216,6 +262,20 @@ class TestBadArguments:
     def test_sampled_out_of_range(self):
         with pytest.raises(ValueError, match="past the flat buffer"):
             ops.gl_layer_stats(torch.zeros(4), torch.zeros(2, 4), _t([2]), _t([3]), _t([0]))
+
+    def test_perturb_points_shapes(self):
+        out, theta = torch.zeros(3, 4), torch.zeros(4)
+        off = _t([0, 4])
+        with pytest.raises(ValueError, match="coefs must be"):
+            ops.perturb_points_(out, theta, torch.zeros(1, 4), torch.ones(2, 1), off)
+        with pytest.raises(ValueError, match="directions must be"):
+            ops.perturb_points_(out, theta, torch.zeros(2, 4), torch.ones(3, 1), off)
+        with pytest.raises(ValueError, match="theta must be"):
+            ops.perturb_points_(out, torch.zeros(5), torch.zeros(1, 4), torch.ones(3, 1), off)
+        with pytest.raises(ValueError, match="local needs"):
+            ops.perturb_points_(out, theta, torch.zeros(1, 4), torch.ones(3, 1), off,
+                                local=torch.zeros(3, 2))
+        assert torch.equal(out, torch.zeros(3, 4))
 
     def test_combine_weights(self):
         with pytest.raises(ValueError, match="weights"):
