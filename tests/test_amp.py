@@ -9,6 +9,7 @@ import torch
 
 from mtlsam_ext import MTLSAM
 from tests.models import BNNet, TwoTask
+from tests.tolerances import ELEMENTWISE
 
 METHODS = [dict(method="gl"), dict(method="gl", local_grad="lagged"),
            dict(method="gl", local_grad="zo", n_dirs=1), dict(method="fmtl"),
@@ -175,3 +176,34 @@ def test_bad_grad_scaler():
     m = TwoTask(k=2)
     with pytest.raises(ValueError, match="GradScaler"):
         _opt(m, dict(method="gl"), grad_scaler=object())
+
+
+@pytest.mark.parametrize("cfg", [dict(method="gl"), dict(method="gl", local_grad="lagged"),
+                                 dict(method="fmtl")], ids=["gl", "gl-lagged", "fmtl"])
+def test_batched_points_under_a_scaler_and_autocast(cfg):
+    """batched=True with a GradScaler (the one backward of the K points runs on the scaled
+    sum): the sequential trajectory in fp32 to its rounding (S = 2^k folds exactly; batched
+    GEMMs may sum in another order); with an autocast (bf16) forward, which
+    stays in effect under vmap, to bf16 rounding (batched bf16 GEMMs sum in another order).
+    SGD, not Adam: Adam's normalisation would blow rounding up to lr-sized steps."""
+    for autocast in (False, True):
+        runs = []
+        for batched in (False, True):
+            m = TwoTask(k=3)
+            scaler = _scaler(growth_interval=1)
+            opt = MTLSAM(m.body, torch.optim.SGD, heads=list(m.heads), aggregator="mgda",
+                         lr=0.1, rho=0.2, backend="torch", grad_scaler=scaler,
+                         batched=batched, **cfg)
+
+            def closure(m=m, autocast=autocast):
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                    return m.losses()
+
+            for _ in range(3):
+                scaler.step(opt, closure)
+                scaler.update()
+            assert scaler.get_scale() == 2.0**13
+            runs.append([p.detach().clone() for p in m.parameters()])
+        tol = ELEMENTWISE[torch.bfloat16 if autocast else torch.float32]
+        for a, b in zip(*runs):
+            torch.testing.assert_close(b, a, **tol)
