@@ -69,8 +69,7 @@ def test_batched_equals_sequential_cnn_with_batchnorm(name, agg):
     for batched in (False, True):
         m = BNNet(k=3, seed=2, dtype=torch.float64)
         _train(METHODS[name], batched, agg, model=m)
-        runs.append((m.snapshot() if hasattr(m, "snapshot") else
-                     [p.detach().clone() for p in m.parameters()], m.bn_state()))
+        runs.append(([p.detach().clone() for p in m.parameters()], m.bn_state()))
     _assert_same(runs[0][0], runs[1][0])
     _assert_same(list(runs[0][1].values()), list(runs[1][1].values()))
 

@@ -139,6 +139,29 @@ def _perturb_args(lengths, dtype, with_local, table_device="cpu"):
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("adaptive", [False, True])
+def test_perturb_points(layout, dtype, adaptive):
+    """All K points in one call on CUDA: row i equals the reference's point of task i (the
+    per-row kernel has the reference's rounding steps: the same bits)."""
+    lengths = LAYOUTS[layout]
+    offs, g0, _, kw, _, _, _ = _perturb_args(lengths, dtype, True)
+    k = 3
+    theta = _data(offs[-1], dtype, 6)
+    coefs = torch.linspace(-0.2, 0.3, k * len(lengths), dtype=_acc(dtype)).reshape(k, -1)
+    p = kw["starts"].numel()
+    rows_kw = dict(local=_data(kw["local"].numel(), dtype, 9, k),
+                   local_coefs=torch.linspace(0.1, -0.4, k * p, dtype=_acc(dtype)).reshape(k, p),
+                   starts=kw["starts"], lengths=kw["lengths"], local_starts=kw["local_starts"])
+    got = torch.full((k, offs[-1]), 7.0, dtype=dtype, device=DEV)
+    ref = torch.empty_like(got)
+    for out, backend in ((got, EXT), (ref, "torch")):
+        ops.perturb_points_(out, theta, g0.unsqueeze(0), coefs, _t(offs), adaptive=adaptive,
+                            backend=backend, **rows_kw)
+    assert torch.equal(got, ref)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("adaptive", [False, True])
 @pytest.mark.parametrize("with_local", [False, True])
 def test_mix_perturb_and_restore(layout, dtype, adaptive, with_local):
     lengths = LAYOUTS[layout]

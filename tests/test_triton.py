@@ -224,6 +224,37 @@ def test_mix_perturb_and_restore(layout, dtype, adaptive, with_local):
     assert torch.equal(theta, original)
 
 
+@pytest.mark.parametrize("layout", ["ragged", "many_tiny"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_perturb_points(layout, dtype, adaptive):
+    """All K points through the ops entry point with backend="triton": row i is, bit for bit
+    under the interpreter (else to rounding), the reference's point of task i."""
+    from mtlsam_ext import ops
+
+    lengths = LAYOUTS_T[layout]
+    offs = offsets_of(lengths)
+    n, k = offs[-1], 3
+    theta = _data(n, dtype, 11)
+    coefs = torch.linspace(-0.2, 0.3, k * len(lengths), dtype=_acc(dtype)).reshape(k, -1)
+    table = sampled_of(lengths)
+    kw = dict(local=_data(sum(t[1] for t in table), dtype, 13, k),
+              local_coefs=torch.linspace(0.1, -0.4, k * len(table),
+                                         dtype=_acc(dtype)).reshape(k, -1),
+              starts=_t([t[0] for t in table]), lengths=_t([t[1] for t in table]),
+              local_starts=_t([t[2] for t in table]))
+    dirs = _data(n, dtype, 12).unsqueeze(0)
+    got = torch.full((k, n), 7.0, dtype=dtype, device=DEV)
+    ops.perturb_points_(got, theta, dirs, coefs, _t(offs), adaptive=adaptive,
+                        backend="triton", **kw)
+    want = torch.empty_like(got)
+    torch_ref.perturb_points_(want, theta, dirs, coefs, _t(offs), adaptive=adaptive, **kw)
+    if config.INTERPRET:
+        assert torch.equal(got, want)
+    else:
+        torch.testing.assert_close(got, want, **ELEMENTWISE[dtype])
+
+
 def test_mix_perturb_unaligned_and_overlapping_local():
     """Sampled segments need not follow the offsets; overlapping ones defer to the reference
     (which adds both local terms)."""

@@ -26,18 +26,16 @@ from __future__ import annotations
 
 import time
 import warnings
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 if TYPE_CHECKING:
     from mtlsam_ext.optim.methods import Run
 
-MODES = (False, True, "auto", "points")
 PHASES = ("points", "grads")
 
 #: Trial steps of ``batched="auto"``: both ways run, the faster one is kept. The first step is
@@ -153,30 +151,11 @@ def timer(device: torch.device) -> Callable[[], float]:
     return now
 
 
-@contextmanager
-def batch_statistics(modules: list[nn.Module]) -> Iterator[None]:
-    """BatchNorm layers normalise with batch statistics and leave their running statistics
-    alone (what the perturbed passes do under ``bn_stats="first"``), as a functional op that
-    vmap can batch: ``track_running_stats`` off for the block."""
-    saved = [(m, m.track_running_stats) for m in modules]
-    try:
-        for m in modules:
-            m.track_running_stats = False
-        yield
-    finally:
-        for m, v in saved:
-            m.track_running_stats = v
-
-
 def point_losses(run: Run, points: list[Tensor], first: int, randomness: str) -> Tensor:
     """Forward of K' points under vmap, given per parameter as ``[K', *shape]`` leaves (in
     :meth:`~mtlsam_ext.flat.FlatParams.ordered_params` order); returns ``[K']`` losses, point
-    ``i`` taking loss ``first + i``.
-
-    One leaf per parameter, not one per bucket: the backward of a slice of a flat leaf would
-    fill a zero ``[K', N]`` gradient per parameter and add them up (measured here: 8 such
-    fills and adds made the MLP pass 2x slower); per-parameter leaves get their gradients
-    accumulated straight into views of the rows."""
+    ``i`` taking loss ``first + i`` (leaves from
+    :meth:`~mtlsam_ext.flat.FlatParams.point_leaves`)."""
     opt = run.opt
     shared = run.shared
     kk = points[0].shape[0]
@@ -190,7 +169,7 @@ def point_losses(run: Run, points: list[Tensor], first: int, randomness: str) ->
                    for j, loss in enumerate(losses))
 
     try:
-        with torch.enable_grad(), batch_statistics(opt.batched_bn):
+        with torch.enable_grad():
             return torch.func.vmap(one, randomness=randomness)(points, eye)
     except BatchedError:
         raise

@@ -11,7 +11,8 @@ back after every later forward, and puts back the pre-step values if the step fa
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
@@ -75,3 +76,18 @@ class RunningStats:
             raise RuntimeError("BatchNorm modules changed during the step")
         with torch.no_grad():
             torch._foreach_copy_(bufs, src)
+
+
+@contextmanager
+def batch_statistics(modules: list[nn.Module]) -> Iterator[None]:
+    """BatchNorm layers normalise with batch statistics and leave their running statistics
+    alone (what the perturbed passes do under ``bn_stats="first"``), as a functional op that
+    vmap can batch: ``track_running_stats`` off for the block (the batched passes only)."""
+    saved = [(m, m.track_running_stats) for m in modules]
+    try:
+        for m in modules:
+            m.track_running_stats = False
+        yield
+    finally:
+        for m, v in saved:
+            m.track_running_stats = v

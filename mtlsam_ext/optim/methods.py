@@ -25,6 +25,7 @@ from torch import Tensor
 from mtlsam_ext import ops
 from mtlsam_ext.optim.amp import Scaling
 from mtlsam_ext.optim.batched import AGREE, BatchedError, point_losses, timer
+from mtlsam_ext.optim.batchnorm import batch_statistics
 from mtlsam_ext.optim.checks import finite_report
 from mtlsam_ext.optim.closure import CONTRACT, accepts_task
 from mtlsam_ext.optim.perturbation import global_local_coefs, safe_scale
@@ -135,6 +136,17 @@ class Run:
         if first and self.bn:
             self.bn.save("first")
         return out
+
+    def call_points(self, points: list[Tensor], first: int, randomness: str) -> Tensor:
+        """One vmapped forward of the closure over a chunk of points (per-parameter
+        ``[K', *shape]`` leaves): ``[K']`` losses, point ``i`` taking loss ``first + i``. A
+        later forward of the step (never the first): the running statistics are the first
+        forward's, and BatchNorm normalises with batch statistics without touching them."""
+        if self.bn:
+            self.bn.restore("first")
+        self.n_calls += 1
+        with batch_statistics(self.opt.batched_bn):
+            return point_losses(self, points, first, randomness)
 
     def first_losses(self) -> list[Tensor]:
         losses = self.call()
@@ -544,10 +556,10 @@ def _agree(run: Run, phase: str, want: list[Tensor], got: list[Tensor] | None,
                                  f"(max error {err:.3g} at scale {scale:.3g}; random ops or "
                                  "state changed by the closure?)")
                 break
-    if policy.state(phase) != "trial":
-        for name in ("rows_trial", "points"):
-            if all(policy.state(p) != "trial" for p in ("points", "grads")):
-                run.opt._buffers.pop(name, None)
+    if all(policy.state(p) != "trial" for p in ("points", "grads")):
+        run.opt._buffers.pop("rows_trial", None)
+        if policy.state("points") != "batched":
+            run.opt._buffers.pop("points", None)
 
 
 def _sam_passes(run: Run, dirs: list[Tensor], coefs: list[Tensor], offs: list[Tensor],
@@ -591,9 +603,8 @@ def _sam_passes(run: Run, dirs: list[Tensor], coefs: list[Tensor], offs: list[Te
             scratch = None
         else:
             run.opt.batched.record("points", "batched", run.clock() - t0)
+        # (the heads' gradients the trial left are overwritten by heads_to_grad)
         _agree(run, "points", [r[first_row:first_row + k] for r in rows], scratch, heads=True)
-        if run.heads is not None:
-            run.heads.zero_grad()
 
 
 def _batched_sam_passes(run: Run, dirs: list[Tensor], coefs: list[Tensor], offs: list[Tensor],
@@ -608,9 +619,6 @@ def _batched_sam_passes(run: Run, dirs: list[Tensor], coefs: list[Tensor], offs:
     if hc is not None:  # every head at its own task's point; no other loss reaches it
         for i in range(k):
             run.perturb_head(i, hc)
-    if run.bn:
-        run.bn.restore("first")
-    run.n_calls += 1
     randomness = "error" if opt.batched.mode == "auto" else "different"
     for c0 in range(0, k, chunk):
         c1 = min(k, c0 + chunk)
@@ -630,12 +638,7 @@ def _batched_sam_passes(run: Run, dirs: list[Tensor], coefs: list[Tensor], offs:
             dst = rows[j][first_row + c0:first_row + c1]
             dst.zero_()
             dsts.append(dst)
-        leaves = []
-        for p, g in zip(sh.batched_param_views(pts), sh.batched_param_views(dsts)):
-            leaf = p.detach().requires_grad_(True)
-            leaf.grad = g  # the backward accumulates straight into the rows
-            leaves.append(leaf)
-        losses = point_losses(run, leaves, c0, randomness)
+        losses = run.call_points(sh.point_leaves(pts, dsts), c0, randomness)
         with torch.enable_grad():
             total = losses.sum()
         with warnings.catch_warnings():

@@ -233,20 +233,19 @@ class MTLSAM(torch.optim.Optimizer):
         if not isinstance(batched_grads, bool):
             raise ValueError(f"batched_grads must be True or False, got {batched_grads!r}")
         self.batched_grads = batched_grads
+        # BatchNorm layers that normalise functionally (batch statistics) inside vmap
+        self.batched_bn = batchnorm_modules(roots)
         unsupported = None
         if batched is not False:
-            tied = [r for r in roots if isinstance(r, nn.Module)]
             unsupported = unsupported_reason(
-                self.shared.find_owners(tied),
-                self.heads.find_owners(tied) if self.heads is not None else [],
-                bn_stats == "all" and bool(batchnorm_modules(roots)))
+                self.shared.find_owners(roots),
+                self.heads.find_owners(roots) if self.heads is not None else [],
+                bn_stats == "all" and bool(self.batched_bn))
         self.batched = BatchedPolicy(batched, task_chunk, unsupported)
         self.batched.only({
             "points": method in ("gl", "fmtl"),
             "grads": method == "fmtl" or (method == "gl" and local_grad == "autograd") or (
                 method in ("erm", "sam") and self.constant_weights is None)})
-        # BatchNorm layers that normalise functionally (batch statistics) inside vmap
-        self.batched_bn = batchnorm_modules(roots)
         self.rho = float(rho)
         self.rho_heads = float(rho if rho_heads is None else rho_heads)
         self.alpha = float(alpha)
