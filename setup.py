@@ -23,6 +23,10 @@ Environment knobs:
 - ``MTLSAM_LOCAL_VERSION``: PEP 440 local version label appended to the version (``cpu``,
   ``cu130torch2.14``, ...), set by python/build_wheels.py.
 - ``MTLSAM_KEEP_DEBUG=1``: keep debug info in the module (stripped by default).
+- ``MTLSAM_STABLE_ABI=1``: build against libtorch's stable ABI (``csrc/tensor_api.h``; torch
+  >= 2.10 at build time). The module then uses only C functions of libtorch and loads under every
+  torch from ``STABLE_ABI_MIN_TORCH`` on (same CUDA major for CUDA builds), not only the one it
+  was built with; the ``+cpu`` and ``+cu130`` wheels are built this way.
 
 Install with ``pip install --no-build-isolation -e .`` so that the build sees the torch that is
 already installed instead of pulling another one into an isolated environment.
@@ -55,6 +59,10 @@ CXX_JOB_GIB = 1.0
 # 9.4 MB. The linker drops it; MTLSAM_KEEP_DEBUG=1 keeps it.
 LINK_ARGS = ["-fopenmp"] + ([] if os.environ.get("MTLSAM_KEEP_DEBUG") == "1"
                             else ["-Wl,--strip-debug"])
+# The stable-ABI build targets torch 2.10 (TORCH_TARGET_VERSION): it may only use what 2.10's
+# stable C shim exports, and the load guard accepts any torch from this release on.
+STABLE_ABI_MIN_TORCH = "2.10"
+STABLE_ABI_TARGET = "0x020A000000000000"
 LOCAL_VERSION_RE = re.compile(r"^[a-z0-9]+(\.[a-z0-9]+)*$")
 
 
@@ -137,6 +145,16 @@ def bounded_max_jobs(per_job_gib: float) -> int:
     return bound
 
 
+def check_stable_abi_torch(torch_version: str) -> None:
+    """The stable-ABI build needs torch's stable headers of at least the target release."""
+    parts = torch_version.split("+")[0].split(".")
+    have = (int(parts[0]), int(parts[1]))
+    need = tuple(int(p) for p in STABLE_ABI_MIN_TORCH.split("."))
+    if have < need:
+        raise RuntimeError(f"MTLSAM_STABLE_ABI=1 needs torch >= {STABLE_ABI_MIN_TORCH} at build "
+                           f"time (its stable-ABI headers); torch {torch_version} is installed")
+
+
 def compiler_version(cxx: str) -> str:
     out = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
     return out.splitlines()[0].strip() if out else cxx
@@ -181,6 +199,12 @@ def extension_setup() -> dict:
 
     sources = _sources("csrc/registration.cpp") + _sources("csrc/cpu/*.cpp")
     cxx_flags = ["-O3", "-fopenmp", "-Wall", "-Wno-unknown-pragmas"]
+    stable = os.environ.get("MTLSAM_STABLE_ABI", "0") == "1"
+    abi_flags: list[str] = []
+    if stable:
+        check_stable_abi_torch(torch.__version__)
+        abi_flags = ["-DMTLSAM_STABLE_ABI=1", f"-DTORCH_TARGET_VERSION={STABLE_ABI_TARGET}"]
+        cxx_flags += abi_flags
     cuda_home = cpp_extension.CUDA_HOME
     nvcc = os.path.join(cuda_home, "bin", "nvcc") if cuda_home else None
     have_nvcc = bool(nvcc and os.path.exists(nvcc))
@@ -194,7 +218,8 @@ def extension_setup() -> dict:
         "cuda_archs": None,
         "compiler": compiler_version(cxx),
         "py_limited_api": LIMITED_API_TAG,
-        "stable_abi": False,
+        "stable_abi": stable,
+        "min_torch": STABLE_ABI_MIN_TORCH if stable else None,
         "build_python": platform.python_version(),
         "built_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
@@ -218,7 +243,7 @@ def extension_setup() -> dict:
             define_macros=[("MTLSAM_WITH_CUDA", "1")],
             extra_compile_args={"cxx": cxx_flags,
                                 "nvcc": ["-O3", "--expt-relaxed-constexpr",
-                                         "-Xcompiler", "-fopenmp"]},
+                                         "-Xcompiler", "-fopenmp"] + abi_flags},
             extra_link_args=LINK_ARGS, py_limited_api=True)
     else:
         os.environ["MAX_JOBS"] = str(bounded_max_jobs(CXX_JOB_GIB))

@@ -5,11 +5,11 @@
 // same results within the tolerances of tests/tolerances.py. Segment tables are int64.
 // Backends register implementations with TORCH_LIBRARY_IMPL(mtlsam, CPU|CUDA, m).
 #include <Python.h>
-#include <torch/library.h>
+#include "tensor_api.h"
 
 #include "cpu/simd_sums.h"
 
-TORCH_LIBRARY(mtlsam, m) {
+MTLSAM_LIBRARY(mtlsam, m) {
   // Per-segment sum of (T x)^2, T = scale (or 1). -> [S] in the accumulation dtype.
   m.def("segment_sumsq(Tensor x, Tensor offsets, Tensor? scale) -> Tensor");
   // Per sampled segment p and task k: <T g0, T local_k> and ||T local_k||^2. -> ([K,P], [K,P])

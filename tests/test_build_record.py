@@ -54,7 +54,8 @@ def test_stable_abi_record_spans_releases():
 
 def test_wheel_label():
     assert br.wheel_label("2.13.0+cpu", None) == "cpu"
-    assert br.wheel_label("2.14.1+cu130", "13.0") == "cu130torch2.14"
+    assert br.wheel_label("2.14.1+cu130", "13.0") == "cu130"  # the stable-ABI wheel
+    assert br.wheel_label("2.9.1", "12.8") == "cu128torch2.9"
     assert br.wheel_label("2.8.0", "12.8") == "cu128torch2.8"
 
 

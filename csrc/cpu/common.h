@@ -2,10 +2,7 @@
 // reduction independent of the thread count, and lane-split accumulation.
 #pragma once
 
-#include <ATen/ATen.h>
-#include <ATen/OpMathType.h>
-#include <ATen/Parallel.h>
-#include <torch/library.h>
+#include "../tensor_api.h"
 
 #include "simd_sums.h"
 
@@ -32,61 +29,61 @@ struct Chunk {
   int64_t end;
 };
 
-inline void check_flat(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor, got ", t.device());
-  TORCH_CHECK(t.dim() == 1, name, " must be 1-D (a flat buffer), got ", t.dim(), "-D");
-  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
-  TORCH_CHECK(at::isFloatingType(t.scalar_type()), name, " must be floating point, got ",
+inline void check_flat(const Tensor& t, const char* name) {
+  MTLSAM_CHECK(t.is_cpu(), name, " must be a CPU tensor");
+  MTLSAM_CHECK(t.dim() == 1, name, " must be 1-D (a flat buffer), got ", t.dim(), "-D");
+  MTLSAM_CHECK(t.is_contiguous(), name, " must be contiguous");
+  MTLSAM_CHECK(is_floating(t.scalar_type()), name, " must be floating point, got ",
               t.scalar_type());
 }
 
-inline void check_like(const at::Tensor& t, const at::Tensor& ref, const char* name) {
+inline void check_like(const Tensor& t, const Tensor& ref, const char* name) {
   check_flat(t, name);
-  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), name, " has dtype ", t.scalar_type(),
+  MTLSAM_CHECK(t.scalar_type() == ref.scalar_type(), name, " has dtype ", t.scalar_type(),
               ", expected ", ref.scalar_type());
-  TORCH_CHECK(t.numel() == ref.numel(), name, " has ", t.numel(), " elements, expected ",
+  MTLSAM_CHECK(t.numel() == ref.numel(), name, " has ", t.numel(), " elements, expected ",
               ref.numel());
 }
 
-inline void check_table(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU int64 tensor");
-  TORCH_CHECK(t.scalar_type() == at::kLong, name, " must be int64, got ", t.scalar_type());
-  TORCH_CHECK(t.dim() == 1 && t.is_contiguous(), name, " must be a contiguous 1-D tensor");
+inline void check_table(const Tensor& t, const char* name) {
+  MTLSAM_CHECK(t.is_cpu(), name, " must be a CPU int64 tensor");
+  MTLSAM_CHECK(t.scalar_type() == ScalarType::Long, name, " must be int64, got ", t.scalar_type());
+  MTLSAM_CHECK(t.dim() == 1 && t.is_contiguous(), name, " must be a contiguous 1-D tensor");
 }
 
 // Offsets: non-empty, starting at 0, non-decreasing, ending at n.
-inline void check_offsets(const at::Tensor& off, int64_t n) {
+inline void check_offsets(const Tensor& off, int64_t n) {
   check_table(off, "offsets");
-  TORCH_CHECK(off.numel() >= 1, "offsets must have at least one entry");
-  const int64_t* o = off.data_ptr<int64_t>();
+  MTLSAM_CHECK(off.numel() >= 1, "offsets must have at least one entry");
+  const int64_t* o = off.const_data_ptr<int64_t>();
   const int64_t s = off.numel() - 1;
-  TORCH_CHECK(o[0] == 0 && o[s] == n, "offsets must start at 0 and end at ", n, ", got [",
+  MTLSAM_CHECK(o[0] == 0 && o[s] == n, "offsets must start at 0 and end at ", n, ", got [",
               o[0], ", ..., ", o[s], "]");
   for (int64_t i = 0; i < s; ++i) {
-    TORCH_CHECK(o[i] <= o[i + 1], "offsets must be non-decreasing (at segment ", i, ")");
+    MTLSAM_CHECK(o[i] <= o[i + 1], "offsets must be non-decreasing (at segment ", i, ")");
   }
 }
 
 // Sampled table: equal lengths, ranges inside the flat buffer (n) and the local buffer (m),
 // sorted by start and non-overlapping in the flat buffer.
-inline void check_sampled(const at::Tensor& st, const at::Tensor& ln, const at::Tensor& ls,
+inline void check_sampled(const Tensor& st, const Tensor& ln, const Tensor& ls,
                           int64_t n, int64_t m) {
   check_table(st, "starts");
   check_table(ln, "lengths");
   check_table(ls, "local_starts");
-  TORCH_CHECK(st.numel() == ln.numel() && st.numel() == ls.numel(),
+  MTLSAM_CHECK(st.numel() == ln.numel() && st.numel() == ls.numel(),
               "starts, lengths and local_starts must have equal length");
-  const int64_t* s = st.data_ptr<int64_t>();
-  const int64_t* l = ln.data_ptr<int64_t>();
-  const int64_t* q = ls.data_ptr<int64_t>();
+  const int64_t* s = st.const_data_ptr<int64_t>();
+  const int64_t* l = ln.const_data_ptr<int64_t>();
+  const int64_t* q = ls.const_data_ptr<int64_t>();
   for (int64_t p = 0; p < st.numel(); ++p) {
-    TORCH_CHECK(s[p] >= 0 && l[p] >= 0 && q[p] >= 0, "sampled segment ", p,
+    MTLSAM_CHECK(s[p] >= 0 && l[p] >= 0 && q[p] >= 0, "sampled segment ", p,
                 " has negative entries");
-    TORCH_CHECK(s[p] + l[p] <= n, "sampled segment ", p, " runs past the flat buffer (", n,
+    MTLSAM_CHECK(s[p] + l[p] <= n, "sampled segment ", p, " runs past the flat buffer (", n,
                 " elements)");
-    TORCH_CHECK(q[p] + l[p] <= m, "sampled segment ", p,
+    MTLSAM_CHECK(q[p] + l[p] <= m, "sampled segment ", p,
                 " runs past the local-gradient buffer (", m, " columns)");
-    TORCH_CHECK(p == 0 || s[p - 1] + l[p - 1] <= s[p],
+    MTLSAM_CHECK(p == 0 || s[p - 1] + l[p - 1] <= s[p],
                 "sampled segments must be sorted by start and must not overlap");
   }
 }
@@ -102,12 +99,14 @@ inline std::vector<Chunk> make_chunks(const int64_t* begin, const int64_t* lengt
   return out;
 }
 
-inline std::vector<Chunk> chunks_of_offsets(const at::Tensor& offsets) {
-  const int64_t* o = offsets.data_ptr<int64_t>();
-  const int64_t nseg = offsets.numel() - 1;
+inline std::vector<Chunk> chunks_of_offsets(const int64_t* o, int64_t nseg) {
   std::vector<int64_t> len(nseg);
   for (int64_t s = 0; s < nseg; ++s) len[s] = o[s + 1] - o[s];
   return make_chunks(o, len.data(), nseg);
+}
+
+inline std::vector<Chunk> chunks_of_offsets(const Tensor& offsets) {
+  return chunks_of_offsets(offsets.const_data_ptr<int64_t>(), offsets.numel() - 1);
 }
 
 // Sum the lanes in a fixed tree order.
@@ -124,14 +123,14 @@ inline const acc_t* as_acc(const acc_t* src, int64_t, acc_t*) {
   return src;
 }
 
-inline const float* as_acc(const c10::BFloat16* src, int64_t len, float* buf) {
-  static_assert(sizeof(c10::BFloat16) == sizeof(uint16_t), "bf16 is 16 bits");
+inline const float* as_acc(const BFloat16* src, int64_t len, float* buf) {
+  static_assert(sizeof(BFloat16) == sizeof(uint16_t), "bf16 is 16 bits");
   widen_bf16(reinterpret_cast<const uint16_t*>(src), len, buf);
   return buf;
 }
 
-inline const float* as_acc(const c10::Half* src, int64_t len, float* buf) {
-  static_assert(sizeof(c10::Half) == sizeof(uint16_t), "fp16 is 16 bits");
+inline const float* as_acc(const Half* src, int64_t len, float* buf) {
+  static_assert(sizeof(Half) == sizeof(uint16_t), "fp16 is 16 bits");
   if (!widen_fp16(reinterpret_cast<const uint16_t*>(src), len, buf)) {
     for (int64_t j = 0; j < len; ++j) buf[j] = static_cast<float>(src[j]);
   }
@@ -146,9 +145,9 @@ inline const acc_t* as_acc(const scalar_t* src, int64_t len, acc_t* buf) {
 
 // Store float results into the tensor's dtype: fp16 narrowed with F16C where available (the
 // element-by-element c10 conversion ran fp16 sub_/combine_ at 3 GB/s), others cast.
-inline void store_acc(const float* src, int64_t len, c10::Half* dst) {
+inline void store_acc(const float* src, int64_t len, Half* dst) {
   if (!narrow_fp16(src, len, reinterpret_cast<uint16_t*>(dst))) {
-    for (int64_t j = 0; j < len; ++j) dst[j] = static_cast<c10::Half>(src[j]);
+    for (int64_t j = 0; j < len; ++j) dst[j] = static_cast<Half>(src[j]);
   }
 }
 
@@ -161,13 +160,13 @@ inline void store_acc(const acc_t* src, int64_t len, scalar_t* dst) {
 // scratch (vectorised conversions); the other dtypes convert in the loop.
 template <typename scalar_t>
 inline void sub_range(scalar_t* r, const scalar_t* o, int64_t len) {
-  using acc_t = at::opmath_type<scalar_t>;
+  using acc_t = opmath_t<scalar_t>;
   for (int64_t j = 0; j < len; ++j) {
     r[j] = static_cast<scalar_t>(static_cast<acc_t>(r[j]) - static_cast<acc_t>(o[j]));
   }
 }
 
-inline void sub_range(c10::Half* r, const c10::Half* o, int64_t len) {
+inline void sub_range(Half* r, const Half* o, int64_t len) {
   constexpr int64_t kPiece = 1024;
   float a[kPiece], b[kPiece];
   for (int64_t s = 0; s < len; s += kPiece) {
@@ -179,7 +178,7 @@ inline void sub_range(c10::Half* r, const c10::Half* o, int64_t len) {
   }
 }
 
-// Grain for at::parallel_for over chunks: a few chunks per task keeps scheduling cheap.
+// Grain for parallel_for over chunks: a few chunks per task keeps scheduling cheap.
 constexpr int64_t kGrain = 4;
 
 }  // namespace cpu

@@ -15,7 +15,7 @@ namespace {
 template <typename scalar_t, typename acc_t>
 void chunk_pair_dots(const scalar_t* base, int64_t stride, int64_t k, int64_t len,
                      std::vector<acc_t>& buf, std::vector<const void*>& ptr, acc_t* out) {
-  if constexpr (std::is_same<scalar_t, c10::BFloat16>::value) {
+  if constexpr (std::is_same<scalar_t, BFloat16>::value) {
     for (int64_t i = 0; i < k; ++i) ptr[i] = base + i * stride;
     pair_dots_bf16(reinterpret_cast<const uint16_t* const*>(ptr.data()), k, len, out);
   } else {
@@ -33,34 +33,35 @@ void chunk_pair_dots(const scalar_t* base, int64_t stride, int64_t k, int64_t le
 // so F-MTL's flat rows and their Gram take one pass. The chunks never straddle a segment; each
 // chunk's K(K+1)/2 partials come from one read of its K row pieces, and each segment sums its
 // chunks' partials in chunk order, so the result does not depend on the thread count.
-at::Tensor grams_impl(const at::Tensor& rows, const at::Tensor* loss,
-                      const at::Tensor& offsets) {
-  TORCH_CHECK(rows.device().is_cpu(), "rows must be a CPU tensor");
-  TORCH_CHECK(rows.dim() == 2 && rows.is_contiguous(), "rows must be a contiguous [K, N] matrix");
-  TORCH_CHECK(at::isFloatingType(rows.scalar_type()), "rows must be floating point");
+// `offs` holds nseg + 1 checked offsets; `whole` returns [K, K] instead of [1, K, K].
+Tensor grams_impl(const Tensor& rows, const Tensor* loss, const int64_t* offs, int64_t nseg,
+                  bool whole) {
+  MTLSAM_CHECK(rows.is_cpu(), "rows must be a CPU tensor");
+  MTLSAM_CHECK(rows.dim() == 2 && rows.is_contiguous(), "rows must be a contiguous [K, N] matrix");
+  MTLSAM_CHECK(is_floating(rows.scalar_type()), "rows must be floating point");
   if (loss != nullptr) {
-    TORCH_CHECK(loss->device().is_cpu() && loss->is_contiguous(), "loss must be a contiguous "
+    MTLSAM_CHECK(loss->is_cpu() && loss->is_contiguous(), "loss must be a contiguous "
                 "CPU tensor");
-    TORCH_CHECK(loss->sizes() == rows.sizes() && loss->scalar_type() == rows.scalar_type(),
-                "loss must match the rows' shape and dtype");
+    MTLSAM_CHECK(same_shape(*loss, rows) && loss->scalar_type() == rows.scalar_type(),
+                 "loss must match the rows' shape and dtype");
   }
-  const int64_t k = rows.size(0), n = rows.size(1);
-  check_offsets(offsets, n);
-  const int64_t nseg = offsets.numel() - 1;
-  const auto acc_type = rows.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  at::Tensor out = at::zeros({nseg, k, k}, rows.options().dtype(acc_type));
-  const std::vector<Chunk> chunks = chunks_of_offsets(offsets);
+  const int64_t k = rows.size(0);
+  const auto acc_type = acc_scalar_type(rows.scalar_type());
+  Tensor out = whole ? zeros_like_device(rows, {k, k}, acc_type)
+                     : zeros_like_device(rows, {nseg, k, k}, acc_type);
+  const int64_t n = rows.size(1);
+  const std::vector<Chunk> chunks = chunks_of_offsets(offs, nseg);
   const int64_t nchunks = static_cast<int64_t>(chunks.size());
   const int64_t npairs = k * (k + 1) / 2;
   if (k == 0 || nchunks == 0) return out;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, rows.scalar_type(), "gram", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    scalar_t* rp = static_cast<scalar_t*>(rows.data_ptr());
-    const scalar_t* lp = loss ? loss->data_ptr<scalar_t>() : nullptr;
+  MTLSAM_DISPATCH_FLOATING(rows.scalar_type(), "gram", [&] {
+    using acc_t = opmath_t<scalar_t>;
+    scalar_t* rp = rows.mutable_data_ptr<scalar_t>();
+    const scalar_t* lp = loss ? loss->const_data_ptr<scalar_t>() : nullptr;
     std::vector<acc_t> partial(nchunks * npairs);
-    at::parallel_for(0, nchunks, 1, [&](int64_t cb, int64_t ce) {
+    parallel_for(0, nchunks, 1, [&](int64_t cb, int64_t ce) {
       std::vector<acc_t> buf;
-      if (std::is_same<scalar_t, at::Half>::value) buf.resize(k * kChunk);
+      if (std::is_same<scalar_t, Half>::value) buf.resize(k * kChunk);
       std::vector<const void*> ptr(k);
       for (int64_t c = cb; c < ce; ++c) {
         const int64_t b = chunks[c].begin, len = chunks[c].end - b;
@@ -71,7 +72,7 @@ at::Tensor grams_impl(const at::Tensor& rows, const at::Tensor* loss,
                                          partial.data() + c * npairs);
       }
     });
-    acc_t* g = out.data_ptr<acc_t>();
+    acc_t* g = out.mutable_data_ptr<acc_t>();
     for (int64_t c = 0; c < nchunks; ++c) {  // chunk order: fixed, independent of threads
       acc_t* gs = g + chunks[c].seg * k * k;
       const acc_t* pc = partial.data() + c * npairs;
@@ -91,41 +92,44 @@ at::Tensor grams_impl(const at::Tensor& rows, const at::Tensor* loss,
 }
 
 // The whole matrix as one segment: [K, K].
-at::Tensor whole_gram(const at::Tensor& rows, const at::Tensor* loss) {
-  TORCH_CHECK(rows.dim() == 2, "rows must be a contiguous [K, N] matrix");
-  const at::Tensor whole = at::tensor({int64_t{0}, rows.size(1)}, at::kLong);
-  return grams_impl(rows, loss, whole).reshape({rows.size(0), rows.size(0)});
+Tensor whole_gram(const Tensor& rows, const Tensor* loss) {
+  MTLSAM_CHECK(rows.dim() == 2, "rows must be a contiguous [K, N] matrix");
+  const int64_t whole[2] = {0, rows.size(1)};
+  return grams_impl(rows, loss, whole, 1, /*whole=*/true);
 }
 
 }  // namespace
 
-at::Tensor gram(const at::Tensor& rows) { return whole_gram(rows, nullptr); }
+Tensor gram(const Tensor& rows) { return whole_gram(rows, nullptr); }
 
-at::Tensor segment_gram(const at::Tensor& rows, const at::Tensor& offsets) {
-  return grams_impl(rows, nullptr, offsets);
+Tensor segment_gram(const Tensor& rows, const Tensor& offsets) {
+  MTLSAM_CHECK(rows.dim() == 2, "rows must be a contiguous [K, N] matrix");
+  check_offsets(offsets, rows.size(1));
+  return grams_impl(rows, nullptr, offsets.const_data_ptr<int64_t>(), offsets.numel() - 1,
+                    /*whole=*/false);
 }
 
-at::Tensor flat_gram_(at::Tensor& sam, const at::Tensor& loss) { return whole_gram(sam, &loss); }
+Tensor flat_gram_(Tensor& sam, const Tensor& loss) { return whole_gram(sam, &loss); }
 
-void combine_(at::Tensor& out, const at::Tensor& rows, const at::Tensor& weights) {
+void combine_(Tensor& out, const Tensor& rows, const Tensor& weights) {
   check_flat(out, "out");
-  TORCH_CHECK(rows.device().is_cpu() && rows.dim() == 2 && rows.is_contiguous(),
+  MTLSAM_CHECK(rows.is_cpu() && rows.dim() == 2 && rows.is_contiguous(),
               "rows must be a contiguous [K, N] CPU matrix");
-  TORCH_CHECK(rows.scalar_type() == out.scalar_type(), "rows has dtype ", rows.scalar_type(),
+  MTLSAM_CHECK(rows.scalar_type() == out.scalar_type(), "rows has dtype ", rows.scalar_type(),
               ", expected ", out.scalar_type());
-  TORCH_CHECK(rows.size(1) == out.numel(), "rows has ", rows.size(1), " columns, expected ",
+  MTLSAM_CHECK(rows.size(1) == out.numel(), "rows has ", rows.size(1), " columns, expected ",
               out.numel());
-  TORCH_CHECK(weights.dim() == 1 && weights.numel() == rows.size(0), "weights must have ",
+  MTLSAM_CHECK(weights.dim() == 1 && weights.numel() == rows.size(0), "weights must have ",
               rows.size(0), " entries");
   const int64_t k = rows.size(0), n = rows.size(1);
-  const auto acc_type = out.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const at::Tensor w = weights.to(at::kCPU, acc_type).contiguous();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "combine_", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    scalar_t* op = out.data_ptr<scalar_t>();
-    const scalar_t* rp = rows.data_ptr<scalar_t>();
-    const acc_t* wp = w.data_ptr<acc_t>();
-    at::parallel_for(0, (n + kChunk - 1) / kChunk, 1, [&](int64_t cb, int64_t ce) {
+  const auto acc_type = acc_scalar_type(out.scalar_type());
+  const Tensor w = to_cpu_dtype_contiguous(weights, acc_type);
+  MTLSAM_DISPATCH_FLOATING(out.scalar_type(), "combine_", [&] {
+    using acc_t = opmath_t<scalar_t>;
+    scalar_t* op = out.mutable_data_ptr<scalar_t>();
+    const scalar_t* rp = rows.const_data_ptr<scalar_t>();
+    const acc_t* wp = w.const_data_ptr<acc_t>();
+    parallel_for(0, (n + kChunk - 1) / kChunk, 1, [&](int64_t cb, int64_t ce) {
       std::vector<acc_t> acc(kChunk), buf(std::is_same<scalar_t, acc_t>::value ? 0 : kChunk);
       for (int64_t c = cb; c < ce; ++c) {
         const int64_t b = c * kChunk, len = std::min(kChunk, n - b);

@@ -27,13 +27,13 @@ void mix_range(scalar_t* p, scalar_t* bk, const scalar_t* g, const scalar_t* l, 
 
 // fp16: the same arithmetic on float pieces, converted with F16C where available (one element
 // at a time, the c10 conversions held fp16 mix_perturb_ at 3.8 GB/s).
-void mix_range(c10::Half* p, c10::Half* bk, const c10::Half* g, const c10::Half* l, int64_t n,
+void mix_range(Half* p, Half* bk, const Half* g, const Half* l, int64_t n,
                float av, float bl, bool save_backup, bool adaptive) {
   constexpr int64_t kPiece = 1024;
   float x[kPiece], e[kPiece], t[kPiece];
   for (int64_t s = 0; s < n; s += kPiece) {
     const int64_t m = std::min(kPiece, n - s);
-    if (save_backup) std::memcpy(bk + s, p + s, m * sizeof(c10::Half));
+    if (save_backup) std::memcpy(bk + s, p + s, m * sizeof(Half));
     const float* base = as_acc(bk + s, m, x);
     const float* gv = as_acc(g + s, m, t);
     for (int64_t j = 0; j < m; ++j) e[j] = av * gv[j];
@@ -51,57 +51,58 @@ void mix_range(c10::Half* p, c10::Half* bk, const c10::Half* g, const c10::Half*
 
 }  // namespace
 
-void mix_perturb_(at::Tensor& param, at::Tensor& backup, const at::Tensor& g0,
-                  const at::Tensor& coef, const at::Tensor& offsets,
-                  const c10::optional<at::Tensor>& local,
-                  const c10::optional<at::Tensor>& local_coef,
-                  const c10::optional<at::Tensor>& starts,
-                  const c10::optional<at::Tensor>& lengths,
-                  const c10::optional<at::Tensor>& local_starts, bool adaptive,
+void mix_perturb_(Tensor& param, Tensor& backup, const Tensor& g0,
+                  const Tensor& coef, const Tensor& offsets,
+                  const OptionalTensor& local,
+                  const OptionalTensor& local_coef,
+                  const OptionalTensor& starts,
+                  const OptionalTensor& lengths,
+                  const OptionalTensor& local_starts, bool adaptive,
                   bool save_backup) {
   check_flat(param, "param");
   check_like(backup, param, "backup");
   check_like(g0, param, "g0");
   check_offsets(offsets, param.numel());
   const int64_t nseg = offsets.numel() - 1;
-  TORCH_CHECK(coef.dim() == 1 && coef.numel() == nseg, "coef must hold one value per segment (",
+  MTLSAM_CHECK(coef.dim() == 1 && coef.numel() == nseg, "coef must hold one value per segment (",
               nseg, "), got ", coef.numel());
   const bool has_local = local.has_value();
   int64_t np = 0;
   if (has_local) {
-    TORCH_CHECK(local_coef.has_value() && starts.has_value() && lengths.has_value() &&
+    MTLSAM_CHECK(local_coef.has_value() && starts.has_value() && lengths.has_value() &&
                     local_starts.has_value(),
                 "local needs local_coef, starts, lengths and local_starts");
     check_flat(*local, "local");
-    TORCH_CHECK(local->scalar_type() == param.scalar_type(), "local has dtype ",
+    MTLSAM_CHECK(local->scalar_type() == param.scalar_type(), "local has dtype ",
                 local->scalar_type(), ", expected ", param.scalar_type());
     check_sampled(*starts, *lengths, *local_starts, param.numel(), local->numel());
     np = starts->numel();
-    TORCH_CHECK(local_coef->dim() == 1 && local_coef->numel() == np,
+    MTLSAM_CHECK(local_coef->dim() == 1 && local_coef->numel() == np,
                 "local_coef must hold one value per sampled segment (", np, ")");
   }
-  const auto acc_type = param.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const at::Tensor a = coef.to(at::kCPU, acc_type).contiguous();
-  const at::Tensor b = has_local ? local_coef->to(at::kCPU, acc_type).contiguous() : at::Tensor();
+  const auto acc_type = acc_scalar_type(param.scalar_type());
+  const Tensor a = to_cpu_dtype_contiguous(coef, acc_type);
+  const OptionalTensor b =
+      has_local ? OptionalTensor(to_cpu_dtype_contiguous(*local_coef, acc_type)) : std::nullopt;
   const std::vector<Chunk> chunks = chunks_of_offsets(offsets);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, param.scalar_type(), "mix_perturb_",
+  MTLSAM_DISPATCH_FLOATING(param.scalar_type(), "mix_perturb_",
                                   [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    scalar_t* pp = param.data_ptr<scalar_t>();
-    scalar_t* bp = backup.data_ptr<scalar_t>();
-    const scalar_t* gp = g0.data_ptr<scalar_t>();
-    const acc_t* ap = a.data_ptr<acc_t>();
-    const scalar_t* lp = has_local ? local->data_ptr<scalar_t>() : nullptr;
-    const acc_t* bq = has_local ? b.data_ptr<acc_t>() : nullptr;
-    const int64_t* st = has_local ? starts->data_ptr<int64_t>() : nullptr;
-    const int64_t* ln = has_local ? lengths->data_ptr<int64_t>() : nullptr;
-    const int64_t* ls = has_local ? local_starts->data_ptr<int64_t>() : nullptr;
+    using acc_t = opmath_t<scalar_t>;
+    scalar_t* pp = param.mutable_data_ptr<scalar_t>();
+    scalar_t* bp = backup.mutable_data_ptr<scalar_t>();
+    const scalar_t* gp = g0.const_data_ptr<scalar_t>();
+    const acc_t* ap = a.const_data_ptr<acc_t>();
+    const scalar_t* lp = has_local ? local->const_data_ptr<scalar_t>() : nullptr;
+    const acc_t* bq = has_local ? b->const_data_ptr<acc_t>() : nullptr;
+    const int64_t* st = has_local ? starts->const_data_ptr<int64_t>() : nullptr;
+    const int64_t* ln = has_local ? lengths->const_data_ptr<int64_t>() : nullptr;
+    const int64_t* ls = has_local ? local_starts->const_data_ptr<int64_t>() : nullptr;
 
     auto piece = [&](int64_t u, int64_t v, acc_t av, const scalar_t* l, acc_t bl) {
       mix_range(pp + u, bp + u, gp + u, l, v - u, av, bl, save_backup, adaptive);
     };
 
-    at::parallel_for(0, static_cast<int64_t>(chunks.size()), kGrain, [&](int64_t cb, int64_t ce) {
+    parallel_for(0, static_cast<int64_t>(chunks.size()), kGrain, [&](int64_t cb, int64_t ce) {
       for (int64_t c = cb; c < ce; ++c) {
         const Chunk& ch = chunks[c];
         const acc_t av = ap[ch.seg];
@@ -126,14 +127,14 @@ void mix_perturb_(at::Tensor& param, at::Tensor& backup, const at::Tensor& g0,
   });
 }
 
-void restore_(at::Tensor& param, const at::Tensor& backup) {
+void restore_(Tensor& param, const Tensor& backup) {
   check_flat(param, "param");
   check_like(backup, param, "backup");
   const int64_t bytes = param.numel() * param.element_size();
-  char* dst = static_cast<char*>(param.data_ptr());
-  const char* src = static_cast<const char*>(backup.data_ptr());
+  char* dst = static_cast<char*>(param.mutable_data_ptr());
+  const char* src = static_cast<const char*>(backup.const_data_ptr());
   constexpr int64_t kBytes = 1 << 16;  // 64 KiB per task: large enough to amortise scheduling
-  at::parallel_for(0, (bytes + kBytes - 1) / kBytes, 1, [&](int64_t b, int64_t e) {
+  parallel_for(0, (bytes + kBytes - 1) / kBytes, 1, [&](int64_t b, int64_t e) {
     for (int64_t c = b; c < e; ++c) {
       const int64_t off = c * kBytes;
       std::memcpy(dst + off, src + off, std::min(kBytes, bytes - off));
@@ -141,18 +142,17 @@ void restore_(at::Tensor& param, const at::Tensor& backup) {
   });
 }
 
-void sub_(at::Tensor& rows, const at::Tensor& other) {
-  TORCH_CHECK(rows.device().is_cpu() && rows.is_contiguous() && other.is_contiguous(),
+void sub_(Tensor& rows, const Tensor& other) {
+  MTLSAM_CHECK(rows.is_cpu() && rows.is_contiguous() && other.is_contiguous(),
               "sub_ needs contiguous CPU tensors");
-  TORCH_CHECK(rows.sizes() == other.sizes() && rows.scalar_type() == other.scalar_type(),
+  MTLSAM_CHECK(same_shape(rows, other) && rows.scalar_type() == other.scalar_type(),
               "sub_ needs two tensors of equal shape and dtype");
-  TORCH_CHECK(at::isFloatingType(rows.scalar_type()), "sub_ needs floating-point tensors");
+  MTLSAM_CHECK(is_floating(rows.scalar_type()), "sub_ needs floating-point tensors");
   const int64_t n = rows.numel();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, rows.scalar_type(), "sub_", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    scalar_t* r = rows.data_ptr<scalar_t>();
-    const scalar_t* o = other.data_ptr<scalar_t>();
-    at::parallel_for(0, n, 1 << 14, [&](int64_t b, int64_t e) { sub_range(r + b, o + b, e - b); });
+  MTLSAM_DISPATCH_FLOATING(rows.scalar_type(), "sub_", [&] {
+    scalar_t* r = rows.mutable_data_ptr<scalar_t>();
+    const scalar_t* o = other.const_data_ptr<scalar_t>();
+    parallel_for(0, n, 1 << 14, [&](int64_t b, int64_t e) { sub_range(r + b, o + b, e - b); });
   });
 }
 

@@ -8,22 +8,22 @@
 namespace mtlsam {
 namespace cpu {
 
-at::Tensor segment_sumsq(const at::Tensor& x, const at::Tensor& offsets,
-                         const c10::optional<at::Tensor>& scale) {
+Tensor segment_sumsq(const Tensor& x, const Tensor& offsets,
+                         const OptionalTensor& scale) {
   check_flat(x, "x");
   check_offsets(offsets, x.numel());
   if (scale.has_value()) check_like(*scale, x, "scale");
   const int64_t nseg = offsets.numel() - 1;
-  const auto acc_type = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  at::Tensor out = at::zeros({nseg}, x.options().dtype(acc_type));
+  const auto acc_type = acc_scalar_type(x.scalar_type());
+  Tensor out = zeros_like_device(x, {nseg}, acc_type);
   const std::vector<Chunk> chunks = chunks_of_offsets(offsets);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "segment_sumsq",
+  MTLSAM_DISPATCH_FLOATING(x.scalar_type(), "segment_sumsq",
                                   [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* xp = x.data_ptr<scalar_t>();
-    const scalar_t* tp = scale.has_value() ? scale->data_ptr<scalar_t>() : nullptr;
+    using acc_t = opmath_t<scalar_t>;
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    const scalar_t* tp = scale.has_value() ? scale->const_data_ptr<scalar_t>() : nullptr;
     std::vector<acc_t> partial(chunks.size());
-    at::parallel_for(0, static_cast<int64_t>(chunks.size()), kGrain, [&](int64_t b, int64_t e) {
+    parallel_for(0, static_cast<int64_t>(chunks.size()), kGrain, [&](int64_t b, int64_t e) {
       // fp16/bf16 chunks are widened to fp32 first (a chunk fits in L1), then reduced by the
       // same vectorised code as fp32.
       std::vector<acc_t> xb, tb;
@@ -37,7 +37,7 @@ at::Tensor segment_sumsq(const at::Tensor& x, const at::Tensor& offsets,
         partial[c] = tp ? sumsq_scaled(xv, as_acc(tp + s0, n, tb.data()), n) : sumsq(xv, n);
       }
     });
-    acc_t* op = out.data_ptr<acc_t>();
+    acc_t* op = out.mutable_data_ptr<acc_t>();
     for (size_t c = 0; c < chunks.size(); ++c) op[chunks[c].seg] += partial[c];
   });
   return out;
@@ -54,7 +54,7 @@ bool stats_in_place(const scalar_t*, const scalar_t*, int64_t, int64_t, int64_t,
   return false;
 }
 
-bool stats_in_place(const c10::BFloat16* g, const c10::BFloat16* v0, int64_t stride, int64_t k,
+bool stats_in_place(const BFloat16* g, const BFloat16* v0, int64_t stride, int64_t k,
                     int64_t n, std::vector<const uint16_t*>& vh, float* d, float* q) {
   for (int64_t i = 0; i < k; ++i) vh[i] = reinterpret_cast<const uint16_t*>(v0 + i * stride);
   dots_sumsqs_bf16(reinterpret_cast<const uint16_t*>(g), vh.data(), k, n, d, q);
@@ -63,35 +63,35 @@ bool stats_in_place(const c10::BFloat16* g, const c10::BFloat16* v0, int64_t str
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> gl_layer_stats(const at::Tensor& g0, const at::Tensor& local,
-                                                  const at::Tensor& starts,
-                                                  const at::Tensor& lengths,
-                                                  const at::Tensor& local_starts,
-                                                  const c10::optional<at::Tensor>& scale) {
+std::tuple<Tensor, Tensor> gl_layer_stats(const Tensor& g0, const Tensor& local,
+                                                  const Tensor& starts,
+                                                  const Tensor& lengths,
+                                                  const Tensor& local_starts,
+                                                  const OptionalTensor& scale) {
   check_flat(g0, "g0");
-  TORCH_CHECK(local.device().is_cpu() && local.dim() == 2 && local.is_contiguous(),
+  MTLSAM_CHECK(local.is_cpu() && local.dim() == 2 && local.is_contiguous(),
               "local must be a contiguous 2-D [K, M] CPU tensor");
-  TORCH_CHECK(local.scalar_type() == g0.scalar_type(), "local has dtype ", local.scalar_type(),
+  MTLSAM_CHECK(local.scalar_type() == g0.scalar_type(), "local has dtype ", local.scalar_type(),
               ", expected ", g0.scalar_type());
   if (scale.has_value()) check_like(*scale, g0, "scale");
   const int64_t k = local.size(0), m = local.size(1);
   check_sampled(starts, lengths, local_starts, g0.numel(), m);
   const int64_t np = starts.numel();
-  const auto acc_type = g0.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  at::Tensor dots = at::zeros({k, np}, g0.options().dtype(acc_type));
-  at::Tensor sq = at::zeros({k, np}, g0.options().dtype(acc_type));
-  const int64_t* st = starts.data_ptr<int64_t>();
-  const int64_t* ls = local_starts.data_ptr<int64_t>();
-  const std::vector<Chunk> chunks = make_chunks(st, lengths.data_ptr<int64_t>(), np);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g0.scalar_type(), "gl_layer_stats",
+  const auto acc_type = acc_scalar_type(g0.scalar_type());
+  Tensor dots = zeros_like_device(g0, {k, np}, acc_type);
+  Tensor sq = zeros_like_device(g0, {k, np}, acc_type);
+  const int64_t* st = starts.const_data_ptr<int64_t>();
+  const int64_t* ls = local_starts.const_data_ptr<int64_t>();
+  const std::vector<Chunk> chunks = make_chunks(st, lengths.const_data_ptr<int64_t>(), np);
+  MTLSAM_DISPATCH_FLOATING(g0.scalar_type(), "gl_layer_stats",
                                   [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* gp = g0.data_ptr<scalar_t>();
-    const scalar_t* lp = local.data_ptr<scalar_t>();
-    const scalar_t* tp = scale.has_value() ? scale->data_ptr<scalar_t>() : nullptr;
+    using acc_t = opmath_t<scalar_t>;
+    const scalar_t* gp = g0.const_data_ptr<scalar_t>();
+    const scalar_t* lp = local.const_data_ptr<scalar_t>();
+    const scalar_t* tp = scale.has_value() ? scale->const_data_ptr<scalar_t>() : nullptr;
     // partial[c][i] = dot of task i over chunk c, partial[c][k + i] = its sum of squares
     std::vector<acc_t> partial(chunks.size() * 2 * k);
-    at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t b, int64_t e) {
+    parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t b, int64_t e) {
       std::vector<acc_t> tg(kChunk), vb(k * kChunk), tb(tp ? kChunk : 0);
       std::vector<const acc_t*> v(k);
       std::vector<const uint16_t*> vh(k);
@@ -124,8 +124,8 @@ std::tuple<at::Tensor, at::Tensor> gl_layer_stats(const at::Tensor& g0, const at
         dots_sumsqs(g, v.data(), k, n, &partial[c * 2 * k], &partial[c * 2 * k + k]);
       }
     });
-    acc_t* dp = dots.data_ptr<acc_t>();
-    acc_t* qp = sq.data_ptr<acc_t>();
+    acc_t* dp = dots.mutable_data_ptr<acc_t>();
+    acc_t* qp = sq.mutable_data_ptr<acc_t>();
     for (size_t c = 0; c < chunks.size(); ++c) {
       for (int64_t i = 0; i < k; ++i) {
         dp[i * np + chunks[c].seg] += partial[c * 2 * k + i];

@@ -4,33 +4,33 @@
 namespace mtlsam {
 namespace cpu {
 
-at::Tensor segment_sumsq(const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&);
-std::tuple<at::Tensor, at::Tensor> gl_layer_stats(const at::Tensor&, const at::Tensor&,
-                                                  const at::Tensor&, const at::Tensor&,
-                                                  const at::Tensor&,
-                                                  const c10::optional<at::Tensor>&);
-void mix_perturb_(at::Tensor&, at::Tensor&, const at::Tensor&, const at::Tensor&,
-                  const at::Tensor&, const c10::optional<at::Tensor>&,
-                  const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&,
-                  const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&, bool, bool);
-void restore_(at::Tensor&, const at::Tensor&);
-void sub_(at::Tensor&, const at::Tensor&);
-at::Tensor gram(const at::Tensor&);
-at::Tensor segment_gram(const at::Tensor&, const at::Tensor&);
-at::Tensor flat_gram_(at::Tensor&, const at::Tensor&);
-void combine_(at::Tensor&, const at::Tensor&, const at::Tensor&);
+Tensor segment_sumsq(const Tensor&, const Tensor&, const OptionalTensor&);
+std::tuple<Tensor, Tensor> gl_layer_stats(const Tensor&, const Tensor&,
+                                                  const Tensor&, const Tensor&,
+                                                  const Tensor&,
+                                                  const OptionalTensor&);
+void mix_perturb_(Tensor&, Tensor&, const Tensor&, const Tensor&,
+                  const Tensor&, const OptionalTensor&,
+                  const OptionalTensor&, const OptionalTensor&,
+                  const OptionalTensor&, const OptionalTensor&, bool, bool);
+void restore_(Tensor&, const Tensor&);
+void sub_(Tensor&, const Tensor&);
+Tensor gram(const Tensor&);
+Tensor segment_gram(const Tensor&, const Tensor&);
+Tensor flat_gram_(Tensor&, const Tensor&);
+void combine_(Tensor&, const Tensor&, const Tensor&);
 
 }  // namespace cpu
 }  // namespace mtlsam
 
-TORCH_LIBRARY_IMPL(mtlsam, CPU, m) {
-  m.impl("segment_sumsq", &mtlsam::cpu::segment_sumsq);
-  m.impl("gl_layer_stats", &mtlsam::cpu::gl_layer_stats);
-  m.impl("mix_perturb_", &mtlsam::cpu::mix_perturb_);
-  m.impl("restore_", &mtlsam::cpu::restore_);
-  m.impl("sub_", &mtlsam::cpu::sub_);
-  m.impl("gram", &mtlsam::cpu::gram);
-  m.impl("segment_gram", &mtlsam::cpu::segment_gram);
-  m.impl("flat_gram_", &mtlsam::cpu::flat_gram_);
-  m.impl("combine_", &mtlsam::cpu::combine_);
+MTLSAM_LIBRARY_IMPL(mtlsam, CPU, m) {
+  m.impl("segment_sumsq", MTLSAM_KERNEL(&mtlsam::cpu::segment_sumsq));
+  m.impl("gl_layer_stats", MTLSAM_KERNEL(&mtlsam::cpu::gl_layer_stats));
+  m.impl("mix_perturb_", MTLSAM_KERNEL(&mtlsam::cpu::mix_perturb_));
+  m.impl("restore_", MTLSAM_KERNEL(&mtlsam::cpu::restore_));
+  m.impl("sub_", MTLSAM_KERNEL(&mtlsam::cpu::sub_));
+  m.impl("gram", MTLSAM_KERNEL(&mtlsam::cpu::gram));
+  m.impl("segment_gram", MTLSAM_KERNEL(&mtlsam::cpu::segment_gram));
+  m.impl("flat_gram_", MTLSAM_KERNEL(&mtlsam::cpu::flat_gram_));
+  m.impl("combine_", MTLSAM_KERNEL(&mtlsam::cpu::combine_));
 }

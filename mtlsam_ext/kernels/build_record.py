@@ -68,13 +68,22 @@ def _major_minor(version: str) -> tuple[int, int]:
         raise ValueError(f"not a torch version: {version!r}") from None
 
 
+# The first torch release whose stable ABI the stable-ABI wheels (+cpu, +cu130) are built on
+# (setup.py's STABLE_ABI_MIN_TORCH).
+STABLE_ABI_MIN_TORCH = "2.10"
+
+
 def wheel_label(torch_version: str, torch_cuda: str | None) -> str:
-    """The local version label of the wheel that matches a torch install: ``cpu`` or
-    ``cu130torch2.14`` (CUDA 13.0, torch 2.14)."""
+    """The local version label of the wheel that matches a torch install: the stable-ABI wheels
+    ``cpu`` and ``cu130`` (CUDA 13.0) for torch >= 2.10, else the per-torch wheel
+    ``cu128torch2.8`` (CUDA 12.8, torch 2.8)."""
     if torch_cuda is None:
         return "cpu"
+    cuda = torch_cuda.replace(".", "")
+    if _major_minor(torch_version) >= _major_minor(STABLE_ABI_MIN_TORCH):
+        return f"cu{cuda}"
     major, minor = _major_minor(torch_version)
-    return f"cu{torch_cuda.replace('.', '')}torch{major}.{minor}"
+    return f"cu{cuda}torch{major}.{minor}"
 
 
 def incompatibility(record: dict, torch_version: str, torch_cuda: str | None) -> str | None:
