@@ -64,3 +64,16 @@ def test_build_wheels_plan():
     assert done.returncode == 0, done.stderr
     for name in ("cpu:", "cu130-torch2.14:", "cu130-torch2.11:", "cu128-torch2.9:", "cross:"):
         assert name in done.stdout
+
+
+def test_stable_abi_floor(setup_py):
+    # The build's target release and the load guard's floor are one number.
+    from mtlsam_ext.kernels import build_record
+
+    assert setup_py.STABLE_ABI_MIN_TORCH == build_record.STABLE_ABI_MIN_TORCH
+    major, minor = (int(p) for p in setup_py.STABLE_ABI_MIN_TORCH.split("."))
+    assert int(setup_py.STABLE_ABI_TARGET, 16) == (major << 56) | (minor << 48)
+    setup_py.check_stable_abi_torch("2.10.0+cpu")
+    setup_py.check_stable_abi_torch("2.14.1+cu130")
+    with pytest.raises(RuntimeError, match="needs torch >= 2.10"):
+        setup_py.check_stable_abi_torch("2.9.1+cu128")
