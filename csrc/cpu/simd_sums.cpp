@@ -15,6 +15,12 @@
 #endif
 // The generic bodies are forced inline, so each entry point is compiled for its own target.
 #define MTLSAM_INLINE inline __attribute__((always_inline))
+// GCC warns that a 64-byte vector (Vec8<double>) returned by value has a different ABI with and
+// without AVX-512. Every function that does so is forced inline into one entry point compiled
+// for a single target, so no such value ever crosses a call boundary: the warning is noise.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wpsabi"
+#endif
 
 namespace mtlsam {
 namespace cpu {
