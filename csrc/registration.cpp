@@ -5,7 +5,7 @@
 // same results within the tolerances of tests/tolerances.py. Segment tables are int64.
 // Backends register implementations with TORCH_LIBRARY_IMPL(mtlsam, CPU|CUDA, m).
 #include <Python.h>
-#include "tensor_api.h"
+#include "library_api.h"
 
 #include "cpu/simd_sums.h"
 

@@ -2,7 +2,7 @@
 //
 // * default: ATen (at::Tensor, TORCH_CHECK, at::parallel_for, TORCH_LIBRARY). The module then
 //   holds C++ symbols of the torch release it was compiled with and loads only under that
-//   major.minor (the load guard in mtlsam_ext/_build.py refuses any other).
+//   major.minor (the load guard in mtlsam_ext/kernels/build_record.py refuses any other).
 // * MTLSAM_STABLE_ABI: libtorch's stable ABI (torch/csrc/stable, the headeronly c10 types, the
 //   C shim), compiled with TORCH_TARGET_VERSION = 2.10 (setup.py). The module then uses only C
 //   functions of libtorch (`nm -D` shows no mangled c10/ATen symbol), so one binary loads under
@@ -10,13 +10,13 @@
 //   2.13 and 2.14.
 //
 // Only what the kernels need is here: the tensor type, checks, allocation in an accumulation
-// dtype, a CPU parallel loop, the floating dtypes and their dispatch. Both builds run the same
+// dtype, a CPU parallel loop, the floating dtypes and their dispatch (library_api.h: the
+// registration macros, for the files that register). Both builds run the same
 // arithmetic; tests/test_ops*.py hold them to the same results.
 #pragma once
 
 #ifdef MTLSAM_STABLE_ABI
 #include <torch/csrc/stable/device.h>
-#include <torch/csrc/stable/library.h>
 #include <torch/csrc/stable/ops.h>
 #include <torch/csrc/stable/tensor.h>
 #include <torch/headeronly/core/ScalarType.h>
@@ -24,9 +24,16 @@
 #include <torch/headeronly/util/Exception.h>
 #include <torch/headeronly/util/Half.h>
 #else
-#include <ATen/ATen.h>
+// The narrow headers, not <ATen/ATen.h> (the declarations of every op): nvcc parses each
+// header twice (host and device front ends), so <ATen/ATen.h> cost a .cu file 38 s to compile
+// and these 13 s (nvcc 13.0, gram.cu, one arch, this 2-core machine). Only Tensor methods are
+// used (TORCH_ASSERT_ONLY_METHOD_OPERATORS makes a free at:: op a compile error).
+#ifndef TORCH_ASSERT_ONLY_METHOD_OPERATORS
+#define TORCH_ASSERT_ONLY_METHOD_OPERATORS
+#endif
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
-#include <torch/library.h>
+#include <ATen/core/Tensor.h>
 #endif
 
 #include <cstdint>
@@ -111,7 +118,7 @@ inline Tensor zeros_like_device(const Tensor& like, std::initializer_list<int64_
 #ifdef MTLSAM_STABLE_ABI
   return torch::stable::new_zeros(like, v, dtype);
 #else
-  return at::zeros(v, like.options().dtype(dtype));
+  return like.new_zeros(v, like.options().dtype(dtype));
 #endif
 }
 
@@ -121,13 +128,15 @@ inline Tensor empty_like_device(const Tensor& like, std::initializer_list<int64_
 #ifdef MTLSAM_STABLE_ABI
   return torch::stable::new_empty(like, v, dtype);
 #else
-  return at::empty(v, like.options().dtype(dtype));
+  return like.new_empty(v, like.options().dtype(dtype));
 #endif
 }
 
 // t converted to dtype on its own device, contiguous (no copy when it already is).
 inline Tensor to_dtype_contiguous(const Tensor& t, ScalarType dtype) {
 #ifdef MTLSAM_STABLE_ABI
+  // As in the ATen build, t itself when nothing changes (and no boxed call).
+  if (t.scalar_type() == dtype && t.is_contiguous()) return t;
   return torch::stable::contiguous(torch::stable::to(t, dtype));
 #else
   return t.to(dtype).contiguous();
@@ -157,18 +166,6 @@ inline void parallel_for(int64_t begin, int64_t end, int64_t grain, const F& f) 
 }
 
 }  // namespace mtlsam
-
-// Library definition and kernel registration: TORCH_LIBRARY / STABLE_TORCH_LIBRARY. Kernels
-// are registered as MTLSAM_KERNEL(&fn); the stable build boxes them (TORCH_BOX).
-#ifdef MTLSAM_STABLE_ABI
-#define MTLSAM_LIBRARY(ns, m) STABLE_TORCH_LIBRARY(ns, m)
-#define MTLSAM_LIBRARY_IMPL(ns, key, m) STABLE_TORCH_LIBRARY_IMPL(ns, key, m)
-#define MTLSAM_KERNEL(fn) TORCH_BOX(fn)
-#else
-#define MTLSAM_LIBRARY(ns, m) TORCH_LIBRARY(ns, m)
-#define MTLSAM_LIBRARY_IMPL(ns, key, m) TORCH_LIBRARY_IMPL(ns, key, m)
-#define MTLSAM_KERNEL(fn) fn
-#endif
 
 // Runs the lambda given as the last argument with `scalar_t` bound to the C++ type of TYPE, for
 // the four floating dtypes the ops accept (the same set as AT_DISPATCH_FLOATING_TYPES_AND2(Half,

@@ -1,5 +1,6 @@
 // CPU implementations of the mtlsam ops (schemas in csrc/registration.cpp).
 #include "common.h"
+#include "../library_api.h"
 
 namespace mtlsam {
 namespace cpu {
