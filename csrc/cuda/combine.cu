@@ -75,58 +75,56 @@ __global__ void __launch_bounds__(kBlock)
 
 }  // namespace
 
-void combine_(at::Tensor& out, const at::Tensor& rows, const at::Tensor& weights) {
+void combine_(Tensor& out, const Tensor& rows, const Tensor& weights) {
   const char* op = "combine_";
-  const at::Device dev = out.device();
+  const int32_t dev = device_index(out);
   check_float_tensor(op, "out", out, dev);
   check_flat(op, "out", out);
   check_float_tensor(op, "rows", rows, dev);
-  TORCH_CHECK(rows.dim() == 2, "mtlsam::combine_ (CUDA): rows must be a 2-D [R, N] matrix, got "
-              "shape ", rows.sizes());
-  TORCH_CHECK(rows.size(1) == out.numel(), "mtlsam::combine_ (CUDA): rows has ", rows.size(1),
-              " columns, expected ", out.numel());
+  MTLSAM_CHECK(rows.dim() == 2, "mtlsam::combine_ (CUDA): rows must be a 2-D [R, N] matrix, "
+               "got shape ", shape_str(rows));
+  MTLSAM_CHECK(rows.size(1) == out.numel(), "mtlsam::combine_ (CUDA): rows has ", rows.size(1),
+               " columns, expected ", out.numel());
   check_same_dtype(op, "rows", rows, "out", out);
   const int64_t R = rows.size(0);
   const int64_t n = out.numel();
-  const at::Tensor w = coef_as_acc(op, "weights (one per row)", weights, dev,
-                                   acc_scalar_type(out.scalar_type()), R);
-  const c10::cuda::CUDAGuard guard(dev);
+  const Tensor w = coef_as_acc(op, "weights (one per row)", weights, dev,
+                               acc_scalar_type(out.scalar_type()), R);
+  const DeviceGuard guard(dev);
   if (n == 0) return;
-  auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "mtlsam_combine_",
-                                  [&] {
+  const cudaStream_t stream = current_stream(dev);
+  MTLSAM_DISPATCH_FLOATING(out.scalar_type(), "mtlsam_combine_", [&] {
     using A = acc_t<scalar_t>;
     constexpr int V = vec_width<scalar_t>();
-    scalar_t* op_ = out.data_ptr<scalar_t>();
-    const scalar_t* rp = rows.data_ptr<scalar_t>();
+    scalar_t* op_ = out.mutable_data_ptr<scalar_t>();
+    const scalar_t* rp = rows.const_data_ptr<scalar_t>();
     const bool vec = aligned16(op_) && (R == 0 || aligned16(rp)) && n % V == 0;
     combine_kernel<scalar_t><<<elementwise_blocks((n + V - 1) / V), kBlock, 0, stream>>>(
-        op_, rp, w.data_ptr<A>(), R, n, vec);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+        op_, rp, w.const_data_ptr<A>(), R, n, vec);
+    MTLSAM_CUDA_LAUNCH_CHECK();
   });
 }
 
-void sub_(at::Tensor& rows, const at::Tensor& other) {
+void sub_(Tensor& rows, const Tensor& other) {
   const char* op = "sub_";
-  const at::Device dev = rows.device();
+  const int32_t dev = device_index(rows);
   check_float_tensor(op, "rows", rows, dev);
   check_float_tensor(op, "other", other, dev);
   check_same_dtype(op, "other", other, "rows", rows);
-  TORCH_CHECK(rows.sizes() == other.sizes(), "mtlsam::sub_ (CUDA): other has shape ",
-              other.sizes(), " but rows has shape ", rows.sizes());
-  const c10::cuda::CUDAGuard guard(dev);
+  MTLSAM_CHECK(same_shape(rows, other), "mtlsam::sub_ (CUDA): other has shape ",
+               shape_str(other), " but rows has shape ", shape_str(rows));
+  const DeviceGuard guard(dev);
   const int64_t n = rows.numel();
   if (n == 0) return;
-  auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, rows.scalar_type(), "mtlsam_sub_",
-                                  [&] {
+  const cudaStream_t stream = current_stream(dev);
+  MTLSAM_DISPATCH_FLOATING(rows.scalar_type(), "mtlsam_sub_", [&] {
     constexpr int V = vec_width<scalar_t>();
-    scalar_t* ap = rows.data_ptr<scalar_t>();
-    const scalar_t* bp = other.data_ptr<scalar_t>();
+    scalar_t* ap = rows.mutable_data_ptr<scalar_t>();
+    const scalar_t* bp = other.const_data_ptr<scalar_t>();
     const bool vec = aligned16(ap) && aligned16(bp);
     sub_kernel<scalar_t><<<elementwise_blocks((n + V - 1) / V), kBlock, 0, stream>>>(ap, bp, n,
                                                                                       vec);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    MTLSAM_CUDA_LAUNCH_CHECK();
   });
 }
 

@@ -2,7 +2,8 @@
 // schemas and mtlsam_ext/kernels/torch_ref.py for the reference semantics).
 //
 // Conventions used by every kernel:
-// * Accumulation type: float for at::Half / at::BFloat16 / float, double for double.
+// * Accumulation type: float for Half / BFloat16 / float, double for double (mtlsam::Half and
+//   mtlsam::BFloat16 are c10's types, as at::Half / at::BFloat16).
 // * Arithmetic that the reference performs as separate tensor ops (multiply, then add) is done
 //   with explicit round-to-nearest intrinsics (__fmul_rn, __fadd_rn, ...) so nvcc cannot contract
 //   it into FMAs: element-wise results then round exactly like the reference does. Reductions use
@@ -12,18 +13,112 @@
 //   the shapes and the tables only, never of the number of SMs), a fixed assignment of elements to
 //   threads, fixed-shape tree reductions inside a block, and per-chunk partials written to a
 //   workspace that a second kernel sums in a fixed order. No float atomics are used.
+//
+// The file builds two ways from this one source (csrc/tensor_api.h): against ATen (default) or,
+// with MTLSAM_STABLE_ABI, against libtorch's stable ABI only. In the stable build no c10/ATen
+// C++ header may be included (TORCH_TARGET_VERSION makes them an #error), so the CUDA specifics
+// the kernels need from torch -- the current stream, a device guard, error checks -- are wrapped
+// below, and everything else is plain CUDA runtime calls on raw pointers. The kernels themselves
+// are the same code in both builds.
 #pragma once
 
-#include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
-#include <c10/cuda/CUDAStream.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
+#include "../tensor_api.h"
 
+#include <cuda_runtime.h>
+
+#ifdef MTLSAM_STABLE_ABI
+#include <torch/csrc/inductor/aoti_torch/c/shim.h>
+#include <torch/csrc/stable/accelerator.h>
+// The shim declares this function only under USE_CUDA, which the extension build does not
+// define (and the shim may already have been included without it), so it is declared here with
+// the shim's signature. It is a C function of libtorch_cuda, present in every release the stable
+// build targets (2.10 on); torch::stable::accelerator::Stream::nativeHandle() would do the same
+// but exists only from torch 2.13, and the binary must load under older releases.
+extern "C" AOTI_TORCH_EXPORT AOTITorchError
+aoti_torch_get_current_cuda_stream(int32_t device_index, void** ret_stream);
+#else
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#endif
+
+#include <cstddef>
 #include <cstdint>
+#include <string>
 #include <type_traits>
 
 namespace mtlsam_cuda {
+
+using mtlsam::acc_scalar_type;
+using mtlsam::device_index;
+using mtlsam::empty_like_device;
+using mtlsam::is_floating;
+using mtlsam::OptionalTensor;
+using mtlsam::same_shape;
+using mtlsam::ScalarType;
+using mtlsam::shape_str;
+using mtlsam::Tensor;
+using mtlsam::to_dtype_contiguous;
+using mtlsam::zeros_like_device;
+
+// ---- CUDA runtime glue (the same in both builds) ----
+// A failed CUDA runtime call is an error (RuntimeError in Python) naming the call.
+#define MTLSAM_CUDA_CHECK(expr)                                                             \
+  do {                                                                                      \
+    const cudaError_t mtlsam_cuda_err_ = (expr);                                            \
+    MTLSAM_CHECK(mtlsam_cuda_err_ == cudaSuccess, "CUDA error: ",                           \
+                 cudaGetErrorString(mtlsam_cuda_err_), " (", #expr, ")");                   \
+  } while (0)
+// After every kernel launch (launch-configuration errors; as C10_CUDA_KERNEL_LAUNCH_CHECK).
+#define MTLSAM_CUDA_LAUNCH_CHECK() MTLSAM_CUDA_CHECK(cudaGetLastError())
+
+// The current torch stream of the given device (the tensors' device, not the current device),
+// on which every kernel and copy of the ops is enqueued.
+inline cudaStream_t current_stream(int32_t device_index) {
+#ifdef MTLSAM_STABLE_ABI
+  void* stream = nullptr;
+  const AOTITorchError err = aoti_torch_get_current_cuda_stream(device_index, &stream);
+  STD_TORCH_CHECK(err == AOTI_TORCH_SUCCESS,
+                  "mtlsam: could not get the current CUDA stream of cuda:", device_index);
+  return static_cast<cudaStream_t>(stream);
+#else
+  return c10::cuda::getCurrentCUDAStream(static_cast<c10::DeviceIndex>(device_index)).stream();
+#endif
+}
+
+// Makes the given CUDA device current for its lifetime (allocations and launches of the op go
+// to the tensors' device), restoring the previous one on destruction.
+class DeviceGuard {
+ public:
+  explicit DeviceGuard(int32_t device_index)
+#ifdef MTLSAM_STABLE_ABI
+      : guard_(device_index) {
+  }
+#else
+      : guard_(static_cast<c10::DeviceIndex>(device_index)) {
+  }
+#endif
+  DeviceGuard(const DeviceGuard&) = delete;
+  DeviceGuard& operator=(const DeviceGuard&) = delete;
+
+ private:
+#ifdef MTLSAM_STABLE_ABI
+  torch::stable::accelerator::DeviceGuard guard_;
+#else
+  c10::cuda::CUDAGuard guard_;
+#endif
+};
+
+// "cuda:1", "cpu", ... for messages.
+inline std::string device_str(const Tensor& t) {
+  if (t.is_cuda()) return "cuda:" + std::to_string(device_index(t));
+  if (t.is_cpu()) return "cpu";
+  return "a non-CUDA device";
+}
+
+// Bytes of a contiguous tensor's elements.
+inline size_t nbytes(const Tensor& t) {
+  return static_cast<size_t>(t.numel()) * static_cast<size_t>(t.element_size());
+}
 
 // Threads per block of every kernel.
 constexpr int kBlock = 256;
@@ -45,10 +140,6 @@ struct AccType<double> {
 };
 template <typename T>
 using acc_t = typename AccType<T>::type;
-
-inline at::ScalarType acc_scalar_type(at::ScalarType t) {
-  return t == at::kDouble ? at::kDouble : at::kFloat;
-}
 
 // Elements per 16-byte vector.
 template <typename T>
@@ -135,59 +226,61 @@ inline unsigned int elementwise_blocks(int64_t work_items) {
 }
 
 // ---- host-side argument checks ----
-inline void check_float_tensor(const char* op, const char* name, const at::Tensor& t,
-                               const at::Device& dev) {
-  TORCH_CHECK(t.is_cuda(), "mtlsam::", op, " (CUDA): ", name, " must be a CUDA tensor on ", dev,
-              ", got a tensor on ", t.device());
-  TORCH_CHECK(t.device() == dev, "mtlsam::", op, " (CUDA): ", name, " is on ", t.device(),
-              " but the other tensors are on ", dev);
+// `dev` is the device index of the op's reference tensor (-1 when that one is not on a CUDA
+// device: the dispatcher picks the CUDA kernel when any argument is a CUDA tensor, and the
+// reference tensor is checked first, so that case fails at its own check).
+inline void check_float_tensor(const char* op, const char* name, const Tensor& t, int32_t dev) {
+  MTLSAM_CHECK(t.is_cuda(), "mtlsam::", op, " (CUDA): ", name, " must be a CUDA tensor",
+               dev >= 0 ? " on cuda:" + std::to_string(dev) : std::string(),
+               ", got a tensor on ", device_str(t));
+  MTLSAM_CHECK(device_index(t) == dev, "mtlsam::", op, " (CUDA): ", name, " is on ",
+               device_str(t), " but the other tensors are on cuda:", dev);
   const auto st = t.scalar_type();
-  TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16,
-              "mtlsam::", op, " (CUDA): ", name,
-              " must be float16, bfloat16, float32 or float64, got ", st);
-  TORCH_CHECK(t.is_contiguous(), "mtlsam::", op, " (CUDA): ", name, " must be contiguous");
+  MTLSAM_CHECK(is_floating(st), "mtlsam::", op, " (CUDA): ", name,
+               " must be float16, bfloat16, float32 or float64, got ", st);
+  MTLSAM_CHECK(t.is_contiguous(), "mtlsam::", op, " (CUDA): ", name, " must be contiguous");
 }
 
-inline void check_same_dtype(const char* op, const char* name, const at::Tensor& t,
-                             const char* like_name, const at::Tensor& like) {
-  TORCH_CHECK(t.scalar_type() == like.scalar_type(), "mtlsam::", op, " (CUDA): ", name,
-              " has dtype ", t.scalar_type(), " but ", like_name, " has dtype ",
-              like.scalar_type());
+inline void check_same_dtype(const char* op, const char* name, const Tensor& t,
+                             const char* like_name, const Tensor& like) {
+  MTLSAM_CHECK(t.scalar_type() == like.scalar_type(), "mtlsam::", op, " (CUDA): ", name,
+               " has dtype ", t.scalar_type(), " but ", like_name, " has dtype ",
+               like.scalar_type());
 }
 
-inline void check_flat(const char* op, const char* name, const at::Tensor& t, int64_t n = -1) {
-  TORCH_CHECK(t.dim() == 1, "mtlsam::", op, " (CUDA): ", name,
-              " must be 1-D (a flat buffer), got shape ", t.sizes());
-  if (n >= 0)
-    TORCH_CHECK(t.numel() == n, "mtlsam::", op, " (CUDA): ", name, " has ", t.numel(),
-                " elements, expected ", n);
+inline void check_flat(const char* op, const char* name, const Tensor& t, int64_t n = -1) {
+  MTLSAM_CHECK(t.dim() == 1, "mtlsam::", op, " (CUDA): ", name,
+               " must be 1-D (a flat buffer), got shape ", shape_str(t));
+  if (n >= 0) {
+    MTLSAM_CHECK(t.numel() == n, "mtlsam::", op, " (CUDA): ", name, " has ", t.numel(),
+                 " elements, expected ", n);
+  }
 }
 
 // Segment tables live in device memory as 1-D contiguous int64 tensors.
-inline void check_table(const char* op, const char* name, const at::Tensor& t,
-                        const at::Device& dev) {
-  TORCH_CHECK(t.scalar_type() == at::kLong, "mtlsam::", op, " (CUDA): segment table ", name,
-              " must be int64, got ", t.scalar_type());
-  TORCH_CHECK(t.is_cuda() && t.device() == dev, "mtlsam::", op, " (CUDA): segment table ", name,
-              " must be on ", dev, " (device memory), got ", t.device(),
-              "; mtlsam_ext.kernels.ext copies CPU tables to the device");
-  TORCH_CHECK(t.dim() == 1, "mtlsam::", op, " (CUDA): segment table ", name,
-              " must be 1-D, got shape ", t.sizes());
-  TORCH_CHECK(t.is_contiguous(), "mtlsam::", op, " (CUDA): segment table ", name,
-              " must be contiguous");
+inline void check_table(const char* op, const char* name, const Tensor& t, int32_t dev) {
+  MTLSAM_CHECK(t.scalar_type() == ScalarType::Long, "mtlsam::", op, " (CUDA): segment table ",
+               name, " must be int64, got ", t.scalar_type());
+  MTLSAM_CHECK(t.is_cuda() && device_index(t) == dev, "mtlsam::", op, " (CUDA): segment table ",
+               name, " must be on cuda:", dev, " (device memory), got ", device_str(t),
+               "; mtlsam_ext.kernels.ext copies CPU tables to the device");
+  MTLSAM_CHECK(t.dim() == 1, "mtlsam::", op, " (CUDA): segment table ", name,
+               " must be 1-D, got shape ", shape_str(t));
+  MTLSAM_CHECK(t.is_contiguous(), "mtlsam::", op, " (CUDA): segment table ", name,
+               " must be contiguous");
 }
 
 // A coefficient / weight vector: any floating dtype on the device, converted to the
 // accumulation dtype (as the reference's coef.to(acc)).
-inline at::Tensor coef_as_acc(const char* op, const char* name, const at::Tensor& c,
-                              const at::Device& dev, at::ScalarType acc, int64_t n) {
-  TORCH_CHECK(c.is_cuda() && c.device() == dev, "mtlsam::", op, " (CUDA): ", name,
-              " must be on ", dev, ", got ", c.device());
-  TORCH_CHECK(at::isFloatingType(c.scalar_type()), "mtlsam::", op, " (CUDA): ", name,
-              " must be floating, got ", c.scalar_type());
-  TORCH_CHECK(c.dim() == 1 && c.numel() == n, "mtlsam::", op, " (CUDA): ", name, " must hold ",
-              n, " values (1-D), got shape ", c.sizes());
-  return c.to(acc).contiguous();
+inline Tensor coef_as_acc(const char* op, const char* name, const Tensor& c, int32_t dev,
+                          ScalarType acc, int64_t n) {
+  MTLSAM_CHECK(c.is_cuda() && device_index(c) == dev, "mtlsam::", op, " (CUDA): ", name,
+               " must be on cuda:", dev, ", got ", device_str(c));
+  MTLSAM_CHECK(is_floating(c.scalar_type()), "mtlsam::", op, " (CUDA): ", name,
+               " must be floating, got ", c.scalar_type());
+  MTLSAM_CHECK(c.dim() == 1 && c.numel() == n, "mtlsam::", op, " (CUDA): ", name, " must hold ",
+               n, " values (1-D), got shape ", shape_str(c));
+  return to_dtype_contiguous(c, acc);
 }
 
 // Content checks of device tables (offsets start at 0, end at n, non-decreasing; sampled
@@ -197,28 +290,25 @@ inline at::Tensor coef_as_acc(const char* op, const char* name, const at::Tensor
 // its buffers, so a malformed device table can give wrong numbers but never an out-of-bounds
 // memory access.
 bool check_tables_enabled();
-void check_offsets_content(const char* op, const at::Tensor& offsets, int64_t n);
-void check_sampled_content(const char* op, const at::Tensor& starts, const at::Tensor& lengths,
-                           const at::Tensor& local_starts, int64_t n, int64_t m);
+void check_offsets_content(const char* op, const Tensor& offsets, int64_t n);
+void check_sampled_content(const char* op, const Tensor& starts, const Tensor& lengths,
+                           const Tensor& local_starts, int64_t n, int64_t m);
 
 // ---- the ops (defined in reduce.cu, perturb.cu, gram.cu, combine.cu) ----
-at::Tensor segment_sumsq(const at::Tensor& x, const at::Tensor& offsets,
-                         const c10::optional<at::Tensor>& scale);
-std::tuple<at::Tensor, at::Tensor> gl_layer_stats(const at::Tensor& g0, const at::Tensor& local,
-                                                  const at::Tensor& starts,
-                                                  const at::Tensor& lengths,
-                                                  const at::Tensor& local_starts,
-                                                  const c10::optional<at::Tensor>& scale);
-void mix_perturb_(at::Tensor& param, at::Tensor& backup, const at::Tensor& g0,
-                  const at::Tensor& coef, const at::Tensor& offsets,
-                  const c10::optional<at::Tensor>& local,
-                  const c10::optional<at::Tensor>& local_coef,
-                  const c10::optional<at::Tensor>& starts,
-                  const c10::optional<at::Tensor>& lengths,
-                  const c10::optional<at::Tensor>& local_starts, bool adaptive, bool save_backup);
-void restore_(at::Tensor& param, const at::Tensor& backup);
-at::Tensor gram(const at::Tensor& rows);
-void combine_(at::Tensor& out, const at::Tensor& rows, const at::Tensor& weights);
-void sub_(at::Tensor& rows, const at::Tensor& other);
+// Signatures equal the CPU kernels' (csrc/cpu/register_cpu.cpp), see register_cuda.cu.
+Tensor segment_sumsq(const Tensor& x, const Tensor& offsets, const OptionalTensor& scale);
+std::tuple<Tensor, Tensor> gl_layer_stats(const Tensor& g0, const Tensor& local,
+                                          const Tensor& starts, const Tensor& lengths,
+                                          const Tensor& local_starts,
+                                          const OptionalTensor& scale);
+void mix_perturb_(Tensor& param, Tensor& backup, const Tensor& g0, const Tensor& coef,
+                  const Tensor& offsets, const OptionalTensor& local,
+                  const OptionalTensor& local_coef, const OptionalTensor& starts,
+                  const OptionalTensor& lengths, const OptionalTensor& local_starts,
+                  bool adaptive, bool save_backup);
+void restore_(Tensor& param, const Tensor& backup);
+Tensor gram(const Tensor& rows);
+void combine_(Tensor& out, const Tensor& rows, const Tensor& weights);
+void sub_(Tensor& rows, const Tensor& other);
 
 }  // namespace mtlsam_cuda

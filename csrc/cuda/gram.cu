@@ -112,26 +112,25 @@ __global__ void __launch_bounds__(kBlock)
 
 }  // namespace
 
-at::Tensor gram(const at::Tensor& rows) {
+Tensor gram(const Tensor& rows) {
   const char* op = "gram";
-  const at::Device dev = rows.device();
+  const int32_t dev = device_index(rows);
   check_float_tensor(op, "rows", rows, dev);
-  TORCH_CHECK(rows.dim() == 2, "mtlsam::gram (CUDA): rows must be a 2-D [K, N] matrix, got "
-              "shape ", rows.sizes());
+  MTLSAM_CHECK(rows.dim() == 2, "mtlsam::gram (CUDA): rows must be a 2-D [K, N] matrix, got "
+               "shape ", shape_str(rows));
   const int64_t K = rows.size(0);
   const int64_t n = rows.size(1);
   const int64_t pairs64 = K * (K + 1) / 2;
-  TORCH_CHECK(pairs64 <= static_cast<int64_t>(kMaxItems) * kBlock,
-              "mtlsam::gram (CUDA): at most 67 rows are supported, got ", K);
-  const c10::cuda::CUDAGuard guard(dev);
+  MTLSAM_CHECK(pairs64 <= static_cast<int64_t>(kMaxItems) * kBlock,
+               "mtlsam::gram (CUDA): at most 67 rows are supported, got ", K);
+  const DeviceGuard guard(dev);
   const auto acc = acc_scalar_type(rows.scalar_type());
-  auto out = at::zeros({K, K}, rows.options().dtype(acc));
+  auto out = zeros_like_device(rows, {K, K}, acc);
   if (K == 0 || n == 0) return out;
   const int pairs = static_cast<int>(pairs64);
   const int lanes = pairs >= kBlock ? 1 : kBlock / pairs;
-  auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, rows.scalar_type(), "mtlsam_gram",
-                                  [&] {
+  const cudaStream_t stream = current_stream(dev);
+  MTLSAM_DISPATCH_FLOATING(rows.scalar_type(), "mtlsam_gram", [&] {
     using A = acc_t<scalar_t>;
     const int64_t elem = static_cast<int64_t>(sizeof(A));
     // Tile width: a multiple of 32 columns, ~kTileBytes of shared memory, 32..1024 columns.
@@ -144,18 +143,19 @@ at::Tensor gram(const at::Tensor& rows) {
     const int64_t smem_elems = K * tc > red_items ? K * tc : red_items;
     const size_t smem = static_cast<size_t>(smem_elems * elem);
     if (smem > 48 * 1024) {
-      C10_CUDA_CHECK(cudaFuncSetAttribute(gram_blocks<scalar_t>,
-                                          cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                          static_cast<int>(smem)));
+      MTLSAM_CUDA_CHECK(cudaFuncSetAttribute(gram_blocks<scalar_t>,
+                                             cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                             static_cast<int>(smem)));
     }
-    auto ws = at::empty({static_cast<int64_t>(pairs) * num_blocks}, out.options());
+    auto ws = empty_like_device(rows, {static_cast<int64_t>(pairs) * num_blocks}, acc);
     gram_blocks<scalar_t><<<static_cast<unsigned int>(num_blocks), kBlock, smem, stream>>>(
-        rows.data_ptr<scalar_t>(), K, n, tc, tiles_per_block, num_tiles, pairs, lanes,
-        ws.data_ptr<A>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+        rows.const_data_ptr<scalar_t>(), K, n, tc, tiles_per_block, num_tiles, pairs, lanes,
+        ws.mutable_data_ptr<A>());
+    MTLSAM_CUDA_LAUNCH_CHECK();
     gram_finish<A><<<static_cast<unsigned int>((pairs + kWarps - 1) / kWarps), kBlock, 0,
-                     stream>>>(ws.data_ptr<A>(), num_blocks, K, pairs, out.data_ptr<A>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+                     stream>>>(ws.const_data_ptr<A>(), num_blocks, K, pairs,
+                               out.mutable_data_ptr<A>());
+    MTLSAM_CUDA_LAUNCH_CHECK();
   });
   return out;
 }

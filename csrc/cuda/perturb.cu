@@ -10,9 +10,10 @@
 //   if adaptive: e = e * (base * base);   param = round(base + e)
 // with the reference's rounding steps (explicit _rn intrinsics, no FMA contraction).
 // The sampled table may be in any order (and, although the flat layout never produces it,
-// overlapping): it is sorted by start on the device (stable torch sort, asynchronous) together
-// with a running maximum of the ends, and an element's covering segments are found by a binary
-// search followed by a walk back while the running maximum end still passes the element.
+// overlapping): it is sorted by start on the device (a stable sort, asynchronous, see
+// sort_sampled_kernel) together with a running maximum of the ends, and an element's covering
+// segments are found by a binary search followed by a walk back while the running maximum end
+// still passes the element.
 // Element-wise work has no summation order to fix, so vectorisation (16-byte loads and stores
 // when param, backup and g0 are all 16-byte aligned) cannot change any bits.
 #include "common.cuh"
@@ -109,18 +110,57 @@ __global__ void __launch_bounds__(kBlock)
   }
 }
 
+// Stable sort of the sampled table by start, in one block, with a running maximum of the ends:
+//   out position of entry i = #{j : start[j] < start[i] or (start[j] == start[i] and j < i)},
+// a permutation (the (start, index) pairs are distinct), i.e. exactly the order of a stable
+// ascending sort of the starts; length, local_start and coef move with their start, lengths are
+// clamped at 0 as they are stored, and max_end[r] = max_{q <= r} (start_q + length_q) is then
+// the inclusive running maximum over the sorted, clamped entries (thread 0, in order).
+// Why a kernel of its own: the stable ABI has no sort / cummax wrapper, and P (the number of
+// sampled layers, tens to hundreds) is small, so the O(P^2 / kBlock) rank count in one block is
+// a few microseconds; both builds use it, so they sort identically and stay asynchronous.
+template <typename A>
+__global__ void __launch_bounds__(kBlock)
+    sort_sampled_kernel(const int64_t* __restrict__ start, const int64_t* __restrict__ length,
+                        const int64_t* __restrict__ lstart, const A* __restrict__ coef, int64_t P,
+                        int64_t* __restrict__ s_start, int64_t* __restrict__ s_len,
+                        int64_t* __restrict__ s_lstart, A* __restrict__ s_coef,
+                        int64_t* __restrict__ s_max_end) {
+  for (int64_t i = threadIdx.x; i < P; i += kBlock) {
+    const int64_t si = start[i];
+    int64_t r = 0;
+    for (int64_t j = 0; j < P; ++j) {
+      const int64_t sj = start[j];
+      r += (sj < si || (sj == si && j < i)) ? 1 : 0;
+    }
+    const int64_t li = length[i];
+    s_start[r] = si;
+    s_len[r] = li > 0 ? li : 0;
+    s_lstart[r] = lstart[i];
+    s_coef[r] = coef[i];
+  }
+  __syncthreads();  // makes the block's global writes visible to thread 0
+  if (threadIdx.x == 0) {
+    int64_t mx = 0;
+    for (int64_t r = 0; r < P; ++r) {
+      // start + length with int64 wrap-around, as the torch add it replaces (no signed overflow).
+      const int64_t e = static_cast<int64_t>(static_cast<uint64_t>(s_start[r]) +
+                                             static_cast<uint64_t>(s_len[r]));
+      mx = (r == 0 || e > mx) ? e : mx;
+      s_max_end[r] = mx;
+    }
+  }
+}
+
 }  // namespace
 
-void mix_perturb_(at::Tensor& param, at::Tensor& backup, const at::Tensor& g0,
-                  const at::Tensor& coef, const at::Tensor& offsets,
-                  const c10::optional<at::Tensor>& local,
-                  const c10::optional<at::Tensor>& local_coef,
-                  const c10::optional<at::Tensor>& starts,
-                  const c10::optional<at::Tensor>& lengths,
-                  const c10::optional<at::Tensor>& local_starts, bool adaptive,
-                  bool save_backup) {
+void mix_perturb_(Tensor& param, Tensor& backup, const Tensor& g0, const Tensor& coef,
+                  const Tensor& offsets, const OptionalTensor& local,
+                  const OptionalTensor& local_coef, const OptionalTensor& starts,
+                  const OptionalTensor& lengths, const OptionalTensor& local_starts,
+                  bool adaptive, bool save_backup) {
   const char* op = "mix_perturb_";
-  const at::Device dev = param.device();
+  const int32_t dev = device_index(param);
   check_float_tensor(op, "param", param, dev);
   check_flat(op, "param", param);
   const int64_t n = param.numel();
@@ -130,97 +170,105 @@ void mix_perturb_(at::Tensor& param, at::Tensor& backup, const at::Tensor& g0,
   check_float_tensor(op, "g0", g0, dev);
   check_flat(op, "g0", g0, n);
   check_same_dtype(op, "g0", g0, "param", param);
-  TORCH_CHECK(n == 0 || param.data_ptr() != backup.data_ptr(),
-              "mtlsam::mix_perturb_ (CUDA): param and backup must be different buffers");
+  MTLSAM_CHECK(n == 0 || param.const_data_ptr() != backup.const_data_ptr(),
+               "mtlsam::mix_perturb_ (CUDA): param and backup must be different buffers");
   check_table(op, "offsets", offsets, dev);
-  TORCH_CHECK(offsets.numel() >= 1, "mtlsam::mix_perturb_ (CUDA): offsets must hold S + 1 >= 1 "
-              "entries");
+  MTLSAM_CHECK(offsets.numel() >= 1, "mtlsam::mix_perturb_ (CUDA): offsets must hold S + 1 >= 1 "
+               "entries");
   const int64_t num_segments = offsets.numel() - 1;
   const auto acc = acc_scalar_type(param.scalar_type());
-  const at::Tensor coef_acc = coef_as_acc(op, "coef (one value per segment)", coef, dev, acc,
-                                          num_segments);
+  const Tensor coef_acc = coef_as_acc(op, "coef (one value per segment)", coef, dev, acc,
+                                      num_segments);
   const bool has_local = local.has_value() && local->defined();
-  at::Tensor loc, lcoef, st, ln, ls;
+  // The sampled part (valid when has_local): local row, table and local_coef in acc dtype.
+  const Tensor* loc = nullptr;
+  const Tensor* st = nullptr;
+  const Tensor* ln = nullptr;
+  const Tensor* ls = nullptr;
+  OptionalTensor lcoef;
   if (has_local) {
-    loc = *local;
-    check_float_tensor(op, "local", loc, dev);
-    check_flat(op, "local", loc);
-    check_same_dtype(op, "local", loc, "param", param);
-    TORCH_CHECK(local_coef.has_value() && local_coef->defined() && starts.has_value() &&
-                    starts->defined() && lengths.has_value() && lengths->defined() &&
-                    local_starts.has_value() && local_starts->defined(),
-                "mtlsam::mix_perturb_ (CUDA): local needs local_coef, starts, lengths and "
-                "local_starts");
-    st = *starts;
-    ln = *lengths;
-    ls = *local_starts;
-    check_table(op, "starts", st, dev);
-    check_table(op, "lengths", ln, dev);
-    check_table(op, "local_starts", ls, dev);
-    TORCH_CHECK(st.numel() == ln.numel() && st.numel() == ls.numel(),
-                "mtlsam::mix_perturb_ (CUDA): sampled starts, lengths and local_starts must have "
-                "equal length, got ", st.numel(), ", ", ln.numel(), " and ", ls.numel());
+    loc = &*local;
+    check_float_tensor(op, "local", *loc, dev);
+    check_flat(op, "local", *loc);
+    check_same_dtype(op, "local", *loc, "param", param);
+    MTLSAM_CHECK(local_coef.has_value() && local_coef->defined() && starts.has_value() &&
+                     starts->defined() && lengths.has_value() && lengths->defined() &&
+                     local_starts.has_value() && local_starts->defined(),
+                 "mtlsam::mix_perturb_ (CUDA): local needs local_coef, starts, lengths and "
+                 "local_starts");
+    st = &*starts;
+    ln = &*lengths;
+    ls = &*local_starts;
+    check_table(op, "starts", *st, dev);
+    check_table(op, "lengths", *ln, dev);
+    check_table(op, "local_starts", *ls, dev);
+    MTLSAM_CHECK(st->numel() == ln->numel() && st->numel() == ls->numel(),
+                 "mtlsam::mix_perturb_ (CUDA): sampled starts, lengths and local_starts must "
+                 "have equal length, got ", st->numel(), ", ", ln->numel(), " and ", ls->numel());
     lcoef = coef_as_acc(op, "local_coef (one value per sampled segment)", *local_coef, dev, acc,
-                        st.numel());
+                        st->numel());
   }
-  const c10::cuda::CUDAGuard guard(dev);
+  const DeviceGuard guard(dev);
   if (check_tables_enabled()) {
     check_offsets_content(op, offsets, n);
-    if (has_local) check_sampled_content(op, st, ln, ls, n, loc.numel());
+    if (has_local) check_sampled_content(op, *st, *ln, *ls, n, loc->numel());
   }
   if (n == 0 || num_segments == 0) return;
-  auto stream = c10::cuda::getCurrentCUDAStream();
-  // Sort the sampled table by start (asynchronous torch ops on the current stream).
-  at::Tensor s_start, s_len, s_lstart, s_coef, s_max_end;
-  const int64_t P = has_local ? st.numel() : 0;
+  const cudaStream_t stream = current_stream(dev);
+  const int64_t P = has_local ? st->numel() : 0;
+  // Sorted sampled table (see sort_sampled_kernel): int64 [start | length | local_start |
+  // max_end], P entries each, and local_coef in the acc dtype; on the device, asynchronous.
+  OptionalTensor s_table, s_coef;
   if (P > 0) {
-    auto sorted = at::sort(st, /*stable=*/true, /*dim=*/0, /*descending=*/false);
-    s_start = std::get<0>(sorted).contiguous();
-    const auto perm = std::get<1>(sorted);
-    s_len = ln.index_select(0, perm).clamp_min(0).contiguous();
-    s_lstart = ls.index_select(0, perm).contiguous();
-    s_coef = lcoef.index_select(0, perm).contiguous();
-    s_max_end = std::get<0>(at::cummax(s_start + s_len, 0)).contiguous();
+    s_table = empty_like_device(*st, {4 * P}, ScalarType::Long);
+    s_coef = empty_like_device(*st, {P}, acc);
   }
   const int64_t num_chunks = (n + kChunk - 1) / kChunk;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, param.scalar_type(),
-                                  "mtlsam_mix_perturb_", [&] {
+  MTLSAM_DISPATCH_FLOATING(param.scalar_type(), "mtlsam_mix_perturb_", [&] {
     using A = acc_t<scalar_t>;
     LocalPart<scalar_t> lp{};
     if (P > 0) {
-      lp.local = loc.data_ptr<scalar_t>();
-      lp.m = loc.numel();
-      lp.coef = s_coef.data_ptr<A>();
-      lp.start = s_start.data_ptr<int64_t>();
-      lp.length = s_len.data_ptr<int64_t>();
-      lp.lstart = s_lstart.data_ptr<int64_t>();
-      lp.max_end = s_max_end.data_ptr<int64_t>();
+      int64_t* tp = s_table->mutable_data_ptr<int64_t>();
+      A* cp = s_coef->mutable_data_ptr<A>();
+      sort_sampled_kernel<A><<<1, kBlock, 0, stream>>>(
+          st->const_data_ptr<int64_t>(), ln->const_data_ptr<int64_t>(),
+          ls->const_data_ptr<int64_t>(), lcoef->const_data_ptr<A>(), P, tp, tp + P, tp + 2 * P,
+          cp, tp + 3 * P);
+      MTLSAM_CUDA_LAUNCH_CHECK();
+      lp.local = loc->const_data_ptr<scalar_t>();
+      lp.m = loc->numel();
+      lp.coef = cp;
+      lp.start = tp;
+      lp.length = tp + P;
+      lp.lstart = tp + 2 * P;
+      lp.max_end = tp + 3 * P;
       lp.num = P;
     }
-    scalar_t* pp = param.data_ptr<scalar_t>();
-    scalar_t* bp = backup.data_ptr<scalar_t>();
-    const scalar_t* gp = g0.data_ptr<scalar_t>();
+    scalar_t* pp = param.mutable_data_ptr<scalar_t>();
+    scalar_t* bp = backup.mutable_data_ptr<scalar_t>();
+    const scalar_t* gp = g0.const_data_ptr<scalar_t>();
     const bool vec = aligned16(pp) && aligned16(bp) && aligned16(gp);
     mix_perturb_kernel<scalar_t><<<static_cast<unsigned int>(num_chunks), kBlock, 0, stream>>>(
-        pp, bp, gp, coef_acc.data_ptr<A>(), offsets.data_ptr<int64_t>(), num_segments, n, lp,
-        adaptive, save_backup, vec);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+        pp, bp, gp, coef_acc.const_data_ptr<A>(), offsets.const_data_ptr<int64_t>(),
+        num_segments, n, lp, adaptive, save_backup, vec);
+    MTLSAM_CUDA_LAUNCH_CHECK();
   });
 }
 
-void restore_(at::Tensor& param, const at::Tensor& backup) {
+void restore_(Tensor& param, const Tensor& backup) {
   const char* op = "restore_";
-  const at::Device dev = param.device();
+  const int32_t dev = device_index(param);
   check_float_tensor(op, "param", param, dev);
   check_float_tensor(op, "backup", backup, dev);
   check_flat(op, "param", param);
   check_flat(op, "backup", backup, param.numel());
   check_same_dtype(op, "backup", backup, "param", param);
-  const c10::cuda::CUDAGuard guard(dev);
-  if (param.numel() == 0 || param.data_ptr() == backup.data_ptr()) return;
+  const DeviceGuard guard(dev);
+  if (param.numel() == 0 || param.const_data_ptr() == backup.const_data_ptr()) return;
   // A byte copy: bit-exact by construction.
-  C10_CUDA_CHECK(cudaMemcpyAsync(param.data_ptr(), backup.data_ptr(), param.nbytes(),
-                                 cudaMemcpyDeviceToDevice, c10::cuda::getCurrentCUDAStream()));
+  MTLSAM_CUDA_CHECK(cudaMemcpyAsync(param.mutable_data_ptr(), backup.const_data_ptr(),
+                                    nbytes(param), cudaMemcpyDeviceToDevice,
+                                    current_stream(dev)));
 }
 
 }  // namespace mtlsam_cuda

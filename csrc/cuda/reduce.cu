@@ -290,118 +290,131 @@ bool check_tables_enabled() {
   return v != nullptr && std::strcmp(v, "1") == 0;
 }
 
-void check_offsets_content(const char* op, const at::Tensor& offsets, int64_t n) {
-  auto flags = at::zeros({1}, offsets.options().dtype(at::kInt));
-  auto stream = c10::cuda::getCurrentCUDAStream();
-  check_offsets_kernel<<<1, kBlock, 0, stream>>>(offsets.data_ptr<int64_t>(), offsets.numel(),
-                                                 n, flags.data_ptr<int>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  const int f = flags.item<int>();
-  TORCH_CHECK(!(f & kBadStart), "mtlsam::", op, " (CUDA): offsets must start at 0");
-  TORCH_CHECK(!(f & kBadEnd), "mtlsam::", op, " (CUDA): offsets must end at ", n);
-  TORCH_CHECK(!(f & kDecreasing), "mtlsam::", op, " (CUDA): offsets must be non-decreasing");
+namespace {
+// The flags word is read back with a copy on the op's stream and a synchronisation of that
+// stream (what Tensor.item() does), in both builds.
+int read_flags(const Tensor& flags, cudaStream_t stream) {
+  int f = 0;
+  MTLSAM_CUDA_CHECK(cudaMemcpyAsync(&f, flags.const_data_ptr<int>(), sizeof(int),
+                                    cudaMemcpyDeviceToHost, stream));
+  MTLSAM_CUDA_CHECK(cudaStreamSynchronize(stream));
+  return f;
+}
+}  // namespace
+
+void check_offsets_content(const char* op, const Tensor& offsets, int64_t n) {
+  auto flags = zeros_like_device(offsets, {1}, ScalarType::Int);
+  const cudaStream_t stream = current_stream(device_index(offsets));
+  check_offsets_kernel<<<1, kBlock, 0, stream>>>(offsets.const_data_ptr<int64_t>(),
+                                                 offsets.numel(), n,
+                                                 flags.mutable_data_ptr<int>());
+  MTLSAM_CUDA_LAUNCH_CHECK();
+  const int f = read_flags(flags, stream);
+  MTLSAM_CHECK(!(f & kBadStart), "mtlsam::", op, " (CUDA): offsets must start at 0");
+  MTLSAM_CHECK(!(f & kBadEnd), "mtlsam::", op, " (CUDA): offsets must end at ", n);
+  MTLSAM_CHECK(!(f & kDecreasing), "mtlsam::", op, " (CUDA): offsets must be non-decreasing");
 }
 
-void check_sampled_content(const char* op, const at::Tensor& starts, const at::Tensor& lengths,
-                           const at::Tensor& local_starts, int64_t n, int64_t m) {
+void check_sampled_content(const char* op, const Tensor& starts, const Tensor& lengths,
+                           const Tensor& local_starts, int64_t n, int64_t m) {
   if (starts.numel() == 0) return;
-  auto flags = at::zeros({1}, starts.options().dtype(at::kInt));
-  auto stream = c10::cuda::getCurrentCUDAStream();
+  auto flags = zeros_like_device(starts, {1}, ScalarType::Int);
+  const cudaStream_t stream = current_stream(device_index(starts));
   check_sampled_kernel<<<1, kBlock, 0, stream>>>(
-      starts.data_ptr<int64_t>(), lengths.data_ptr<int64_t>(), local_starts.data_ptr<int64_t>(),
-      starts.numel(), n, m, flags.data_ptr<int>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  const int f = flags.item<int>();
-  TORCH_CHECK(!(f & kNegative), "mtlsam::", op,
-              " (CUDA): sampled segment table has negative entries");
-  TORCH_CHECK(!(f & kPastFlat), "mtlsam::", op,
-              " (CUDA): a sampled segment runs past the flat buffer (", n, " elements)");
-  TORCH_CHECK(!(f & kPastLocal), "mtlsam::", op,
-              " (CUDA): a sampled segment runs past the local-gradient buffer (", m,
-              " columns)");
+      starts.const_data_ptr<int64_t>(), lengths.const_data_ptr<int64_t>(),
+      local_starts.const_data_ptr<int64_t>(), starts.numel(), n, m,
+      flags.mutable_data_ptr<int>());
+  MTLSAM_CUDA_LAUNCH_CHECK();
+  const int f = read_flags(flags, stream);
+  MTLSAM_CHECK(!(f & kNegative), "mtlsam::", op,
+               " (CUDA): sampled segment table has negative entries");
+  MTLSAM_CHECK(!(f & kPastFlat), "mtlsam::", op,
+               " (CUDA): a sampled segment runs past the flat buffer (", n, " elements)");
+  MTLSAM_CHECK(!(f & kPastLocal), "mtlsam::", op,
+               " (CUDA): a sampled segment runs past the local-gradient buffer (", m,
+               " columns)");
 }
 
-at::Tensor segment_sumsq(const at::Tensor& x, const at::Tensor& offsets,
-                         const c10::optional<at::Tensor>& scale) {
+Tensor segment_sumsq(const Tensor& x, const Tensor& offsets, const OptionalTensor& scale) {
   const char* op = "segment_sumsq";
-  const at::Device dev = x.device();
+  const int32_t dev = device_index(x);
   check_float_tensor(op, "x", x, dev);
   check_flat(op, "x", x);
   check_table(op, "offsets", offsets, dev);
-  TORCH_CHECK(offsets.numel() >= 1, "mtlsam::segment_sumsq (CUDA): offsets must hold S + 1 >= 1 "
-              "entries");
+  MTLSAM_CHECK(offsets.numel() >= 1, "mtlsam::segment_sumsq (CUDA): offsets must hold S + 1 >= 1 "
+               "entries");
   const bool has_scale = scale.has_value() && scale->defined();
   if (has_scale) {
     check_float_tensor(op, "scale", *scale, dev);
     check_flat(op, "scale", *scale, x.numel());
     check_same_dtype(op, "scale", *scale, "x", x);
   }
-  const c10::cuda::CUDAGuard guard(dev);
+  const DeviceGuard guard(dev);
   const int64_t n = x.numel();
   const int64_t num_segments = offsets.numel() - 1;
   if (check_tables_enabled()) check_offsets_content(op, offsets, n);
-  auto out = at::zeros({num_segments}, x.options().dtype(acc_scalar_type(x.scalar_type())));
+  const ScalarType acc = acc_scalar_type(x.scalar_type());
+  auto out = zeros_like_device(x, {num_segments}, acc);
   if (n == 0 || num_segments == 0) return out;
-  auto stream = c10::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = current_stream(dev);
   const int64_t num_chunks = (n + kChunk - 1) / kChunk;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "mtlsam_segment_sumsq",
-                                  [&] {
+  MTLSAM_DISPATCH_FLOATING(x.scalar_type(), "mtlsam_segment_sumsq", [&] {
     using A = acc_t<scalar_t>;
-    auto ws = at::zeros({num_chunks + num_segments}, out.options());
-    const scalar_t* xp = x.data_ptr<scalar_t>();
-    const int64_t* op_off = offsets.data_ptr<int64_t>();
+    auto ws = zeros_like_device(x, {num_chunks + num_segments}, acc);
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    const int64_t* op_off = offsets.const_data_ptr<int64_t>();
     if (has_scale) {
       segment_sumsq_chunks<scalar_t, true><<<static_cast<unsigned int>(num_chunks), kBlock, 0,
-                                             stream>>>(xp, scale->data_ptr<scalar_t>(), op_off,
-                                                       num_segments, n, ws.data_ptr<A>());
+                                             stream>>>(xp, scale->const_data_ptr<scalar_t>(),
+                                                       op_off, num_segments, n,
+                                                       ws.mutable_data_ptr<A>());
     } else {
       segment_sumsq_chunks<scalar_t, false><<<static_cast<unsigned int>(num_chunks), kBlock, 0,
                                               stream>>>(xp, nullptr, op_off, num_segments, n,
-                                                        ws.data_ptr<A>());
+                                                        ws.mutable_data_ptr<A>());
     }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    MTLSAM_CUDA_LAUNCH_CHECK();
     segment_sumsq_finish<A><<<warp_per_item_blocks(num_segments), kBlock, 0, stream>>>(
-        ws.data_ptr<A>(), op_off, num_segments, n, out.data_ptr<A>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+        ws.const_data_ptr<A>(), op_off, num_segments, n, out.mutable_data_ptr<A>());
+    MTLSAM_CUDA_LAUNCH_CHECK();
   });
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor> gl_layer_stats(const at::Tensor& g0, const at::Tensor& local,
-                                                  const at::Tensor& starts,
-                                                  const at::Tensor& lengths,
-                                                  const at::Tensor& local_starts,
-                                                  const c10::optional<at::Tensor>& scale) {
+std::tuple<Tensor, Tensor> gl_layer_stats(const Tensor& g0, const Tensor& local,
+                                          const Tensor& starts, const Tensor& lengths,
+                                          const Tensor& local_starts,
+                                          const OptionalTensor& scale) {
   const char* op = "gl_layer_stats";
-  const at::Device dev = g0.device();
+  const int32_t dev = device_index(g0);
   check_float_tensor(op, "g0", g0, dev);
   check_flat(op, "g0", g0);
   check_float_tensor(op, "local", local, dev);
-  TORCH_CHECK(local.dim() == 2, "mtlsam::gl_layer_stats (CUDA): local must be a 2-D [K, M] "
-              "matrix, got shape ", local.sizes());
+  MTLSAM_CHECK(local.dim() == 2, "mtlsam::gl_layer_stats (CUDA): local must be a 2-D [K, M] "
+               "matrix, got shape ", shape_str(local));
   check_same_dtype(op, "local", local, "g0", g0);
   check_table(op, "starts", starts, dev);
   check_table(op, "lengths", lengths, dev);
   check_table(op, "local_starts", local_starts, dev);
-  TORCH_CHECK(starts.numel() == lengths.numel() && starts.numel() == local_starts.numel(),
-              "mtlsam::gl_layer_stats (CUDA): sampled starts, lengths and local_starts must have "
-              "equal length, got ", starts.numel(), ", ", lengths.numel(), " and ",
-              local_starts.numel());
+  MTLSAM_CHECK(starts.numel() == lengths.numel() && starts.numel() == local_starts.numel(),
+               "mtlsam::gl_layer_stats (CUDA): sampled starts, lengths and local_starts must "
+               "have equal length, got ", starts.numel(), ", ", lengths.numel(), " and ",
+               local_starts.numel());
   const bool has_scale = scale.has_value() && scale->defined();
   if (has_scale) {
     check_float_tensor(op, "scale", *scale, dev);
     check_flat(op, "scale", *scale, g0.numel());
     check_same_dtype(op, "scale", *scale, "g0", g0);
   }
-  const c10::cuda::CUDAGuard guard(dev);
+  const DeviceGuard guard(dev);
   const int64_t n = g0.numel();
   const int64_t K = local.size(0);
   const int64_t m = local.size(1);
   const int64_t P = starts.numel();
   if (check_tables_enabled()) check_sampled_content(op, starts, lengths, local_starts, n, m);
   const auto acc = acc_scalar_type(g0.scalar_type());
-  auto dots = at::zeros({K, P}, g0.options().dtype(acc));
-  auto sq = at::zeros({K, P}, g0.options().dtype(acc));
+  auto dots = zeros_like_device(g0, {K, P}, acc);
+  auto sq = zeros_like_device(g0, {K, P}, acc);
   if (K == 0 || P == 0 || n == 0 || m == 0) return {dots, sq};
   // Slots per sampled segment: enough to cover the longest possible segment, while keeping the
   // first stage at about kStatsTargetBlocks blocks. A function of (n, m, P) only.
@@ -410,34 +423,39 @@ std::tuple<at::Tensor, at::Tensor> gl_layer_stats(const at::Tensor& g0, const at
   const int64_t cap = kStatsTargetBlocks / P > 1 ? kStatsTargetBlocks / P : 1;
   gx = gx < cap ? gx : cap;
   gx = gx < 1 ? 1 : gx;
-  auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g0.scalar_type(),
-                                  "mtlsam_gl_layer_stats", [&] {
+  const cudaStream_t stream = current_stream(dev);
+  MTLSAM_DISPATCH_FLOATING(g0.scalar_type(), "mtlsam_gl_layer_stats", [&] {
     using A = acc_t<scalar_t>;
-    auto ws = at::zeros({2 * K * P * gx}, dots.options());
-    const scalar_t* sp = has_scale ? scale->data_ptr<scalar_t>() : nullptr;
+    auto ws = zeros_like_device(g0, {2 * K * P * gx}, acc);
+    A* wp = ws.mutable_data_ptr<A>();
+    const scalar_t* sp = has_scale ? scale->const_data_ptr<scalar_t>() : nullptr;
     const unsigned int blocks = static_cast<unsigned int>(P * gx);
     for (int64_t k0 = 0; k0 < K; k0 += 16) {
       const int kb = static_cast<int>(K - k0 < 16 ? K - k0 : 16);
       if (kb <= 4) {
         gl_stats_blocks<scalar_t, 4><<<blocks, kBlock, 0, stream>>>(
-            g0.data_ptr<scalar_t>(), local.data_ptr<scalar_t>(), sp, starts.data_ptr<int64_t>(),
-            lengths.data_ptr<int64_t>(), local_starts.data_ptr<int64_t>(), P, n, m, K, k0, kb,
-            gx, ws.data_ptr<A>());
+            g0.const_data_ptr<scalar_t>(), local.const_data_ptr<scalar_t>(), sp,
+            starts.const_data_ptr<int64_t>(), lengths.const_data_ptr<int64_t>(),
+            local_starts.const_data_ptr<int64_t>(), P, n, m, K, k0, kb, gx, wp);
       } else {
         gl_stats_blocks<scalar_t, 16><<<blocks, kBlock, 0, stream>>>(
-            g0.data_ptr<scalar_t>(), local.data_ptr<scalar_t>(), sp, starts.data_ptr<int64_t>(),
-            lengths.data_ptr<int64_t>(), local_starts.data_ptr<int64_t>(), P, n, m, K, k0, kb,
-            gx, ws.data_ptr<A>());
+            g0.const_data_ptr<scalar_t>(), local.const_data_ptr<scalar_t>(), sp,
+            starts.const_data_ptr<int64_t>(), lengths.const_data_ptr<int64_t>(),
+            local_starts.const_data_ptr<int64_t>(), P, n, m, K, k0, kb, gx, wp);
       }
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      MTLSAM_CUDA_LAUNCH_CHECK();
     }
-    auto both = at::empty({2 * K * P}, dots.options());
-    sum_slots<A><<<warp_per_item_blocks(2 * K * P), kBlock, 0, stream>>>(
-        ws.data_ptr<A>(), gx, 2 * K * P, both.data_ptr<A>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    dots.copy_(both.narrow(0, 0, K * P).view({K, P}));
-    sq.copy_(both.narrow(0, K * P, K * P).view({K, P}));
+    // ws is [2][K][P][gx]: outputs 0..KP-1 (the dots) and KP..2KP-1 (the squares) are summed
+    // straight into dots and sq ([K, P] contiguous, the same order) by one launch each. Each
+    // output is one warp's fixed-order sum of its own gx slots, so this gives the same bits as
+    // one launch over all 2KP outputs followed by copies.
+    const int64_t kp = K * P;
+    sum_slots<A><<<warp_per_item_blocks(kp), kBlock, 0, stream>>>(wp, gx, kp,
+                                                                 dots.mutable_data_ptr<A>());
+    MTLSAM_CUDA_LAUNCH_CHECK();
+    sum_slots<A><<<warp_per_item_blocks(kp), kBlock, 0, stream>>>(wp + kp * gx, gx, kp,
+                                                                 sq.mutable_data_ptr<A>());
+    MTLSAM_CUDA_LAUNCH_CHECK();
   });
   return {dots, sq};
 }
