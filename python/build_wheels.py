@@ -15,8 +15,9 @@ libtorch, libc10, the CUDA runtime and libgomp left out (torch provides them), t
 deleted afterwards. Build time and peak memory (the largest single process of the build, from
 ``wait4``) are recorded.
 
-Cross checks (CROSS below) install a wheel under another torch of the matrix and expect the
-load guard to refuse it cleanly.
+Cross checks (CROSS below) install a wheel under another torch of the matrix: a stable-ABI wheel
+(``+cpu``, ``+cu130``: built with ``MTLSAM_STABLE_ABI=1``) must load and pass the same smoke test
+there, a per-torch wheel (``+cu130torch2.14``) must be refused cleanly by the load guard.
 
 Results: ``python/results/wheels/matrix.jsonl`` (one line per entry and cross check, each with
 the command, commit and versions) and ``python/results/wheels/matrix.md`` (the table the
@@ -68,14 +69,21 @@ class Entry:
     cuda_home: str | None = None  # a local CUDA toolkit ...
     toolkit: tuple[str, ...] = ()  # ... or NVIDIA pip packages assembled into a CUDA_HOME
     note: str = ""
+    stable_abi: bool = False      # built on libtorch's stable ABI: loads under any torch >= 2.10
     env: dict[str, str] = field(default_factory=dict)
 
 
-# The matrix. torch 2.11.0 (PyPI's default build is CUDA 13.0) is the GPU test machine's torch
-# (Python 3.12): the abi3 wheel built here on 3.11 serves it. CUDA 12: PyPI's torch 2.9.1 is
-# a CUDA 12.8 build, and nvidia-cuda-nvcc-cu12 12.8.93 is the same toolkit release.
+# The matrix. Labels without a torch version are stable-ABI wheels: one per CUDA major (or CPU),
+# for every torch from 2.10 on; labels with one (cu130torch2.14) are ATen builds for that torch
+# major.minor only. torch 2.11.0 (PyPI's default build is CUDA 13.0) is the GPU test machine's
+# torch (Python 3.12): the abi3 wheels built here on 3.11 serve it. CUDA 12: PyPI's torch 2.9.1
+# is a CUDA 12.8 build, and nvidia-cuda-nvcc-cu12 12.8.93 is the same toolkit release.
 MATRIX: tuple[Entry, ...] = (
-    Entry("cpu", "cpu", "torch==2.13.0", note="CPU kernels; torch 2.13 CPU build"),
+    Entry("cpu", "cpu", "torch==2.13.0", stable_abi=True,
+          note="CPU kernels, stable ABI: any torch >= 2.10 (built with torch 2.13 CPU)"),
+    Entry("cu130", "cu130", "torch==2.14.1", "13.0", cuda_home="/usr/local/cuda",
+          stable_abi=True,
+          note="CUDA 13 kernels, stable ABI: any CUDA 13 torch >= 2.10 (built with 2.14.1)"),
     Entry("cu130-torch2.14", "cu130torch2.14", "torch==2.14.1", "13.0",
           cuda_home="/usr/local/cuda", note="local CUDA 13.0 toolkit"),
     Entry("cu130-torch2.11", "cu130torch2.11", "torch==2.11.0", "13.0",
@@ -85,8 +93,15 @@ MATRIX: tuple[Entry, ...] = (
                    "nvidia-cuda-cccl-cu12==12.8.90"),
           note="CUDA 12.8 toolkit from NVIDIA's pip packages"),
 )
-# (wheel of entry, torch to load it under): the load guard must refuse it.
-CROSS: tuple[tuple[str, str], ...] = (("cu130-torch2.14", "torch==2.13.0"),)
+# (wheel of entry, torch to install it under, what must happen): "loads" runs the whole smoke
+# test under that torch, "refused" expects the load guard's one warning.
+CROSS: tuple[tuple[str, str, str], ...] = (
+    ("cpu", "torch==2.14.1", "loads"),
+    ("cpu", "torch==2.11.0", "loads"),
+    ("cu130", "torch==2.11.0", "loads"),
+    ("cu130", "torch==2.13.0", "refused"),   # a CUDA wheel under a CPU-only torch
+    ("cu130-torch2.14", "torch==2.13.0", "refused"),
+)
 
 
 class Progress:
@@ -272,6 +287,8 @@ def build_entry(entry: Entry, out: Path, work: Path, progress: Progress) -> dict
         progress.stage(f"venv {venv}")
         py = make_venv(venv, log, progress)
         env = dict(os.environ, MTLSAM_LOCAL_VERSION=entry.label, **entry.env)
+        if entry.stable_abi:
+            env["MTLSAM_STABLE_ABI"] = "1"
         if entry.toolkit:
             progress.stage(f"CUDA toolkit packages: {' '.join(entry.toolkit)}")
             pip(py, list(entry.toolkit), log, progress, "toolkit packages")
@@ -316,7 +333,7 @@ def build_entry(entry: Entry, out: Path, work: Path, progress: Progress) -> dict
         with zipfile.ZipFile(wheel) as z:
             rec = json.loads(z.read("mtlsam_ext/_build_info.json"))
         row.update(cuda_archs=rec.get("cuda_archs"), nvcc=rec.get("nvcc"),
-                   built_torch=rec.get("torch"))
+                   built_torch=rec.get("torch"), stable_abi=bool(rec.get("stable_abi")))
     except StepError as e:
         row["error"] = str(e)
         print(f"  ! {e}", flush=True)
@@ -336,18 +353,19 @@ def build_entry(entry: Entry, out: Path, work: Path, progress: Progress) -> dict
     return row
 
 
-def cross_check(name: str, torch_req: str, out: Path, work: Path, progress: Progress) -> dict:
+def cross_check(name: str, torch_req: str, expect: str, out: Path, work: Path,
+                progress: Progress) -> dict:
     entry = next(e for e in MATRIX if e.name == name)
     wheels = sorted(out.glob(f"mtlsam_ext-*+{entry.label}-*.whl"))
-    row: dict = {"cross": f"{name} wheel under {torch_req}", "ok": False}
+    row: dict = {"cross": f"{name} wheel under {torch_req}", "expect": expect, "ok": False}
     if not wheels:
         row["error"] = f"no {name} wheel in {out}: build it first"
         return row
-    log = work / f"cross-{name}.log"
+    log = work / f"cross-{name}-{torch_req.replace('=', '')}.log"
     log.write_text("")
-    progress.stage(f"{wheels[-1].name} under {torch_req}, expect the guard to refuse it")
+    progress.stage(f"{wheels[-1].name} under {torch_req}, expect: {expect}")
     try:
-        res = smoke(wheels[-1], torch_req, "refused", work, log, progress)
+        res = smoke(wheels[-1], torch_req, expect, work, log, progress)
     except StepError as e:
         res = {"ok": False, "error": str(e)}
     row.update(ok=res["ok"], wheel=wheels[-1].name, torch=res.get("torch"),
@@ -395,9 +413,12 @@ def write_results(merged: list[dict]) -> str:
                      f"{r.get('cuda_archs') or '-'} | {smoke_res} | {r['commit']} |")
     cross = [r for r in merged if "cross" in r]
     if cross:
-        lines += ["", "| cross check | result | warning | commit |", "|---|---|---|---|"]
+        lines += ["", "| cross check | expected | result | warning | commit |",
+                  "|---|---|---|---|---|"]
         for c in cross:
-            lines.append(f"| {c['cross']} | {'refused cleanly' if c['ok'] else 'FAIL'} | "
+            expect = c.get("expect", "refused")
+            done = {"loads": "loads, smoke test passes", "refused": "refused cleanly"}[expect]
+            lines.append(f"| {c['cross']} | {expect} | {done if c['ok'] else 'FAIL'} | "
                          f"{c.get('warning') or c.get('error', '-')} | {c['commit']} |")
     runs = sorted({(r["command"], r["commit"], r["date"], r["python"], r["machine"])
                    for r in merged})
@@ -416,14 +437,15 @@ def plan(entries: list[Entry], out: Path, work: Path) -> None:
               f"CUDA_HOME {home}; {e.note}")
         print(f"    venv {work}/build-{e.name}: pip install {e.torch} {' '.join(BUILD_TOOLS)}")
         print(f"    MTLSAM_LOCAL_VERSION={e.label}"
+              f"{' MTLSAM_STABLE_ABI=1' if e.stable_abi else ''}"
               f"{' MTLSAM_FORCE_CUDA=1' if e.cuda else ''} pip wheel --no-build-isolation "
               "--no-deps <copy of the sources>")
         print(f"    auditwheel repair --exclude {' '.join(EXCLUDE)}")
         print(f"    fresh venv: pip install {e.torch} <wheel>; python -I smoke_wheel.py "
               "--expect loads")
-    for name, req in CROSS:
+    for name, req, expect in CROSS:
         if any(e.name == name for e in entries):
-            print(f"cross: {name} wheel under {req}: smoke_wheel.py --expect refused")
+            print(f"cross: {name} wheel under {req}: smoke_wheel.py --expect {expect}")
 
 
 def main() -> None:
@@ -463,10 +485,10 @@ def main() -> None:
         print(f"  = {e.name}: {r.get('wheel', 'no wheel')} "
               f"build {r.get('build_s', '-')} s, peak {r.get('peak_mib', '-')} MiB, "
               f"smoke {r.get('smoke', 'not run')}", flush=True)
-    for name, req in crosses:
+    for name, req, expect in crosses:
         progress.entry(f"cross: {name} under {req}")
-        cross_rows.append(cross_check(name, req, args.out, args.work, progress))
-        print(f"  = {'refused cleanly' if cross_rows[-1]['ok'] else 'FAIL'}", flush=True)
+        cross_rows.append(cross_check(name, req, expect, args.out, args.work, progress))
+        print(f"  = {expect}: {'as expected' if cross_rows[-1]['ok'] else 'FAIL'}", flush=True)
     header = {"command": "python python/build_wheels.py " + " ".join(sys.argv[1:]),
               "commit": commit, "date": datetime.date.today().isoformat(),
               "python": platform.python_version(),
