@@ -77,3 +77,23 @@ def test_stable_abi_floor(setup_py):
     setup_py.check_stable_abi_torch("2.14.1+cu130")
     with pytest.raises(RuntimeError, match="needs torch >= 2.10"):
         setup_py.check_stable_abi_torch("2.9.1+cu128")
+
+
+def test_sdist_carries_every_source_file(tmp_path):
+    """`pip install mtlsam_ext-*.tar.gz` compiles from the sdist: every header and CUDA source
+    under csrc/ must be in it, not only the .cpp files setup.py names."""
+    import os
+    import subprocess
+    import sys
+    import tarfile
+
+    subprocess.run([sys.executable, "setup.py", "-q", "sdist", "-d", str(tmp_path)], cwd=ROOT,
+                   check=True, capture_output=True, env={**os.environ, "MTLSAM_SKIP_EXT": "1"})
+    (sdist,) = tmp_path.glob("mtlsam_ext-*.tar.gz")
+    with tarfile.open(sdist) as tar:
+        names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
+    wanted = {p.relative_to(ROOT).as_posix() for p in (ROOT / "csrc").rglob("*")
+              if p.is_file() and p.suffix in {".h", ".cuh", ".cpp", ".cu"}}
+    assert wanted, "no sources found under csrc/"
+    missing = sorted(wanted - names)
+    assert not missing, f"not in the sdist: {missing}"
