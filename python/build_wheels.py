@@ -98,6 +98,7 @@ MATRIX: tuple[Entry, ...] = (
 CROSS: tuple[tuple[str, str, str], ...] = (
     ("cpu", "torch==2.14.1", "loads"),
     ("cpu", "torch==2.11.0", "loads"),
+    ("cpu", "torch==2.10.0", "loads"),       # the stable ABI's floor (a CUDA 12.8 build)
     ("cu130", "torch==2.11.0", "loads"),
     ("cu130", "torch==2.13.0", "refused"),   # a CUDA wheel under a CPU-only torch
     ("cu130-torch2.14", "torch==2.13.0", "refused"),
