@@ -209,6 +209,27 @@ def test_mix_perturb_unsorted_sampled_table_on_device():
     torch.testing.assert_close(theta.double().cpu(), want, **ELEMENTWISE[dtype])
 
 
+def test_mix_perturb_many_shuffled_sampled_segments():
+    """More sampled segments than threads of the sorting block (the table is sorted on the
+    device by one block, strided over the entries), with ties in start (empty segments), in a
+    shuffled order: the same bits as the reference."""
+    g = torch.Generator().manual_seed(3)
+    lengths = torch.randint(0, 4, (900,), generator=g).tolist()
+    offs, g0, coef, kw, table, _, _ = _perturb_args(lengths, torch.float32, True, DEV)
+    assert len(table) > 256 and len({t[0] for t in table}) < len(table)
+    perm = torch.randperm(len(table), generator=g)
+    kw = {k: (v[perm.to(v.device)] if k != "local" else v) for k, v in kw.items()}
+    theta = _data(offs[-1], torch.float32, 6)
+    ref = theta.clone()
+    for adaptive in (False, True):
+        ops.mix_perturb_(theta, torch.empty_like(theta), g0, coef, _t(offs, DEV),
+                         adaptive=adaptive, backend=EXT, **kw)
+        ops.mix_perturb_(ref, torch.empty_like(ref), g0, coef, _t(offs), adaptive=adaptive,
+                         backend="torch", **{k: v.cpu() if v.dtype == torch.int64 else v
+                                              for k, v in kw.items()})
+        assert torch.equal(theta, ref)
+
+
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_segment_gram(layout, dtype):
