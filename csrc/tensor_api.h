@@ -6,8 +6,8 @@
 // * MTLSAM_STABLE_ABI: libtorch's stable ABI (torch/csrc/stable, the headeronly c10 types, the
 //   C shim), compiled with TORCH_TARGET_VERSION = 2.10 (setup.py). The module then uses only C
 //   functions of libtorch (`nm -D` shows no mangled c10/ATen symbol), so one binary loads under
-//   every torch release from 2.10 on; python/results/wheels/stable_abi.md shows it under 2.11,
-//   2.13 and 2.14.
+//   every torch release from 2.10 on; python/results/wheels/stable_abi.md shows it under 2.10,
+//   2.11, 2.13 and 2.14.
 //
 // Only what the kernels need is here: the tensor type, checks, allocation in an accumulation
 // dtype, a CPU parallel loop, the floating dtypes and their dispatch (library_api.h: the

@@ -130,16 +130,9 @@ constexpr int kWarps = kBlock / 32;
 // 1/8192 of the data.
 constexpr int64_t kChunk = 8192;
 
+// Accumulation type of the kernels: tensor_api.h's (float, or double for double).
 template <typename T>
-struct AccType {
-  using type = float;
-};
-template <>
-struct AccType<double> {
-  using type = double;
-};
-template <typename T>
-using acc_t = typename AccType<T>::type;
+using acc_t = mtlsam::opmath_t<T>;
 
 // Elements per 16-byte vector.
 template <typename T>
