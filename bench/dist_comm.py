@@ -8,7 +8,12 @@ parameter bytes), which is what a per-task-gradient optimizer would send under a
 wrapper. Then the median step time of the 2 ranks against one process (one thread) on the
 same 64 samples, measured in the same run.
 
-Run from the repository root: ``python -m bench.dist_comm --tasks 10``.
+``--caps`` runs every configuration once per bucket cap (``bucket_cap_mb``): the default 25
+MiB holds all K rows of this MLP (one collective per phase, sent after the passes); a cap of
+one row (about 0.9 MiB at K = 10) sends each row as soon as its pass has written it, so it
+travels while the next pass runs.
+
+Run from the repository root: ``python -m bench.dist_comm --tasks 10 --caps 25,1``.
 """
 
 from __future__ import annotations
@@ -42,7 +47,7 @@ STEPS = 10  # timed steps (after 3 warm-up steps)
 
 
 def run_config(name: str, sync: str, k: int, aggregator: str, batch: int,
-               process_group: object = None) -> tuple[dict, float]:
+               process_group: object = None, cap: float = 25.0) -> tuple[dict, float]:
     """A few steps of one configuration; (communication of the last step, median ms/step)."""
     torch.manual_seed(0)
     model = MLPNet(k)
@@ -50,6 +55,7 @@ def run_config(name: str, sync: str, k: int, aggregator: str, batch: int,
     y = torch.randint(0, 10, (batch, k))
     opt = MTLSAM(model.body, torch.optim.SGD, heads=list(model.heads), lr=0.01,
                  aggregator=aggregator, perturb_sync=sync, process_group=process_group,
+                 **({"bucket_cap_mb": cap} if process_group is not False else {}),
                  generator=torch.Generator().manual_seed(0), **CONFIGS[name])
 
     def closure() -> list[torch.Tensor]:
@@ -66,20 +72,22 @@ def run_config(name: str, sync: str, k: int, aggregator: str, batch: int,
     return opt.info()["communication"], 1e3 * sorted(times)[len(times) // 2]
 
 
-def worker(rank: int, world: int, init: str, k: int, aggregator: str, out: str) -> None:
+def worker(rank: int, world: int, init: str, k: int, aggregator: str, caps: list[float],
+           out: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
     torch.set_num_threads(1)
     rows = []
     for name in CONFIGS:
         for sync in ("global", "local"):
-            dist.barrier()
-            comm, ms = run_config(name, sync, k, aggregator, PER_RANK)
-            slowest = torch.tensor([ms])
-            dist.all_reduce(slowest, op=dist.ReduceOp.MAX)  # a step ends on the slowest rank
-            n_bytes = sum(p.numel() * p.element_size() for p in MLPNet(k).parameters())
-            ddp = BACKWARDS[name](k) * n_bytes
-            rows.append((name, sync, comm["collectives"], comm["bytes"], BACKWARDS[name](k), ddp,
-                         float(slowest)))
+            for cap in caps:
+                dist.barrier()
+                comm, ms = run_config(name, sync, k, aggregator, PER_RANK, cap=cap)
+                slowest = torch.tensor([ms])
+                dist.all_reduce(slowest, op=dist.ReduceOp.MAX)  # a step ends on the slowest
+                n_bytes = sum(p.numel() * p.element_size() for p in MLPNet(k).parameters())
+                ddp = BACKWARDS[name](k) * n_bytes
+                rows.append((name, sync, cap, comm["collectives"], comm["bytes"],
+                             BACKWARDS[name](k), ddp, float(slowest)))
     if rank == 0:
         torch.save(rows, out)
     dist.barrier()  # no rank tears gloo down while another still uses it
@@ -90,12 +98,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tasks", type=int, default=10)
     ap.add_argument("--aggregator", default="mgda")
+    ap.add_argument("--caps", default="25",
+                    help="comma-separated bucket_cap_mb values, each run side by side")
     ap.add_argument("--out", help="append the rows as JSON lines here")
     args = ap.parse_args()
+    caps = [float(c) for c in args.caps.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "rows.pt")
-        mp.spawn(worker, args=(2, os.path.join(tmp, "init"), args.tasks, args.aggregator, out),
-                 nprocs=2, join=True)
+        mp.spawn(worker, args=(2, os.path.join(tmp, "init"), args.tasks, args.aggregator, caps,
+                               out), nprocs=2, join=True)
         rows = torch.load(out)
     torch.set_num_threads(1)
     single = {name: run_config(name, "global", args.tasks, args.aggregator, 2 * PER_RANK,
@@ -105,14 +116,17 @@ def main() -> None:
     print(f"MLP (main job), K={args.tasks}, aggregator={args.aggregator}, 2 ranks (gloo) x "
           f"{PER_RANK} samples vs 1 process x {2 * PER_RANK}, 1 thread each, "
           f"torch {torch.__version__}, commit {commit}; per step")
-    print(f"{'method':<13}{'sync':<8}{'collectives':>12}{'MiB':>9}{'DDP bwd':>9}"
-          f"{'DDP MiB':>9}{'ratio':>7}{'ms 2 ranks':>11}{'ms 1 proc':>10}{'x 1 proc':>9}")
+    print(f"{'method':<13}{'sync':<8}{'cap MiB':>8}{'collectives':>12}{'MiB':>9}{'DDP bwd':>9}"
+          f"{'DDP MiB':>9}{'ratio':>7}{'ms 2 ranks':>11}{'ms 1 proc':>10}{'x 1 proc':>9}"
+          f"{'x cap ' + args.caps.split(',')[0]:>10}")
     records = []
-    for name, sync, coll, nbytes, bwd, ddp, ms in rows:
-        print(f"{name:<13}{sync:<8}{coll:>12}{nbytes / 2**20:>9.2f}{bwd:>9}"
+    first = {(name, sync): ms for name, sync, cap, *_, ms in rows if cap == caps[0]}
+    for name, sync, cap, coll, nbytes, bwd, ddp, ms in rows:
+        print(f"{name:<13}{sync:<8}{cap:>8g}{coll:>12}{nbytes / 2**20:>9.2f}{bwd:>9}"
               f"{ddp / 2**20:>9.2f}{nbytes / ddp:>7.2f}{ms:>11.1f}{single[name]:>10.1f}"
-              f"{ms / single[name]:>9.2f}")
-        records.append(dict(method=name, sync=sync, collectives=coll, bytes=nbytes,
+              f"{ms / single[name]:>9.2f}{ms / first[name, sync]:>10.2f}")
+        records.append(dict(method=name, sync=sync, bucket_cap_mb=cap, collectives=coll,
+                            bytes=nbytes,
                             ddp_backwards=bwd, ddp_bytes=ddp, ms_2_ranks=ms,
                             ms_1_process=single[name], tasks=args.tasks,
                             aggregator=args.aggregator, torch=torch.__version__,

@@ -52,12 +52,44 @@ def run_scenarios(rank: int, world: int, init_file: str, out_dir: str,
 
 
 def train(rank: int, world: int, spec: dict) -> dict:
+    """``steps`` steps; with ``"trace"``, every all-reduce MTLSAM launches is recorded with
+    the number of closure calls made before it in its step (when it left, against the
+    passes); with ``"fail_at"`` = (step, call), that closure call raises on every rank."""
     m = TwoTask(k=3, dtype=torch.float64, seed=1, width=12)
     x, y = shard(m, rank, world)
-    opt = make(m, spec["cfg"], aggregator=spec["agg"], perturb_sync=spec.get("sync", "global"))
-    losses = [opt.step(closure_for(m, x, y)) for _ in range(spec.get("steps", STEPS))]
+    kw = {"bucket_cap_mb": spec["cap"]} if "cap" in spec else {}
+    opt = make(m, spec["cfg"], aggregator=spec["agg"], perturb_sync=spec.get("sync", "global"),
+               **kw)
+    calls, trace, failed = [0], [], []
+    inner = closure_for(m, x, y)
+    fail_step, fail_call = spec.get("fail_at", (-1, -1))
+
+    def closure():
+        calls[0] += 1
+        if len(trace) == fail_step and calls[0] == fail_call:
+            raise RuntimeError("closure failed on purpose")
+        return inner()
+
+    real = dist.all_reduce
+
+    def traced(t, *a, **k):
+        trace[-1].append((calls[0], t.numel()))
+        return real(t, *a, **k)
+
+    losses = []
+    dist.all_reduce = traced
+    try:
+        for _ in range(spec.get("steps", STEPS)):
+            calls[0] = 0
+            trace.append([])
+            try:
+                losses.append(opt.step(closure))
+            except RuntimeError as err:
+                failed.append(str(err))
+    finally:
+        dist.all_reduce = real
     return {"params": [p.detach().clone() for p in m.parameters()], "losses": losses,
-            "info": opt.info()}
+            "info": opt.info(), "trace": trace, "failed": failed}
 
 
 def nonfinite(rank: int, world: int, spec: dict) -> dict:

@@ -24,6 +24,9 @@ METHODS = {"gl": dict(method="gl"), "gl-lagged": dict(method="gl", local_grad="l
 AGGS = ["mgda", "ls", "pcgrad", "nash"]
 WORLD = 2
 LOCAL_ORACLE = ["sam", "fmtl", "gl"]  # the methods whose local perturbation differs
+ROW_BYTES = 344 * 8  # one shared gradient row of TwoTask(width=12) in float64
+CAPS = {"rows": ROW_BYTES / 2**20,  # one row per bucket: a bucket leaves after each pass
+        "pieces": 1000 / 2**20}  # rows sent in pieces of 125 elements
 BATCHED = ["gl", "gl-lagged", "fmtl"]  # batched=True: the K perturbed passes in one vmap
 
 
@@ -48,11 +51,19 @@ def ranks(tmp_path_factory):
             scenarios.append((f"local1-{name}", {"kind": "train", "cfg": cfg, "agg": "mgda",
                                                  "sync": "local", "steps": 1}))
         scenarios.append((f"nonfinite-{name}", {"kind": "nonfinite", "cfg": cfg}))
+        for sync in ("global", "local"):
+            for cap, mb in CAPS.items():
+                scenarios.append((f"cap-{cap}-{name}-{sync}", {
+                    "kind": "train", "cfg": cfg, "agg": "mgda", "sync": sync, "cap": mb}))
     for name in BATCHED:
         for sync in ("global", "local"):
             scenarios.append((f"batched-{name}-{sync}", {
                 "kind": "train", "cfg": dict(METHODS[name], batched=True), "agg": "mgda",
                 "sync": sync}))
+    for name in ("gl", "fmtl", "sam"):  # a closure failing on the last pass of step 3
+        scenarios.append((f"fail-{name}", {"kind": "train", "cfg": METHODS[name], "agg": "mgda",
+                                            "cap": CAPS["rows"], "steps": w.STEPS + 1,
+                                            "fail_at": (3, 4 if name != "sam" else 2)}))
     scenarios.append(("wrong_k", {"kind": "wrong_k"}))
     for name in ("gl-lagged", "fmtl"):
         scenarios.append((f"resume-{name}", {"kind": "resume", "cfg": METHODS[name],
@@ -67,6 +78,8 @@ def three_ranks(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("dist3")
     scenarios = [(f"train-{name}-{agg}", {"kind": "train", "cfg": cfg, "agg": agg})
                  for name, cfg in METHODS.items() for agg in AGGS]
+    scenarios += [(f"cap-pieces-{name}", {"kind": "train", "cfg": cfg, "agg": "mgda",
+                                          "cap": CAPS["pieces"]}) for name, cfg in METHODS.items()]
     return _spawn(tmp, scenarios, world=3)
 
 
@@ -110,6 +123,111 @@ def test_three_ranks_equal_one_process(three_ranks, name, agg):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
     for a, b in zip(res[0]["losses"], losses):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_three_ranks_with_rows_in_pieces_equal_one_process(three_ranks, name):
+    res = [_ok(r[f"cap-pieces-{name}"]) for r in three_ranks]
+    for r in res[1:]:
+        for a, b in zip(res[0]["params"], r["params"]):
+            assert torch.equal(a, b)
+    params, _ = _single_process(METHODS[name], "mgda", world=3)
+    for a, b in zip(res[0]["params"], params):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("cap", CAPS)
+@pytest.mark.parametrize("sync", ["global", "local"])
+@pytest.mark.parametrize("name", METHODS)
+def test_bucketed_rows_give_the_same_bits(ranks, name, sync, cap):
+    """Rows sent bucket by bucket (a row each, or pieces of rows) as the passes write them:
+    on two ranks every sum is a + b whatever the cut, so the parameters are bit-equal to one
+    collective per phase; the same bytes travel, in more collectives."""
+    r0, r1 = (_ok(r[f"cap-{cap}-{name}-{sync}"]) for r in ranks)
+    one = _ok(ranks[0][f"train-{name}-mgda" if sync == "global" else f"local-{name}"])
+    for a, b, c in zip(r0["params"], r1["params"], one["params"]):
+        assert torch.equal(a, b) and torch.equal(a, c)
+    got, want = r0["info"]["communication"], one["info"]["communication"]
+    assert got["bytes"] == want["bytes"] and got["collectives"] > want["collectives"]
+    assert r0["info"]["bucket_cap_mb"] == pytest.approx(CAPS[cap])
+    for launches in r0["trace"]:
+        if cap == "pieces":
+            assert max(n for _, n in launches) <= 125
+
+
+@pytest.mark.parametrize("sync", ["global", "local"])
+@pytest.mark.parametrize("name", ["gl", "fmtl", "gl-lagged", "erm"])
+def test_rows_leave_while_later_passes_run(ranks, name, sync):
+    """One row per bucket: a row's all-reduce is launched before the step's last closure call
+    (gl, fmtl: the SAM rows during the perturbed passes) or between the backward passes of
+    one forward (erm: the trace shows rows launched one by one); with the default cap the rows
+    of a small model leave once, after the passes."""
+    for key, overlapped in ((f"cap-rows-{name}-{sync}", True),
+                            (f"train-{name}-mgda" if sync == "global" else f"local-{name}",
+                             False)):
+        trace = _ok(ranks[0][key])["trace"][-1]
+        n_calls = max(c for c, _ in trace)
+        if name == "erm":  # one forward; the rows leave one by one between the backwards
+            assert len([c for c, n in trace if n == 344]) == (3 if overlapped else 0), trace
+        else:  # closure calls 2..K+1 are the perturbed passes: rows leave between them
+            # (fmtl local: task i's loss row too, once its own pass has read it)
+            per_pass = 2 if (name, sync) == ("fmtl", "local") else 1
+            during = [n for c, n in trace if 1 < c < n_calls]
+            assert during == ([344] * per_pass * (3 - 1) if overlapped else []), trace
+
+
+@pytest.mark.parametrize("name", ["gl", "fmtl", "sam"])
+def test_failed_step_waits_for_its_buckets_and_changes_nothing(ranks, name):
+    """A closure raising during the passes after some rows have left: the step is undone on
+    every rank, and the run goes on as if it had not happened."""
+    for r in ranks:
+        res = _ok(r[f"fail-{name}"])
+        assert res["failed"] == ["closure failed on purpose"]
+        straight = _ok(r[f"cap-rows-{name}-global"])
+        for a, b in zip(res["params"], straight["params"]):
+            assert torch.equal(a, b)
+
+
+def test_phase_buckets_cover_every_element_once():
+    """The bucket plan on its own (no processes): whole rows up to the cap, larger rows in
+    pieces, each bucket launched by the ready() of its last row, nothing twice."""
+    from mtlsam_ext.optim.distributed import Phase
+
+    class FakeSync:
+        def __init__(self, cap_bytes):
+            self.cap_bytes, self.group, self.collectives, self.bytes = cap_bytes, None, 0, 0
+            self.launched = []
+            self.dist = self
+
+        def all_reduce(self, t, group=None, async_op=False):
+            t.add_(1)
+            self.launched.append((len(self.events), t.numel()))
+            return self
+
+        def wait(self):
+            pass
+
+    for cap, rows_per, pieces in ((4 * 10 * 3, 3, 1), (4 * 10, 1, 1), (4 * 4, 1, 3),
+                                  (10**9, 7, 1)):
+        blocks = [torch.zeros(7, 10), torch.zeros(7, 3, dtype=torch.float64)]
+        sync = FakeSync(cap)
+        sync.events = []
+        ph = Phase(sync, blocks)
+        for i in range(7):
+            ph.ready(i)
+            sync.events.append(i)
+        head = torch.zeros(5)
+        ph.finish([head])
+        for b in blocks + [head]:
+            assert torch.equal(b, torch.ones_like(b))  # every element summed exactly once
+        first = [n for when, n in sync.launched if when == 0]  # launched by ready(0)
+        if rows_per == 1:
+            assert sum(first[:pieces]) == 10  # row 0 of the fp32 block left after ready(0)
+        elif rows_per < 7:
+            assert not [n for when, n in sync.launched if when < rows_per - 1 and n >= 10]
+        else:  # everything fits one bucket per block: launched when the last row is ready
+            assert [n for when, n in sync.launched if when < 6] == []
+        assert sync.bytes == 7 * 10 * 4 + 7 * 3 * 8 + 5 * 4
 
 
 def _local_oracle(name):
@@ -250,5 +368,8 @@ def test_process_group_without_initialised_distributed_is_an_error():
         MTLSAM(m.body, torch.optim.SGD, lr=0.1, process_group=object())
     with pytest.raises(ValueError, match="perturb_sync"):
         MTLSAM(m.body, torch.optim.SGD, lr=0.1, perturb_sync="both")
+    for bad in (0, -1.0, float("inf"), True, "25"):
+        with pytest.raises(ValueError, match="bucket_cap_mb"):
+            MTLSAM(m.body, torch.optim.SGD, lr=0.1, bucket_cap_mb=bad)
     opt = MTLSAM(m.body, torch.optim.SGD, lr=0.1, process_group=False)
     assert opt.info()["world_size"] == 1

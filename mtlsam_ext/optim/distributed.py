@@ -12,6 +12,12 @@ joins the loss scale that the step already folds into its coefficients (:mod:`.a
 
 ``perturb_sync="global"`` averages every phase; ``"local"`` perturbs with each rank's own
 gradients (SAM's m-sharpness) and averages only what the aggregator combines.
+
+A phase over ``[K, N]`` rows (:class:`Phase`) is cut into buckets of whole rows (or, for a
+row larger than the bucket cap, pieces of one row) and each bucket's all-reduce starts as
+soon as its last row is written, so it travels while the next task's pass runs; the phase
+waits for all of them only where its sums are first read. Rows small enough for one bucket
+(every row of a small model) still make one collective per phase, sent at its end.
 """
 
 from __future__ import annotations
@@ -33,10 +39,88 @@ def unwrap_ddp(obj: Any) -> tuple[Any, nn.Module | None]:
     return obj, None
 
 
+# DDP's default bucket size (``bucket_cap_mb=25``): large enough that a bucket's latency is
+# small next to its transfer, small enough that the first bucket leaves while later rows are
+# still being computed.
+BUCKET_CAP_MB = 25.0
+
+
+def check_bucket_cap(bucket_cap_mb: Any) -> float:
+    if isinstance(bucket_cap_mb, bool) or not isinstance(bucket_cap_mb, (int, float)) \
+            or not 0 < bucket_cap_mb < float("inf"):
+        raise ValueError(f"bucket_cap_mb must be a finite number > 0, got {bucket_cap_mb!r}")
+    return float(bucket_cap_mb)
+
+
+class Phase:
+    """One gradient phase in flight: row blocks summed over the ranks bucket by bucket as
+    their rows become ready (:meth:`ready`), then any further buffers, then one wait
+    (:meth:`finish`).
+
+    Every block is a contiguous ``[R, N]`` tensor whose row ``i`` belongs to task ``i``; rows
+    ``i0..i1-1`` of a block form one bucket when ``i1 - i0`` rows fit in the cap, a row larger
+    than the cap is sent as column pieces of at most the cap. A bucket is launched by the
+    ``ready`` of its last row, so no launched bucket is written again in the phase.
+    """
+
+    def __init__(self, sync: Sync, blocks: Sequence[Tensor]) -> None:
+        self.sync = sync
+        self.works: list[Any] = []
+        self.plan: dict[int, list[Tensor]] = {}
+        for blk in blocks:
+            if blk.numel() == 0:
+                continue
+            if blk.dim() != 2 or not blk.is_contiguous():
+                raise ValueError("a phase's row blocks must be contiguous [R, N] tensors")
+            for last, piece in self._buckets(blk):
+                self.plan.setdefault(last, []).append(piece)
+
+    def _buckets(self, blk: Tensor) -> list[tuple[int, Tensor]]:
+        cap = self.sync.cap_bytes
+        r, n = blk.shape
+        row_bytes = n * blk.element_size()
+        if row_bytes <= cap:
+            per = max(1, cap // row_bytes)
+            return [(min(r, i0 + per) - 1, blk[i0:i0 + per]) for i0 in range(0, r, per)]
+        cols = max(1, cap // blk.element_size())
+        return [(i, blk[i, c0:c0 + cols]) for i in range(r) for c0 in range(0, n, cols)]
+
+    def _launch(self, t: Tensor) -> None:
+        s = self.sync
+        self.works.append(s.dist.all_reduce(t, group=s.group, async_op=True))
+        s.collectives += 1
+        s.bytes += t.numel() * t.element_size()
+
+    def ready(self, i: int) -> None:
+        """Row ``i`` of every block is final: start the buckets it completes."""
+        for t in self.plan.pop(i, ()):
+            self._launch(t)
+
+    def finish(self, more: Sequence[Tensor] = ()) -> None:
+        """Start whatever is left (rows never marked ready, then ``more``, 1-D buffers in
+        pieces of at most the cap) and wait for the whole phase."""
+        for i in sorted(self.plan):
+            self.ready(i)
+        for t in more:
+            if t.numel() == 0:
+                continue
+            cols = max(1, self.sync.cap_bytes // t.element_size())
+            flat = t.view(-1)
+            for c0 in range(0, flat.numel(), cols):
+                self._launch(flat[c0:c0 + cols])
+        self.wait()
+
+    def wait(self) -> None:
+        works, self.works = self.works, []
+        for w in works:
+            w.wait()
+
+
 class Sync:
     """The process group of a data-parallel MTLSAM, its collectives and their accounting."""
 
-    def __init__(self, group: Any, perturb_sync: str) -> None:
+    def __init__(self, group: Any, perturb_sync: str,
+                 bucket_cap_mb: float = BUCKET_CAP_MB) -> None:
         import torch.distributed as dist
 
         self.dist = dist
@@ -44,6 +128,7 @@ class Sync:
         self.world = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
         self.perturb_sync = perturb_sync
+        self.cap_bytes = max(1, int(check_bucket_cap(bucket_cap_mb) * 2**20))
         self.collectives = 0
         self.bytes = 0
         self.last_step: dict[str, int] = {"collectives": 0, "bytes": 0}
@@ -62,16 +147,15 @@ class Sync:
     def end_step(self) -> None:
         self.last_step = {"collectives": self.collectives, "bytes": self.bytes}
 
+    def phase(self, blocks: Sequence[Tensor] = ()) -> Phase:
+        """A gradient phase over ``[R, N]`` row blocks (see :class:`Phase`)."""
+        return Phase(self, blocks)
+
     def sum_(self, tensors: Sequence[Tensor]) -> None:
-        """Sum each tensor over the ranks in place: one phase. The launches are asynchronous,
-        so the phase's buffers travel together; a handful of buffers (one per dtype bucket and
-        kind), never one per parameter or per task."""
-        tensors = [t for t in tensors if t.numel()]
-        works = [self.dist.all_reduce(t, group=self.group, async_op=True) for t in tensors]
-        for w in works:
-            w.wait()
-        self.collectives += len(tensors)
-        self.bytes += sum(t.numel() * t.element_size() for t in tensors)
+        """Sum each tensor over the ranks in place: one phase, launched together and waited
+        together; a handful of buffers (one per dtype bucket and kind, cut at the bucket
+        cap), never one per parameter or per task."""
+        self.phase().finish(tensors)
 
     def check_same(self, what: str, values: list[int], device: torch.device) -> None:
         """Raise on every rank (never hang) if ``values`` differ between ranks."""
@@ -110,9 +194,11 @@ class Sync:
         return packed[0] == 0, mean
 
 
-def resolve_sync(process_group: Any, perturb_sync: str) -> Sync | None:
+def resolve_sync(process_group: Any, perturb_sync: str,
+                 bucket_cap_mb: float = BUCKET_CAP_MB) -> Sync | None:
     """The :class:`Sync` for ``process_group`` (``None``: the default group when
     ``torch.distributed`` is initialised; ``False``: no synchronisation)."""
+    check_bucket_cap(bucket_cap_mb)
     if perturb_sync not in PERTURB_SYNC:
         raise ValueError(f"perturb_sync must be one of {PERTURB_SYNC}, got {perturb_sync!r}")
     if process_group is False:
@@ -126,4 +212,4 @@ def resolve_sync(process_group: Any, perturb_sync: str) -> Sync | None:
                              "(call torch.distributed.init_process_group first)")
         return None
     group = process_group if process_group is not None else dist.group.WORLD
-    return Sync(group, perturb_sync)
+    return Sync(group, perturb_sync, bucket_cap_mb)

@@ -109,6 +109,7 @@ class Run:
         self.head_out = opt.buffers("head_out", 1, self.heads) if self.heads else []
         self.on_commit: list[Callable[[], None]] = []
         self.clock = timer(self.shared.device)
+        self.phase: Any = None  # the gradient phase in flight (data parallelism)
 
     # -- closure and losses ---------------------------------------------------------------------
     def call(self, task: int | None = None) -> list[Tensor]:
@@ -197,19 +198,42 @@ class Run:
             return torch.autograd.grad(self.scaling.scaled(loss), params, retain_graph=True,
                                        allow_unused=True)
 
+    def begin_phase(self, blocks: list[Tensor]) -> None:
+        """Start a gradient phase over ``[K, N]`` row blocks whose row ``i`` is task ``i``'s:
+        :meth:`row_ready` then sends each bucket of rows as soon as it is written, so it
+        travels during the next task's pass; :meth:`reduce` ends the phase. Nothing without
+        data parallelism."""
+        if self.sync is not None:
+            self.phase = self.sync.phase(blocks)
+
+    def row_ready(self, i: int) -> None:
+        """Row ``i`` of the phase's blocks is final (and will not be read before the phase
+        ends)."""
+        if self.phase is not None:
+            self.phase.ready(i)
+
     def reduce(self, bufs: list[Tensor], head_grads: bool = False, head_out: bool = False
                ) -> None:
-        """One gradient phase summed over the ranks (nothing without data parallelism): the
-        given flat buffers, plus the heads' gradients and/or their kept SAM gradients."""
+        """End a gradient phase: the rows begun with :meth:`begin_phase` and the given flat
+        buffers, plus the heads' gradients and/or their kept SAM gradients, summed over the
+        ranks (nothing without data parallelism)."""
         if self.sync is None:
             return
-        more: list[Tensor] = []
+        more: list[Tensor] = list(bufs)
         if self.heads is not None:
             if head_grads:
                 more += [b.grad for b in self.heads.buckets]
             if head_out:
                 more += [h[0] for h in self.head_out]
-        self.sync.sum_(list(bufs) + more)
+        phase, self.phase = self.phase or self.sync.phase(), None
+        phase.finish(more)
+
+    def settle(self) -> None:
+        """A failed step: wait for the collectives it launched (the ranks launched the same
+        ones), so none still writes into a buffer the next step reuses."""
+        phase, self.phase = self.phase, None
+        if phase is not None:
+            phase.wait()
 
     def batched_task_grads(self, losses: list[Tensor], params: list[Tensor]
                            ) -> tuple[Tensor | None, ...] | None:
@@ -521,6 +545,8 @@ def _per_task_rows(run: Run, losses: list[Tensor], rows: list[Tensor], first_row
         r[first_row:first_row + k].zero_()
     for i, loss in enumerate(losses):
         run.backward_into(loss, rows, first_row + i, retain_graph=i < k - 1)
+        if trial is None:  # (a trial compares the rows first: they are sent at the end)
+            run.row_ready(i)
     if trial is not None:
         run.opt.batched.record("grads", "sequential", run.clock() - t0)
         _agree(run, "grads", [r[first_row:first_row + k] for r in rows], trial)
@@ -591,6 +617,8 @@ def _sam_passes(run: Run, dirs: list[Tensor], coefs: list[Tensor], offs: list[Te
             run.perturb_head(i, hc)
         run.backward_into(run.perturbed_loss(i), rows, first_row + i)
         run.finish_head(i)
+        if state != "trial":  # (a trial compares the rows first: they are sent at the end)
+            run.row_ready(i)
     if state == "trial":  # batched = "auto": the batched way too, into scratch rows
         run.opt.batched.record("points", "sequential", run.clock() - t0)
         scratch = [t[:k] for t in run.opt.buffers("rows_trial", k)]
@@ -692,8 +720,9 @@ def step_erm(run: Run) -> Tensor:
         _finish_weighted(run)
         return run.unperturbed
     rows = run.opt.buffers("rows", run.k)
+    run.begin_phase(rows)
     _per_task_rows(run, losses, rows)
-    run.reduce(rows, head_grads=True)
+    run.reduce([], head_grads=True)
     _finish(run, rows)
     return run.unperturbed
 
@@ -725,8 +754,9 @@ def step_sam(run: Run) -> Tensor:
         _finish_weighted(run)
         return run.unperturbed
     rows = opt.buffers("rows", run.k)
+    run.begin_phase(rows)
     _per_task_rows(run, pert, rows)
-    run.reduce(rows, head_grads=True)
+    run.reduce([], head_grads=True)
     run.restore_all()
     _finish(run, rows)
     return run.unperturbed
@@ -743,17 +773,22 @@ def step_fmtl(run: Run) -> Tensor:
     k = run.k
     rows = opt.buffers("rows2", 2 * k)
     run.zero_all()
+    if run.global_sync:  # the loss rows travel while the later tasks' passes run
+        run.begin_phase([r[:k] for r in rows])
     _per_task_rows(run, losses, rows)
     if run.global_sync:
-        run.reduce([r[:k] for r in rows], head_grads=True)
+        run.reduce([], head_grads=True)
     hc = run.head_coefs() if run.heads is not None else None
     offs = [_whole(b.numel) for b in run.shared.buckets]
     coefs = torch.stack([run.global_coef([r[i] for r in rows], opt.rho) for i in range(k)])
+    # SAM rows (and, with local perturbations, the loss rows too) in one phase; task i's
+    # loss row is its direction, read by its own pass only, so it may travel after that pass
+    run.begin_phase([r[k:] for r in rows] if run.global_sync
+                    else [r[:k] for r in rows] + [r[k:] for r in rows])
     _sam_passes(run, [r[:k] for r in rows], [coefs.reshape(k, 1)] * len(offs), offs, rows, k,
                 hc)
     run.restore_shared()
-    # SAM rows (and, with local perturbations, the loss rows too) in one phase
-    run.reduce([r[k:] for r in rows] if run.global_sync else rows, head_out=True)
+    run.reduce([], head_out=True)
     run.heads_to_grad()
     if opt.decompose:
         # Two K x K Grams rather than one 2K x 2K: the loss block then has exactly the bits
@@ -818,11 +853,14 @@ def step_gl(run: Run) -> Tensor:
                     opt.batched.record("grads", "batched", run.clock() - t0)
         if trial is not None or got is None:  # sequential (also after a failed batched try)
             t0 = run.clock()
+            if run.global_sync and trial is None:  # travel during the later passes and g0's
+                run.begin_phase(local)
             for i in range(k):
                 got = run.task_grads(losses[i], params_s)
                 views = sh.local_views(local, i, sampled)
                 torch._foreach_copy_([v for v, g in zip(views, got) if g is not None],
                                      [g for g in got if g is not None])
+                run.row_ready(i)
             if trial is not None:
                 opt.batched.record("grads", "sequential", run.clock() - t0)
                 _agree(run, "grads", local, trial)
@@ -832,7 +870,8 @@ def step_gl(run: Run) -> Tensor:
     for j, b in enumerate(sh.buckets):
         g0[j][0].copy_(b.grad)
     if run.global_sync:  # g0, the heads' gradients and exact local gradients: one phase
-        exact_local = [] if opt.local_grad == "zo" or local is lag else local
+        begun = run.phase is not None  # (the local rows, already on their way)
+        exact_local = [] if opt.local_grad == "zo" or local is lag or begun else local
         run.reduce([g[0] for g in g0] + list(exact_local), head_grads=True)
     hc = run.head_coefs() if run.heads is not None else None
     if opt.local_grad == "zo" and not local:
@@ -874,13 +913,14 @@ def step_gl(run: Run) -> Tensor:
         coef_b = coef_b * rescale  # B (r ghat) with ghat as stored
 
     rows = opt.buffers("rows", k)
+    run.begin_phase(rows)
     offs = [b.seg_offsets for b in sh.buckets]
     # every task's per-segment coefficients gathered once (one index per bucket, not per task)
     ca = [coef_a[:, s] for s in seg_layers]
     cb = [coef_b[:, ids] for ids in samp_layers]
     _sam_passes(run, g0, ca, offs, rows, 0, hc, local=local, local_coefs=cb, tables=tables)
     run.restore_shared()
-    run.reduce(rows, head_out=True)
+    run.reduce([], head_out=True)
     run.heads_to_grad()
     selector = opt.layer_selector
     if selector.measures:

@@ -23,7 +23,7 @@ from mtlsam_ext.optim.batched import BatchedPolicy, unsupported_reason
 from mtlsam_ext.optim.batchnorm import BN_STATS, RunningStats, batchnorm_modules
 from mtlsam_ext.optim.checks import reachable_leaves
 from mtlsam_ext.optim.closure import CONTRACT, parse_all, parse_one
-from mtlsam_ext.optim.distributed import resolve_sync, unwrap_ddp
+from mtlsam_ext.optim.distributed import BUCKET_CAP_MB, resolve_sync, unwrap_ddp
 from mtlsam_ext.optim.layer_selection import LAYER_MODES, LayerSelector, default_layers
 
 METHODS = ("gl", "fmtl", "sam", "erm")
@@ -104,6 +104,11 @@ class MTLSAM(torch.optim.Optimizer):
             process on the concatenated batch (equal local batches, mean losses). ``"local"``:
             each rank perturbs with its own gradients (SAM's m-sharpness); only the gradients
             the aggregator combines are averaged.
+        bucket_cap_mb: the largest all-reduce, in MiB (as DDP's ``bucket_cap_mb``). The
+            ``[K, N]`` gradient rows of a phase are sent in buckets of whole rows up to this
+            size (a larger row in pieces), each as soon as its rows are written, so it
+            travels while the next task's pass runs; rows that fit in one bucket make one
+            collective per phase.
         batched_grads: compute the K per-task gradients at one point (erm, fmtl's loss
             gradients, sam's gradients at the perturbed point) in one backward with K batched
             cotangents (``autograd.grad(..., is_grads_batched=True)``) instead of K backward
@@ -145,6 +150,7 @@ class MTLSAM(torch.optim.Optimizer):
                  bn_modules: Sequence[nn.Module] | nn.Module | None = None,
                  max_grad_norm: float | None = None, grad_scaler: Any = None,
                  process_group: Any = None, perturb_sync: str = "global",
+                 bucket_cap_mb: float = BUCKET_CAP_MB,
                  n_sampled: int = 3, resample_every: int = 10, layer_ema: float = 0.9,
                  batched_grads: bool = False, batched: bool | str = False,
                  task_chunk: int | None = None, **base_kwargs: Any) -> None:
@@ -179,7 +185,7 @@ class MTLSAM(torch.optim.Optimizer):
             if not all(isinstance(m, nn.Module) for m in bn_modules):
                 raise ValueError("bn_modules must be an nn.Module or a list of nn.Modules")
         check_backend_name(backend)
-        self.sync = resolve_sync(process_group, perturb_sync)
+        self.sync = resolve_sync(process_group, perturb_sync, bucket_cap_mb)
         shared, ddp = unwrap_ddp(shared)
         self._ddp = [ddp] if ddp is not None else []
         if heads is not None:
@@ -392,6 +398,7 @@ class MTLSAM(torch.optim.Optimizer):
 
     def _undo(self, run: methods.Run, gen_state: Tensor, form: tuple) -> None:
         """Put back what a failed or skipped step changed."""
+        run.settle()
         run.restore_all()
         self.layer_selector.discard()
         if run.bn:
@@ -609,6 +616,7 @@ class MTLSAM(torch.optim.Optimizer):
             "max_grad_norm": self.max_grad_norm,
             "world_size": 1 if self.sync is None else self.sync.world,
             "perturb_sync": None if self.sync is None else self.sync.perturb_sync,
+            "bucket_cap_mb": None if self.sync is None else self.sync.cap_bytes / 2**20,
             "communication": None if self.sync is None else dict(self.sync.last_step),
         }
 
