@@ -103,6 +103,19 @@ def _layers_from(shared: nn.Module | Iterable | dict, prefix: str) -> list[Layer
     return layers
 
 
+def _sharded_kind(p: Tensor) -> str:
+    """What shards ``p`` across processes ('' for a plain tensor): a DTensor (FSDP2's
+    ``fully_shard``, tensor parallelism) or FSDP1's ``FlatParameter``."""
+    if getattr(p, "_is_flat_param", False) or type(p).__name__ == "FlatParameter":
+        return "an FSDP FlatParameter (FullyShardedDataParallel)"
+    if torch.distributed.is_available():
+        from torch.distributed.tensor import DTensor
+
+        if isinstance(p, DTensor):
+            return "a DTensor (FSDP2 fully_shard or tensor parallelism)"
+    return ""
+
+
 class FlatParams:
     """Parameters packed into flat per-dtype buffers, with a segment table of layers.
 
@@ -132,6 +145,14 @@ class FlatParams:
                     raise ValueError(f"{prefix}: parameter {n!r} is not a leaf tensor")
                 if p.is_sparse:
                     raise ValueError(f"{prefix}: parameter {n!r} is sparse")
+                sharded = _sharded_kind(p)
+                if sharded:
+                    raise ValueError(
+                        f"{prefix}: parameter {n!r} is {sharded}; its storage belongs to the "
+                        "sharding wrapper, so it cannot live in MTLSAM's flat buffers. Train "
+                        "data-parallel instead: pass the plain module (replicated on every "
+                        "rank) and let MTLSAM synchronise it (process_group=; README, "
+                        "'Multi-GPU and multi-node')")
         self.buckets: list[Bucket] = []
         by_dtype: dict[torch.dtype, Bucket] = {}
         for li, la in enumerate(self.layers):

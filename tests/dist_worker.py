@@ -189,5 +189,30 @@ def ddp(rank: int, world: int, spec: dict) -> dict:
             "ddp_allreduce_calls": ddp_calls[0]}
 
 
+def sharded(rank: int, world: int, spec: dict) -> dict:
+    """A backbone sharded by FSDP2 (``fully_shard``) or FSDP1: refused at construction with
+    the reason, the module left as it was."""
+    m = TwoTask(k=2, dtype=torch.float64, seed=1)
+    if spec["wrapper"] == "fsdp2":
+        from torch.distributed.fsdp import fully_shard
+
+        body = fully_shard(m.body)
+    else:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        body = FullyShardedDataParallel(m.body, device_id=torch.device("cpu"))
+    before = [p.detach().clone() for p in m.heads.parameters()]
+    try:
+        MTLSAM(body, torch.optim.SGD, heads=list(m.heads), lr=0.05)
+        msg = None
+    except ValueError as e:
+        msg = str(e)
+    x, _ = shard(m, rank, world)
+    out = body(x)  # the wrapper still runs
+    return {"error_msg": msg, "out_shape": tuple(out.shape),
+            "heads_same": all(torch.equal(a, b.detach())
+                              for a, b in zip(before, m.heads.parameters()))}
+
+
 SCENARIOS = {"train": train, "nonfinite": nonfinite, "wrong_k": wrong_k, "resume": resume,
-             "ddp": ddp}
+             "ddp": ddp, "sharded": sharded}

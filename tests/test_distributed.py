@@ -65,6 +65,8 @@ def ranks(tmp_path_factory):
                                             "cap": CAPS["rows"], "steps": w.STEPS + 1,
                                             "fail_at": (3, 4 if name != "sam" else 2)}))
     scenarios.append(("wrong_k", {"kind": "wrong_k"}))
+    for wrapper in ("fsdp2", "fsdp1"):
+        scenarios.append((f"sharded-{wrapper}", {"kind": "sharded", "wrapper": wrapper}))
     for name in ("gl-lagged", "fmtl"):
         scenarios.append((f"resume-{name}", {"kind": "resume", "cfg": METHODS[name],
                                              "path": str(tmp / f"state-{name}.pt")}))
@@ -336,6 +338,18 @@ def test_rank_with_another_task_count_fails_clearly_everywhere(ranks):
     for r in ranks:
         msg = r["wrong_k"]["error_msg"]
         assert msg is not None and "ranks disagree on the number of tasks" in msg
+
+
+@pytest.mark.parametrize("wrapper", ["fsdp2", "fsdp1"])
+def test_sharded_parameters_are_refused_with_the_reason(ranks, wrapper):
+    """FSDP owns a sharded parameter's storage, so the flat buffers cannot hold it: a clear
+    error at construction (not a failure inside the first step), the model untouched."""
+    for r in ranks:
+        res = _ok(r[f"sharded-{wrapper}"])
+        assert res["error_msg"] is not None, res
+        assert ("DTensor" if wrapper == "fsdp2" else "FlatParameter") in res["error_msg"]
+        assert "process_group" in res["error_msg"]
+        assert res["out_shape"] == (32, 8) and res["heads_same"]
 
 
 @pytest.mark.parametrize("name", ["gl-lagged", "fmtl"])
