@@ -25,6 +25,8 @@ def main() -> None:
     ap.add_argument("--method", default="gl", choices=["gl", "fmtl", "sam", "erm"])
     ap.add_argument("--aggregator", default="mgda")
     ap.add_argument("--perturb-sync", default="global", choices=["global", "local"])
+    ap.add_argument("--bucket-cap-mb", type=float, default=25.0,
+                    help="largest all-reduce of gradient rows (MiB); smaller rows leave sooner")
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--every", type=int, default=25)
     ap.add_argument("--batch", type=int, default=512, help="global batch, split over ranks")
@@ -49,7 +51,8 @@ def main() -> None:
     backbone.to(device)
     heads.to(device)
     opt = MTLSAM(backbone, torch.optim.Adam, heads=list(heads), method=args.method,
-                 aggregator=args.aggregator, perturb_sync=args.perturb_sync, lr=3e-3)
+                 aggregator=args.aggregator, perturb_sync=args.perturb_sync,
+                 bucket_cap_mb=args.bucket_cap_mb, lr=3e-3)
 
     targets = {"sine": (heads[0], y1), "square": (heads[1], y2)}
 
