@@ -15,11 +15,19 @@ The layer rule (DESIGN.md §1: a layer is a contiguous segment of the flat share
 
 Frozen parameters (``requires_grad=False``) are left out; a parameter reached twice (tied
 weights) belongs to its first layer.
+
+Sharded parameters (``allow_sharded=True``: every parameter a DTensor sharded on dim 0 over a
+1-D mesh, as FSDP2's ``fully_shard`` makes them): the buffers hold this rank's local shards,
+laid out the same way. FSDP2 keeps each shard in storage of its own, so the shards cannot be
+views of the flat buffer: :meth:`FlatParams.pull` and :meth:`FlatParams.push` copy between
+them, and :meth:`FlatParams.take_grads` moves the gradient shards FSDP2 leaves in ``p.grad``
+after a backward into a flat buffer or a row.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -43,6 +51,7 @@ class Bucket:
     dtype: torch.dtype
     device: torch.device
     params: list[Tensor] = field(default_factory=list)
+    shapes: list[torch.Size] = field(default_factory=list)  # local shapes (shards if sharded)
     names: list[str] = field(default_factory=list)
     starts: list[int] = field(default_factory=list)  # element offset of each param
     layer_of: list[int] = field(default_factory=list)  # global layer index of each param
@@ -104,16 +113,26 @@ def _layers_from(shared: nn.Module | Iterable | dict, prefix: str) -> list[Layer
 
 
 def _sharded_kind(p: Tensor) -> str:
-    """What shards ``p`` across processes ('' for a plain tensor): a DTensor (FSDP2's
-    ``fully_shard``, tensor parallelism) or FSDP1's ``FlatParameter``."""
+    """What shards ``p`` across processes: ``""`` for a plain tensor, ``"dim0"`` for a DTensor
+    sharded on dim 0 over a 1-D mesh (FSDP2's ``fully_shard``), else a description (another
+    DTensor layout: tensor parallelism, HSDP; FSDP1's ``FlatParameter``)."""
     if getattr(p, "_is_flat_param", False) or type(p).__name__ == "FlatParameter":
         return "an FSDP FlatParameter (FullyShardedDataParallel)"
     if torch.distributed.is_available():
-        from torch.distributed.tensor import DTensor
+        from torch.distributed.tensor import DTensor, Shard
 
         if isinstance(p, DTensor):
-            return "a DTensor (FSDP2 fully_shard or tensor parallelism)"
+            if p.device_mesh.ndim == 1 and tuple(p.placements) == (Shard(0),):
+                return "dim0"
+            return (f"a DTensor with placements {tuple(p.placements)} on a "
+                    f"{p.device_mesh.ndim}-D mesh")
     return ""
+
+
+def _local(p: Tensor) -> Tensor:
+    """This rank's shard of a sharded parameter, as a plain tensor sharing its storage."""
+    with torch.no_grad():
+        return p.to_local()
 
 
 class FlatParams:
@@ -125,7 +144,8 @@ class FlatParams:
         prefix: used in names and error messages (``"shared"``, ``"heads"``).
     """
 
-    def __init__(self, params: nn.Module | Iterable | dict, prefix: str = "params") -> None:
+    def __init__(self, params: nn.Module | Iterable | dict, prefix: str = "params",
+                 allow_sharded: bool = False) -> None:
         self.prefix = prefix
         self.layers = _layers_from(params, prefix)
         self.params: list[Tensor] = [p for la in self.layers for p in la.params]
@@ -145,14 +165,23 @@ class FlatParams:
                     raise ValueError(f"{prefix}: parameter {n!r} is not a leaf tensor")
                 if p.is_sparse:
                     raise ValueError(f"{prefix}: parameter {n!r} is sparse")
-                sharded = _sharded_kind(p)
-                if sharded:
+        kinds = {_sharded_kind(p) for p in self.params}
+        for la in self.layers:
+            for p, n in zip(la.params, la.param_names):
+                kind = _sharded_kind(p)
+                if kind and not (kind == "dim0" and allow_sharded and kinds == {"dim0"}):
+                    what = "a DTensor (FSDP2 fully_shard)" if kind == "dim0" else kind
                     raise ValueError(
-                        f"{prefix}: parameter {n!r} is {sharded}; its storage belongs to the "
-                        "sharding wrapper, so it cannot live in MTLSAM's flat buffers. Train "
-                        "data-parallel instead: pass the plain module (replicated on every "
+                        f"{prefix}: parameter {n!r} is {what}. "
+                        + ("Sharded parameters are supported for `shared` only, all of them "
+                           "sharded by FSDP2's fully_shard (dim-0 shards on a 1-D mesh); "
+                           if kind == "dim0" else
+                           "MTLSAM supports FSDP2's fully_shard (dim-0 shards on a 1-D mesh) "
+                           "for `shared`; ")
+                        + "or train data-parallel: pass the plain module (replicated on every "
                         "rank) and let MTLSAM synchronise it (process_group=; README, "
                         "'Multi-GPU and multi-node')")
+        self.sharded = kinds == {"dim0"}
         self.buckets: list[Bucket] = []
         by_dtype: dict[torch.dtype, Bucket] = {}
         for li, la in enumerate(self.layers):
@@ -163,13 +192,15 @@ class FlatParams:
                     self.buckets.append(b)
                 if not b.seg_layers or b.seg_layers[-1] != li:
                     b.seg_layers.append(li)
+                shape = _local(p).shape if self.sharded else p.shape
                 b.params.append(p)
+                b.shapes.append(shape)
                 b.names.append(n)
                 b.starts.append(b.numel)
                 b.layer_of.append(li)
-                b.numel += p.numel()
+                b.numel += math.prod(shape)
         for b in self.buckets:
-            self._pack(b)
+            self._pack(b, self.sharded)
         self.numel = sum(b.numel for b in self.buckets)
         self.layer_names = [la.name for la in self.layers]
         self.params_flat_order = [p for b in self.buckets for p in b.params]
@@ -178,23 +209,26 @@ class FlatParams:
 
     # -- construction -----------------------------------------------------------------------
     @staticmethod
-    def _pack(b: Bucket) -> None:
+    def _pack(b: Bucket, sharded: bool) -> None:
         b.data = torch.empty(b.numel, dtype=b.dtype, device=b.device)
         b.grad = torch.zeros(b.numel, dtype=b.dtype, device=b.device)
         seg_bounds: list[int] = []
-        for j, (p, s) in enumerate(zip(b.params, b.starts)):
+        for j, (p, s, shape) in enumerate(zip(b.params, b.starts, b.shapes)):
             if j == 0 or b.layer_of[j] != b.layer_of[j - 1]:
                 seg_bounds.append(s)
-            n = p.numel()
+            n = math.prod(shape)
             view = b.data[s:s + n]
+            g = b.grad[s:s + n].view(shape)
+            b.grad_views.append(g)
+            if sharded:  # copies of the shards (pull/push), gradients taken after backward
+                view.copy_(_local(p).reshape(-1))
+                continue
             with torch.no_grad():
                 view.copy_(p.detach().reshape(-1))
             p.data = view.view(p.shape)
             if p.grad is not None:
-                b.grad[s:s + n].copy_(p.grad.detach().reshape(-1))
-            g = b.grad[s:s + n].view(p.shape)
+                g.copy_(p.grad.detach().reshape(-1).view(shape))
             p.grad = g
-            b.grad_views.append(g)
         seg_bounds.append(b.numel)
         b.seg_offsets = torch.tensor(seg_bounds, dtype=torch.int64)
 
@@ -203,8 +237,14 @@ class FlatParams:
         """Re-point ``p.grad`` to the flat views if anything replaced or dropped them.
 
         ``model.zero_grad()`` (``set_to_none=True``) inside a closure would otherwise make
-        autograd write fresh tensors that the flat buffer never sees.
+        autograd write fresh tensors that the flat buffer never sees. Sharded: ``p.grad`` is
+        cleared instead, so that the next backward leaves exactly its own gradient shard
+        there for :meth:`take_grads`.
         """
+        if self.sharded:
+            for p in self.params:
+                p.grad = None
+            return
         for b in self.buckets:
             for p, g in zip(b.params, b.grad_views):
                 if p.grad is not g:
@@ -225,6 +265,67 @@ class FlatParams:
                 for b, r in zip(self.buckets, rows) for p, s in zip(b.params, b.starts)]
         for p, v in zip(self.params_flat_order, views):
             p.grad = v
+
+    # -- sharded parameters ---------------------------------------------------------------------
+    def pull(self) -> None:
+        """Sharded: the flat buffers := the parameters' local shards (at the start of a step;
+        the base optimizer updated the shards)."""
+        if self.sharded:
+            for b in self.buckets:
+                torch._foreach_copy_(self._data_views(b), [_local(p) for p in b.params])
+
+    def push(self) -> None:
+        """Sharded: the parameters' local shards := the flat buffers, before a forward sees
+        them (the next all-gather reads the shards) and after a restore."""
+        if self.sharded:
+            for b in self.buckets:
+                torch._foreach_copy_([_local(p) for p in b.params], self._data_views(b))
+
+    @staticmethod
+    def _data_views(b: Bucket) -> list[Tensor]:
+        return [b.data[s:s + math.prod(sh)].view(sh) for s, sh in zip(b.starts, b.shapes)]
+
+    def take_grads(self, dsts: Sequence[Tensor], scale: float = 1.0,
+                   layer_ids: Sequence[int] | None = None) -> None:
+        """Sharded: ``dst += scale * p.grad`` (the local shard a backward left) for every
+        parameter, into one 1-D buffer per bucket (the flat gradient or a row); ``p.grad`` is
+        cleared. ``layer_ids``: only those layers, into compact ``[M_b]`` buffers laid out as
+        :meth:`sampled_tables` with ``compact=True`` (the other gradients are dropped)."""
+        wanted = None if layer_ids is None else set(layer_ids)
+        for b, dst in zip(self.buckets, dsts):
+            m = 0
+            for p, s, sh, li in zip(b.params, b.starts, b.shapes, b.layer_of):
+                n = math.prod(sh)
+                g, p.grad = p.grad, None
+                if wanted is not None:
+                    if li not in wanted:
+                        continue
+                    at, m = m, m + n
+                else:
+                    at = s
+                if g is not None:
+                    dst[at:at + n].add_(_local(g).reshape(-1), alpha=scale)
+
+    def has_grads(self) -> bool:
+        """Sharded: whether any parameter holds a gradient (a closure that ran backward)."""
+        return any(p.grad is not None for p in self.params)
+
+    def grads_to_params(self) -> None:
+        """Sharded: ``p.grad`` := a DTensor over this rank's slice of the flat gradient (no
+        copy), for the base optimizer's step on the sharded parameters."""
+        if not self.sharded:
+            return
+        from torch.distributed.tensor import DTensor
+
+        for b in self.buckets:
+            for p, g in zip(b.params, b.grad_views):
+                p.grad = DTensor.from_local(g, p.device_mesh, p.placements, run_check=False,
+                                            shape=p.shape, stride=p.stride())
+
+    def global_numels(self) -> list[int]:
+        """Per bucket the number of elements over all shards (the local count if not
+        sharded): what every rank agrees on."""
+        return [sum(p.numel() for p in b.params) for b in self.buckets]
 
     def ordered_params(self) -> list[Tensor]:
         """Every parameter in flat order (bucket by bucket)."""
@@ -260,6 +361,8 @@ class FlatParams:
 
     def check_data_attached(self) -> None:
         """Raise if a parameter was re-pointed away from its flat view (``p.data = ...``)."""
+        if self.sharded:  # (copies, see pull/push)
+            return
         for b in self.buckets:
             base = b.data.data_ptr()
             item = b.data.element_size()
@@ -389,10 +492,11 @@ class FlatParams:
         views = []
         for b, loc in zip(self.buckets, locals_):
             m = 0
-            for p, li in zip(b.params, b.layer_of):
+            for sh, li in zip(b.shapes, b.layer_of):
                 if li in wanted:
-                    views.append(loc[:, m:m + p.numel()].view(loc.shape[0], *p.shape))
-                    m += p.numel()
+                    n = math.prod(sh)
+                    views.append(loc[:, m:m + n].view(loc.shape[0], *sh))
+                    m += n
         return views
 
     def segment_layers(self) -> list[Tensor]:

@@ -190,29 +190,70 @@ def ddp(rank: int, world: int, spec: dict) -> dict:
 
 
 def sharded(rank: int, world: int, spec: dict) -> dict:
-    """A backbone sharded by FSDP2 (``fully_shard``) or FSDP1: refused at construction with
-    the reason, the module left as it was."""
+    """Sharding MTLSAM does not support, refused at construction with the reason, the module
+    left as it was: FSDP1 on the backbone, FSDP2 on the heads, FSDP2 on part of the
+    backbone (sharded and plain parameters mixed)."""
+    from torch.distributed.fsdp import FullyShardedDataParallel, fully_shard
+
     m = TwoTask(k=2, dtype=torch.float64, seed=1)
-    if spec["wrapper"] == "fsdp2":
-        from torch.distributed.fsdp import fully_shard
-
-        body = fully_shard(m.body)
-    else:
-        from torch.distributed.fsdp import FullyShardedDataParallel
-
+    body, heads = m.body, list(m.heads)
+    if spec["wrapper"] == "fsdp1":
         body = FullyShardedDataParallel(m.body, device_id=torch.device("cpu"))
+    elif spec["wrapper"] == "fsdp2-heads":
+        heads = [fully_shard(h) for h in m.heads]
+    else:
+        fully_shard(m.body[0])
     before = [p.detach().clone() for p in m.heads.parameters()]
     try:
-        MTLSAM(body, torch.optim.SGD, heads=list(m.heads), lr=0.05)
+        MTLSAM(body, torch.optim.SGD, heads=heads, lr=0.05)
         msg = None
     except ValueError as e:
         msg = str(e)
+    same = all(torch.equal(a, b.detach()) for a, b in zip(before, m.heads.parameters()))
     x, _ = shard(m, rank, world)
-    out = body(x)  # the wrapper still runs
-    return {"error_msg": msg, "out_shape": tuple(out.shape),
-            "heads_same": all(torch.equal(a, b.detach())
-                              for a, b in zip(before, m.heads.parameters()))}
+    out = heads[0](body(x))  # the wrapped modules still run
+    return {"error_msg": msg, "out_shape": tuple(out.shape), "heads_same": same}
+
+
+def fsdp(rank: int, world: int, spec: dict) -> dict:
+    """The backbone sharded by FSDP2 (every Linear, then the whole body), the heads plain:
+    ``steps`` steps on this rank's shard of the batch; the full parameters afterwards (the
+    shards gathered), the losses and the communication. ``spec["refuse"]``: options the
+    sharded step does not support, expected to fail at construction."""
+    from torch.distributed.fsdp import fully_shard
+
+    m = TwoTask(k=3, dtype=torch.float64, seed=1, width=spec.get("width", 12))
+    x, y = shard(m, rank, world)
+    for mod in m.body:
+        if isinstance(mod, nn.Linear):
+            fully_shard(mod)
+    fully_shard(m.body)
+    if "refuse" in spec:
+        try:
+            make(m, spec["cfg"], aggregator="mgda", **spec["refuse"])
+            return {"error_msg": None}
+        except ValueError as e:
+            return {"error_msg": str(e)}
+    opt = make(m, spec["cfg"], aggregator=spec["agg"], **spec.get("kw", {}))
+    closure = closure_for(m, x, y)
+    losses, skipped = [], []
+    for step in range(spec.get("steps", STEPS)):
+        if step == spec.get("nan_at") and rank == 1:
+            def bad():  # one forward: FSDP2's all-gathers must match the other ranks'
+                out = closure()
+                return [out[0] * float("nan")] + out[1:]
+        else:
+            bad = closure
+        before = [p.full_tensor() for p in m.body.parameters()]
+        try:
+            losses.append(opt.step(bad))
+        except ValueError as e:
+            skipped.append((str(e), all(torch.equal(a, b.full_tensor()) for a, b in
+                                        zip(before, m.body.parameters()))))
+    full = [p.full_tensor() for p in m.body.parameters()] + [
+        p.detach().clone() for p in m.heads.parameters()]
+    return {"params": full, "losses": losses, "info": opt.info(), "skipped": skipped}
 
 
 SCENARIOS = {"train": train, "nonfinite": nonfinite, "wrong_k": wrong_k, "resume": resume,
-             "ddp": ddp, "sharded": sharded}
+             "ddp": ddp, "sharded": sharded, "fsdp": fsdp}

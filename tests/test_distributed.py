@@ -65,7 +65,7 @@ def ranks(tmp_path_factory):
                                             "cap": CAPS["rows"], "steps": w.STEPS + 1,
                                             "fail_at": (3, 4 if name != "sam" else 2)}))
     scenarios.append(("wrong_k", {"kind": "wrong_k"}))
-    for wrapper in ("fsdp2", "fsdp1"):
+    for wrapper in ("fsdp1", "fsdp2-heads", "fsdp2-part"):
         scenarios.append((f"sharded-{wrapper}", {"kind": "sharded", "wrapper": wrapper}))
     for name in ("gl-lagged", "fmtl"):
         scenarios.append((f"resume-{name}", {"kind": "resume", "cfg": METHODS[name],
@@ -340,16 +340,17 @@ def test_rank_with_another_task_count_fails_clearly_everywhere(ranks):
         assert msg is not None and "ranks disagree on the number of tasks" in msg
 
 
-@pytest.mark.parametrize("wrapper", ["fsdp2", "fsdp1"])
-def test_sharded_parameters_are_refused_with_the_reason(ranks, wrapper):
-    """FSDP owns a sharded parameter's storage, so the flat buffers cannot hold it: a clear
-    error at construction (not a failure inside the first step), the model untouched."""
+@pytest.mark.parametrize("wrapper,needle", [("fsdp1", "FlatParameter"),
+                                            ("fsdp2-heads", "for `shared` only"),
+                                            ("fsdp2-part", "all of them")])
+def test_unsupported_sharding_is_refused_with_the_reason(ranks, wrapper, needle):
+    """FSDP1's flat parameters, sharded heads, a partly sharded backbone: a clear error at
+    construction (not a failure inside the first step), the model untouched."""
     for r in ranks:
         res = _ok(r[f"sharded-{wrapper}"])
         assert res["error_msg"] is not None, res
-        assert ("DTensor" if wrapper == "fsdp2" else "FlatParameter") in res["error_msg"]
-        assert "process_group" in res["error_msg"]
-        assert res["out_shape"] == (32, 8) and res["heads_same"]
+        assert needle in res["error_msg"] and "process_group" in res["error_msg"]
+        assert res["out_shape"] == (32, 1) and res["heads_same"]
 
 
 @pytest.mark.parametrize("name", ["gl-lagged", "fmtl"])
@@ -387,3 +388,108 @@ def test_process_group_without_initialised_distributed_is_an_error():
             MTLSAM(m.body, torch.optim.SGD, lr=0.1, bucket_cap_mb=bad)
     opt = MTLSAM(m.body, torch.optim.SGD, lr=0.1, process_group=False)
     assert opt.info()["world_size"] == 1
+
+
+# -- sharded parameters (FSDP2 fully_shard) ------------------------------------------------------
+SHARDED = ["erm", "sam", "fmtl", "gl", "gl-lagged"]
+SHARDED_EXTRA = {  # one configuration each for the paths the plain matrix does not take
+    "fmtl-clip-ls": (METHODS["fmtl"], "ls", dict(max_grad_norm=0.05)),
+    "gl-clip-mgda": (METHODS["gl"], "mgda", dict(max_grad_norm=0.05)),
+    "fmtl-adaptive": (METHODS["fmtl"], "mgda", dict(adaptive=True)),
+    "gl-layer-scores": (METHODS["gl-lagged"], "mgda", dict(layers="adaptive", n_sampled=1,
+                                                         resample_every=2)),
+    "sam-mean": (METHODS["sam"], "mean", {}),
+}
+
+
+@pytest.fixture(scope="module")
+def fsdp_ranks(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("fsdp")
+    scenarios = [(f"fsdp-{name}-{agg}", {"kind": "fsdp", "cfg": METHODS[name], "agg": agg})
+                 for name in SHARDED for agg in ("mgda", "ls", "pcgrad")]
+    scenarios += [(f"fsdp-{key}", {"kind": "fsdp", "cfg": cfg, "agg": agg, "kw": kw})
+                  for key, (cfg, agg, kw) in SHARDED_EXTRA.items()]
+    for name in ("fmtl", "gl"):  # a NaN on rank 1 in step 3 of 6
+        scenarios.append((f"fsdp-nan-{name}", {"kind": "fsdp", "cfg": METHODS[name],
+                                               "agg": "mgda", "steps": w.STEPS + 1,
+                                               "nan_at": 2}))
+    refused = {"zo": (METHODS["gl-zo"], {}), "local": (METHODS["fmtl"], {"perturb_sync": "local"}),
+               "batched": (METHODS["fmtl"], {"batched": True}),
+               "off": (METHODS["fmtl"], {"process_group": False})}
+    scenarios += [(f"fsdp-refuse-{key}", {"kind": "fsdp", "cfg": cfg, "refuse": kw})
+                  for key, (cfg, kw) in refused.items()]
+    return _spawn(tmp, scenarios)
+
+
+@pytest.fixture(scope="module")
+def fsdp_three_ranks(tmp_path_factory):
+    """Width 2 over 3 ranks: the first two layers' shards are empty on rank 2."""
+    tmp = tmp_path_factory.mktemp("fsdp3")
+    scenarios = [(f"fsdp-{name}", {"kind": "fsdp", "cfg": METHODS[name], "agg": "mgda",
+                                   "width": 2}) for name in ("fmtl", "gl", "gl-lagged")]
+    return _spawn(tmp, scenarios, world=3)
+
+
+def _reference(cfg, agg, world=WORLD, width=12, steps=w.STEPS, **kw):
+    m = TwoTask(k=3, dtype=torch.float64, seed=1, width=width)
+    n = m.x.shape[0] // world * world
+    opt = w.make(m, cfg, aggregator=agg, **kw)
+    losses = [opt.step(w.closure_for(m, m.x[:n], m.y[:n])) for _ in range(steps)]
+    return [p.detach() for p in m.parameters()], losses
+
+
+def _check_sharded(res_all, want_params, want_losses=None):
+    res = [_ok(r) for r in res_all]
+    for r in res[1:]:  # identical on every rank: the gathered parameters and the heads
+        for a, b in zip(res[0]["params"], r["params"]):
+            assert torch.equal(a, b)
+    for a, b in zip(res[0]["params"], want_params):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+    for a, b in zip(res[0]["losses"], want_losses or []):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+    assert res[0]["info"]["sharded"]
+    return res[0]
+
+
+@pytest.mark.parametrize("agg", ["mgda", "ls", "pcgrad"])
+@pytest.mark.parametrize("name", SHARDED)
+def test_fsdp2_sharded_backbone_equals_one_process(fsdp_ranks, name, agg):
+    """fully_shard'ed backbone: each rank holds its shards, FSDP2 averages each backward's
+    gradient into them, MTLSAM all-reduces only partial sums and the heads; five steps equal
+    one process on the whole batch, every rank the same parameters."""
+    r0 = _check_sharded([r[f"fsdp-{name}-{agg}"] for r in fsdp_ranks],
+                        *_reference(METHODS[name], agg))
+    # Never a row: scalars, K x K Grams, per-layer statistics and the heads' gradients only.
+    heads_bytes = 3 * 9 * 8
+    assert r0["info"]["communication"]["bytes"] < 4 * heads_bytes + 2048
+
+
+@pytest.mark.parametrize("key", SHARDED_EXTRA)
+def test_fsdp2_clip_adaptive_layer_scores_constant_weights(fsdp_ranks, key):
+    cfg, agg, kw = SHARDED_EXTRA[key]
+    _check_sharded([r[f"fsdp-{key}"] for r in fsdp_ranks], *_reference(cfg, agg, **kw))
+
+
+@pytest.mark.parametrize("name", ["fmtl", "gl"])
+def test_fsdp2_nonfinite_on_one_rank_skips_everywhere(fsdp_ranks, name):
+    res = [_ok(r[f"fsdp-nan-{name}"]) for r in fsdp_ranks]
+    for r in res:
+        assert len(r["skipped"]) == 1
+        msg, unchanged = r["skipped"][0]
+        assert "non-finite" in msg and unchanged
+    _check_sharded([r[f"fsdp-nan-{name}"] for r in fsdp_ranks],
+                   _reference(METHODS[name], "mgda")[0])
+
+
+@pytest.mark.parametrize("key,needle", [("zo", "zo"), ("local", "perturb_sync"),
+                                        ("batched", "batched"), ("off", "process_group")])
+def test_fsdp2_unsupported_options_fail_at_construction(fsdp_ranks, key, needle):
+    for r in fsdp_ranks:
+        msg = r[f"fsdp-refuse-{key}"]["error_msg"]
+        assert msg is not None and "fully_shard" in msg and needle in msg
+
+
+@pytest.mark.parametrize("name", ["fmtl", "gl", "gl-lagged"])
+def test_fsdp2_three_ranks_with_empty_shards(fsdp_three_ranks, name):
+    _check_sharded([r[f"fsdp-{name}"] for r in fsdp_three_ranks],
+                   *_reference(METHODS[name], "mgda", world=3, width=2))

@@ -183,6 +183,14 @@ class Sync:
                             if self.group is not None else 0, group=self.group)
         return int(t.item())
 
+    def sum_partial(self, t: Tensor) -> Tensor:
+        """Sharded parameters: a rank's partial sums over its shard (norms, Gram entries,
+        per-layer statistics) summed over the ranks in place: one small collective."""
+        self.dist.all_reduce(t, group=self.group)
+        self.collectives += 1
+        self.bytes += t.numel() * t.element_size()
+        return t
+
     def all_ok_and_mean(self, ok: Tensor, losses: Tensor) -> tuple[Tensor, Tensor]:
         """The step's finiteness flag, true only if it is true on every rank, and the mean of
         the ranks' losses: one small collective folded into the step's existing check."""
@@ -192,6 +200,33 @@ class Sync:
         self.bytes += packed.numel() * packed.element_size()
         mean = (packed[1:] / self.world).to(losses.dtype)
         return packed[0] == 0, mean
+
+
+def check_sharded(flat: Any, sync: Sync | None, *, method: str, local_grad: str,
+                  batched: Any, batched_grads: bool) -> None:
+    """``shared`` sharded by FSDP2: what the sharded step supports, checked at construction.
+
+    The step keeps this rank's shards in its flat buffers; the sharding wrapper averages each
+    backward's gradient into the shards (the rows never travel), and every sum over elements
+    (norms, Gram, per-layer statistics, clip norm) is this rank's partial sum, all-reduced
+    as a handful of scalars."""
+    def refuse(what: str) -> None:
+        raise ValueError(f"shared parameters sharded by fully_shard: {what}")
+
+    if sync is None:
+        refuse("needs torch.distributed initialised and process_group not False")
+    if not sync.global_perturb:
+        refuse('perturb_sync must be "global" (no rank holds its own full gradient)')
+    if method == "gl" and local_grad == "zo":
+        refuse('local_grad="zo" is not supported (use "autograd" or "lagged")')
+    if batched is not False or batched_grads:
+        refuse("batched and batched_grads are not supported (vmap over sharded parameters)")
+    mesh = flat.params[0].device_mesh
+    ranks = sync.dist.get_process_group_ranks(mesh.get_group())
+    mine = sync.dist.get_process_group_ranks(sync.group)
+    if ranks != mine or any(p.device_mesh != mesh for p in flat.params):
+        refuse(f"the parameters' mesh (ranks {ranks}) must be the process group's "
+               f"(ranks {mine}), one mesh for all of them")
 
 
 def resolve_sync(process_group: Any, perturb_sync: str,

@@ -95,6 +95,10 @@ class Run:
         self.bn = opt.bn_running_stats
         self.sync = opt.sync
         self.global_sync = opt.sync is not None and opt.sync.global_perturb
+        # Sharded shared parameters (FSDP2): the shards' gradients arrive averaged over the
+        # ranks; times W they follow this module's convention of summed gradients.
+        self.sharded = opt.shared.sharded
+        self.shard_scale = float(opt.sync.world) if self.sharded else 1.0
         self.n_calls = 0
         self.checks: list[Tensor] = []
         self.unperturbed: Tensor | None = None
@@ -129,6 +133,7 @@ class Run:
             # First step: gradients are zero before the closure, so any gradient after it
             # means the closure ran backward() itself.
             self.opt.zero_grad()
+        self.shared.push()  # sharded: the forward all-gathers the shards, not the buffer
         out = self.opt.call_closure(self.closure, task if self.task_aware else None,
                                     self.task_aware)
         if first and not self.opt._graph_checked:
@@ -155,8 +160,8 @@ class Run:
         self.k = len(losses)
         if self.sync is not None and not self.opt._sync_checked:
             sh, hd = self.shared, self.heads
-            layout = [self.k, len(sh.layers)] + [b.numel for b in sh.buckets] + (
-                [b.numel for b in hd.buckets] if hd is not None else [])
+            layout = [self.k, len(sh.layers)] + sh.global_numels() + (
+                hd.global_numels() if hd is not None else [])
             self.sync.check_same("the number of tasks and the flat layout", layout, sh.device)
             self.opt._sync_checked = True
         self.unperturbed = torch.stack([loss.detach() for loss in losses])
@@ -176,9 +181,21 @@ class Run:
             return sum(w[i].to(loss.dtype) * loss for i, loss in enumerate(losses))
 
     def backward(self, loss: Tensor, retain_graph: bool = False) -> None:
-        """``loss.backward()`` on the scaled loss."""
+        """``loss.backward()`` on the scaled loss (sharded: the shards' gradients then added
+        to the flat gradient buffer)."""
         with torch.enable_grad(), _closure_contract():
             self.scaling.scaled(loss).backward(retain_graph=retain_graph)
+        if self.sharded:
+            self.shared.take_grads(self.grads(), self.shard_scale)
+
+    def backward_local(self, loss: Tensor, local: list[Tensor], i: int,
+                       layer_ids: list[int]) -> None:
+        """Sharded: task i's gradient on the sampled layers into row ``i`` of the compact
+        local rows, from a full backward (``autograd.grad`` does not reach parameters that
+        FSDP2 shards: it reduce-scatters in the backward's gradient hooks)."""
+        with torch.enable_grad(), _closure_contract():
+            self.scaling.scaled(loss).backward(retain_graph=True)
+        self.shared.take_grads([loc[i] for loc in local], self.shard_scale, layer_ids)
 
     def backward_into(self, loss: Tensor, rows: list[Tensor], i: int,
                       retain_graph: bool = False) -> None:
@@ -186,6 +203,11 @@ class Run:
         the callers zero their rows once per step), then back at the flat gradient buffer
         before anything else (a closure that zeroes the model's gradients must not reach the
         rows). Replaces zero + backward + copy of the whole shared buffer per task."""
+        if self.sharded:
+            with torch.enable_grad(), _closure_contract():
+                self.scaling.scaled(loss).backward(retain_graph=retain_graph)
+            self.shared.take_grads([r[i] for r in rows], self.shard_scale)
+            return
         self.shared.point_grads(rows, i)
         try:
             self.backward(loss, retain_graph=retain_graph)
@@ -203,7 +225,7 @@ class Run:
         :meth:`row_ready` then sends each bucket of rows as soon as it is written, so it
         travels during the next task's pass; :meth:`reduce` ends the phase. Nothing without
         data parallelism."""
-        if self.sync is not None:
+        if self.sync is not None and not self.sharded:  # (sharded: the rows are averaged)
             self.phase = self.sync.phase(blocks)
 
     def row_ready(self, i: int) -> None:
@@ -219,7 +241,8 @@ class Run:
         ranks (nothing without data parallelism)."""
         if self.sync is None:
             return
-        more: list[Tensor] = list(bufs)
+        # sharded: the shared buffers hold gradients the sharding wrapper averaged already
+        more: list[Tensor] = [] if self.sharded else list(bufs)
         if self.heads is not None:
             if head_grads:
                 more += [b.grad for b in self.heads.buckets]
@@ -297,10 +320,18 @@ class Run:
     def grads(self) -> list[Tensor]:
         return [b.grad for b in self.shared.buckets]
 
-    def true_gram(self, grams: list[Tensor]) -> Tensor:
+    def partial_sum(self, t: Tensor) -> Tensor:
+        """A sum over the shared parameters' elements: with sharded parameters this rank's
+        part, summed over the ranks in place; as it is otherwise."""
+        return self.sync.sum_partial(t) if self.sharded else t
+
+    def true_gram(self, grams: list[Tensor], partial: bool = True) -> Tensor:
         """The Gram matrix of the true gradients from per-bucket Grams of the (scaled) rows:
-        summed over buckets, divided by ``S^2`` under a loss scale, added to the checks."""
+        summed over buckets (and over the shards' ranks, unless ``partial=False`` says they
+        were already), divided by ``S^2`` under a loss scale, added to the checks."""
         g = grams[0] if len(grams) == 1 else sum(x.double() for x in grams)
+        if partial:
+            g = self.partial_sum(g)
         f = self.scaling.factor(self.sync is not None)
         if f is not None:
             inv = 1.0 / f.double()
@@ -378,7 +409,7 @@ class Run:
         else:
             post = inv  # the update is in .grad already: its 1/S is one multiply
         if clip is not None and gram is None:
-            sh_sq = self._sumsq(grads)
+            sh_sq = self.partial_sum(self._sumsq(grads))
             if post is not None:
                 sh_sq = sh_sq * (post * post)
             self.checks.append(sh_sq.reshape(1))
@@ -402,7 +433,7 @@ class Run:
         """``rho / ||T v||`` over all buckets (0 for a zero vector)."""
         sq = sum(ops.segment_sumsq(v, _whole(v.numel()), self._scale(b), backend=self.be)
                  .double() for v, b in zip(vecs, self.shared.buckets))
-        return safe_scale(rho, sq.sqrt())
+        return safe_scale(rho, self.partial_sum(sq).sqrt())
 
     def head_coefs(self) -> Tensor:
         """``rho_heads / ||T g_ns^i||`` per head, from the heads' current gradients, which are
@@ -439,6 +470,7 @@ class Run:
             for j, b in enumerate(self.shared.buckets):
                 ops.restore_(b.data, self.backup[j][0], backend=self.be)
             self.shared_saved = False
+            self.shared.push()  # sharded: the shards hold theta again
 
     def save_heads(self) -> None:
         if self.heads is not None and not self.heads_saved:
@@ -856,6 +888,9 @@ def step_gl(run: Run) -> Tensor:
             if run.global_sync and trial is None:  # travel during the later passes and g0's
                 run.begin_phase(local)
             for i in range(k):
+                if run.sharded:
+                    run.backward_local(losses[i], local, i, sampled)
+                    continue
                 got = run.task_grads(losses[i], params_s)
                 views = sh.local_views(local, i, sampled)
                 torch._foreach_copy_([v for v, g in zip(views, got) if g is not None],
@@ -898,6 +933,11 @@ def step_gl(run: Run) -> Tensor:
             d, q = ops.gl_layer_stats(g0[j][0], local[j], st, ln, ls, scale, backend=run.be)
             dots.index_add_(1, ids, d.double())
             loc_sq.index_add_(1, ids, q.double())
+    if run.sharded:  # the three statistics' partial sums in one collective
+        packed = run.partial_sum(torch.cat([layer_sq, dots.reshape(-1), loc_sq.reshape(-1)]))
+        layer_sq, dots, loc_sq = (packed[:n_layers], packed[n_layers:n_layers * (k + 1)]
+                                  .view(k, n_layers), packed[n_layers * (k + 1):]
+                                  .view(k, n_layers))
     rescale = _rescale(run.scaling.factor(run.global_sync), local_scale)
     if rescale is not None:
         # g0 carries this step's loss scale S, the local gradients the scale S' they were
@@ -932,8 +972,13 @@ def step_gl(run: Run) -> Tensor:
             sg = ops.segment_gram(r, b.seg_offsets, backend=run.be)
             layer_gram.index_add_(0, seg, sg.double())
             grams.append(sg.sum(0))
+        if run.sharded:  # the per-layer Grams' partial sums; the Gram is their sum
+            run.partial_sum(layer_gram)
+            grams, partial = [layer_gram.sum(0)], False
+        else:
+            partial = True
         selector.observe(layer_gram)
-        g = run.true_gram(grams)
+        g = run.true_gram(grams, partial=partial)
         w = run.aggregate(g) if opt.constant_weights is None else run.weights(rows)[0]
         run.finish_update(rows, w, g)
     else:

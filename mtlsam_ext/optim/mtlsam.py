@@ -23,7 +23,7 @@ from mtlsam_ext.optim.batched import BatchedPolicy, unsupported_reason
 from mtlsam_ext.optim.batchnorm import BN_STATS, RunningStats, batchnorm_modules
 from mtlsam_ext.optim.checks import reachable_leaves
 from mtlsam_ext.optim.closure import CONTRACT, parse_all, parse_one
-from mtlsam_ext.optim.distributed import BUCKET_CAP_MB, resolve_sync, unwrap_ddp
+from mtlsam_ext.optim.distributed import BUCKET_CAP_MB, check_sharded, resolve_sync, unwrap_ddp
 from mtlsam_ext.optim.layer_selection import LAYER_MODES, LayerSelector, default_layers
 
 METHODS = ("gl", "fmtl", "sam", "erm")
@@ -193,7 +193,7 @@ class MTLSAM(torch.optim.Optimizer):
             heads = [h for h, _ in unwrapped]
             self._ddp += [d for _, d in unwrapped if d is not None]
 
-        self.shared = FlatParams(shared, "shared")
+        self.shared = FlatParams(shared, "shared", allow_sharded=True)
         self.heads: FlatParams | None = None
         if heads is not None:
             heads = list(heads)
@@ -261,6 +261,9 @@ class MTLSAM(torch.optim.Optimizer):
         self.decompose = bool(decompose)
         self.backend_request = backend
         self.backend = resolve_backend(backend, self.shared.device)
+        if self.shared.sharded:
+            check_sharded(self.shared, self.sync, method=method, local_grad=local_grad,
+                          batched=batched, batched_grads=batched_grads)
 
         n_layers = len(self.shared.layers)
         layer_mode = None
@@ -353,6 +356,7 @@ class MTLSAM(torch.optim.Optimizer):
         gen_state = self.generator.get_state()
         self.shared.attach_grads()
         self.shared.check_data_attached()
+        self.shared.pull()  # sharded: the shards the base optimizer (or the user) last wrote
         if self.heads is not None:
             self.heads.attach_grads()
         if self.sync is not None:
@@ -392,6 +396,7 @@ class MTLSAM(torch.optim.Optimizer):
                 return self._named(losses)
             raise ValueError(run.nonfinite_message())
         run.commit()
+        self.shared.grads_to_params()  # sharded: DTensor gradients over the flat buffer
         self.base_optimizer.step()
         self._step_count += 1
         return self._named(losses)
@@ -529,7 +534,8 @@ class MTLSAM(torch.optim.Optimizer):
         walked = [reachable_leaves(loss) for loss in losses]
         reach = [r for r, _ in walked]
         union = set().union(*reach)
-        missing = self.shared.names_not_in(union)
+        # (sharded: the graph's leaves are FSDP2's unsharded copies, not the parameters)
+        missing = [] if self.shared.sharded else self.shared.names_not_in(union)
         if missing:
             raise ValueError(f"shared parameters {missing[:5]}{'...' if len(missing) > 5 else ''}"
                              " receive no gradient from any task loss; freeze them "
@@ -592,10 +598,11 @@ class MTLSAM(torch.optim.Optimizer):
     def check_no_backward(self) -> None:
         """First step only (gradients were zeroed before the closure): a non-zero gradient
         after the closure means it ran backward itself."""
-        bufs = [b.grad for b in self.shared.buckets]
+        bufs = [] if self.shared.sharded else [b.grad for b in self.shared.buckets]
         if self.heads is not None:
             bufs += [b.grad for b in self.heads.buckets]
-        if any(bool(g.ne(0).any()) for g in bufs):
+        if self.shared.sharded and self.shared.has_grads() or any(
+                bool(g.ne(0).any()) for g in bufs):
             raise ValueError(f"gradients changed while the closure ran: {CONTRACT}")
 
     def info(self) -> dict[str, Any]:
@@ -617,6 +624,7 @@ class MTLSAM(torch.optim.Optimizer):
             "world_size": 1 if self.sync is None else self.sync.world,
             "perturb_sync": None if self.sync is None else self.sync.perturb_sync,
             "bucket_cap_mb": None if self.sync is None else self.sync.cap_bytes / 2**20,
+            "sharded": self.shared.sharded,
             "communication": None if self.sync is None else dict(self.sync.last_step),
         }
 
