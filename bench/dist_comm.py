@@ -13,7 +13,13 @@ MiB holds all K rows of this MLP (one collective per phase, sent after the passe
 one row (about 0.9 MiB at K = 10) sends each row as soon as its pass has written it, so it
 travels while the next pass runs.
 
-Run from the repository root: ``python -m bench.dist_comm --tasks 10 --caps 25,1``.
+``--fsdp`` adds the backbone sharded by FSDP2 (``fully_shard`` on the body, one group):
+MTLSAM then all-reduces only partial sums and the heads, while FSDP2 all-gathers the
+parameters before each forward (and backward) and reduce-scatters each backward's gradient;
+those collectives are counted too (``dist.all_gather_single`` / ``reduce_scatter_single``,
+full-size bytes).
+
+Run from the repository root: ``python -m bench.dist_comm --tasks 10 --caps 25,1 --fsdp``.
 """
 
 from __future__ import annotations
@@ -46,11 +52,46 @@ PER_RANK = 32  # samples per rank
 STEPS = 10  # timed steps (after 3 warm-up steps)
 
 
+FSDP_CONFIGS = ["erm", "sam", "fmtl", "gl-autograd", "gl-lagged"]
+
+
+class CountFSDP:
+    """Counts FSDP2's own collectives (it calls these two functions of torch.distributed)."""
+
+    def __init__(self) -> None:
+        self.calls, self.bytes = 0, 0
+        self.real = {n: getattr(dist, n) for n in ("all_gather_single", "reduce_scatter_single")}
+
+    def __enter__(self) -> CountFSDP:
+        for n, f in self.real.items():
+            def counted(*a, _f=f, _n=n, **kw):
+                big = kw.get("output", a[0]) if _n == "all_gather_single" else kw.get(
+                    "input", a[1] if len(a) > 1 else None)
+                self.calls += 1
+                self.bytes += big.numel() * big.element_size()
+                return _f(*a, **kw)
+            setattr(dist, n, counted)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for n, f in self.real.items():
+            setattr(dist, n, f)
+
+
 def run_config(name: str, sync: str, k: int, aggregator: str, batch: int,
-               process_group: object = None, cap: float = 25.0) -> tuple[dict, float]:
-    """A few steps of one configuration; (communication of the last step, median ms/step)."""
+               process_group: object = None, cap: float = 25.0, fsdp: bool = False
+               ) -> tuple[dict, float]:
+    """A few steps of one configuration; (communication of the last step, median ms/step).
+    ``fsdp``: the backbone sharded by FSDP2; FSDP2's own collectives of the last step are
+    added to the communication as ``fsdp_collectives`` / ``fsdp_bytes``."""
     torch.manual_seed(0)
     model = MLPNet(k)
+    if fsdp:
+        from torch.distributed.fsdp import fully_shard
+
+        # One FSDP2 group for the whole body: per-Linear groups would send 4x the number of
+        # (smaller) collectives, and on loopback gloo each costs about a millisecond.
+        fully_shard(model.body)
     x = torch.randn(batch, 64)
     y = torch.randint(0, 10, (batch, k))
     opt = MTLSAM(model.body, torch.optim.SGD, heads=list(model.heads), lr=0.01,
@@ -69,11 +110,17 @@ def run_config(name: str, sync: str, k: int, aggregator: str, batch: int,
         t0 = time.perf_counter()
         opt.step(closure)
         times.append(time.perf_counter() - t0)
-    return opt.info()["communication"], 1e3 * sorted(times)[len(times) // 2]
+    comm = opt.info()["communication"]
+    if fsdp:
+        with CountFSDP() as counted:
+            opt.step(closure)
+        comm = dict(opt.info()["communication"], fsdp_collectives=counted.calls,
+                    fsdp_bytes=counted.bytes)
+    return comm, 1e3 * sorted(times)[len(times) // 2]
 
 
 def worker(rank: int, world: int, init: str, k: int, aggregator: str, caps: list[float],
-           out: str) -> None:
+           fsdp: bool, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
     torch.set_num_threads(1)
     rows = []
@@ -88,8 +135,15 @@ def worker(rank: int, world: int, init: str, k: int, aggregator: str, caps: list
                 ddp = BACKWARDS[name](k) * n_bytes
                 rows.append((name, sync, cap, comm["collectives"], comm["bytes"],
                              BACKWARDS[name](k), ddp, float(slowest)))
+    sharded = []
+    for name in FSDP_CONFIGS if fsdp else []:
+        dist.barrier()
+        comm, ms = run_config(name, "global", k, aggregator, PER_RANK, fsdp=True)
+        slowest = torch.tensor([ms])
+        dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
+        sharded.append((name, comm, float(slowest)))
     if rank == 0:
-        torch.save(rows, out)
+        torch.save((rows, sharded), out)
     dist.barrier()  # no rank tears gloo down while another still uses it
     dist.destroy_process_group()
 
@@ -100,14 +154,16 @@ def main() -> None:
     ap.add_argument("--aggregator", default="mgda")
     ap.add_argument("--caps", default="25",
                     help="comma-separated bucket_cap_mb values, each run side by side")
+    ap.add_argument("--fsdp", action="store_true",
+                    help="also the backbone sharded by FSDP2 (global sync)")
     ap.add_argument("--out", help="append the rows as JSON lines here")
     args = ap.parse_args()
     caps = [float(c) for c in args.caps.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "rows.pt")
         mp.spawn(worker, args=(2, os.path.join(tmp, "init"), args.tasks, args.aggregator, caps,
-                               out), nprocs=2, join=True)
-        rows = torch.load(out)
+                               args.fsdp, out), nprocs=2, join=True)
+        rows, sharded = torch.load(out)
     torch.set_num_threads(1)
     single = {name: run_config(name, "global", args.tasks, args.aggregator, 2 * PER_RANK,
                                process_group=False)[1] for name in CONFIGS}
@@ -131,6 +187,24 @@ def main() -> None:
                             ms_1_process=single[name], tasks=args.tasks,
                             aggregator=args.aggregator, torch=torch.__version__,
                             commit=commit))
+    if sharded:
+        plain = {name: ms for name, sync, cap, *_, ms in rows
+                 if sync == "global" and cap == caps[0]}
+        print("\nbackbone sharded by FSDP2 (fully_shard), perturb_sync=global; MTLSAM's own "
+              "collectives, then FSDP2's (all-gathers + reduce-scatters, full-size bytes)")
+        print(f"{'method':<13}{'collectives':>12}{'KiB':>9}{'FSDP2 coll':>11}{'FSDP2 MiB':>10}"
+              f"{'ms 2 ranks':>11}{'x replicated':>13}")
+        for name, comm, ms in sharded:
+            print(f"{name:<13}{comm['collectives']:>12}{comm['bytes'] / 2**10:>9.2f}"
+                  f"{comm['fsdp_collectives']:>11}{comm['fsdp_bytes'] / 2**20:>10.2f}"
+                  f"{ms:>11.1f}{ms / plain[name]:>13.2f}")
+            records.append(dict(method=name, sync="global", sharded="fsdp2",
+                                collectives=comm["collectives"], bytes=comm["bytes"],
+                                fsdp_collectives=comm["fsdp_collectives"],
+                                fsdp_bytes=comm["fsdp_bytes"], ms_2_ranks=ms,
+                                ms_replicated=plain[name], tasks=args.tasks,
+                                aggregator=args.aggregator, torch=torch.__version__,
+                                commit=commit))
     if args.out:
         with open(args.out, "a") as f:
             for r in records:

@@ -6,6 +6,9 @@ Each process trains on its own shard of the batch; MTLSAM sums each gradient pha
 ranks itself (no DDP wrapper needed), so every rank holds the same parameters after every
 step, which the program checks at the end. The backend is NCCL when every rank has a GPU,
 gloo on the CPU; multi-node is the same program with torchrun's ``--nnodes``/``--rdzv-*``.
+
+``--fsdp`` shards the backbone with FSDP2's ``fully_shard`` instead of replicating it: each
+rank then holds only its shard of the backbone's parameters, gradients and MTLSAM buffers.
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ def main() -> None:
     ap.add_argument("--perturb-sync", default="global", choices=["global", "local"])
     ap.add_argument("--bucket-cap-mb", type=float, default=25.0,
                     help="largest all-reduce of gradient rows (MiB); smaller rows leave sooner")
+    ap.add_argument("--fsdp", action="store_true",
+                    help="shard the backbone with FSDP2's fully_shard (global sync)")
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--every", type=int, default=25)
     ap.add_argument("--batch", type=int, default=512, help="global batch, split over ranks")
@@ -50,6 +55,13 @@ def main() -> None:
     heads = nn.ModuleList([nn.Linear(64, 1), nn.Linear(64, 1)])
     backbone.to(device)
     heads.to(device)
+    if args.fsdp:  # each Linear its own group, then the rest; the heads stay replicated
+        from torch.distributed.fsdp import fully_shard
+
+        for mod in backbone:
+            if isinstance(mod, nn.Linear):
+                fully_shard(mod)
+        fully_shard(backbone)
     opt = MTLSAM(backbone, torch.optim.Adam, heads=list(heads), method=args.method,
                  aggregator=args.aggregator, perturb_sync=args.perturb_sync,
                  bucket_cap_mb=args.bucket_cap_mb, lr=3e-3)
@@ -68,8 +80,10 @@ def main() -> None:
                                                   for k, v in losses.items()))
 
     # every rank must hold the same parameters: compare with rank 0's
-    flat = torch.cat([p.detach().reshape(-1) for p in
-                      list(backbone.parameters()) + list(heads.parameters())])
+    with torch.no_grad():  # (sharded: the whole parameter, gathered from the shards)
+        flat = torch.cat([(p.full_tensor() if args.fsdp else p).detach().reshape(-1) for p in
+                          backbone.parameters()] + [p.detach().reshape(-1)
+                                                    for p in heads.parameters()])
     ref = flat.clone()
     dist.broadcast(ref, src=0)
     same = torch.tensor([float(torch.equal(flat, ref))], device=device)

@@ -236,6 +236,27 @@ def fsdp(rank: int, world: int, spec: dict) -> dict:
             return {"error_msg": str(e)}
     opt = make(m, spec["cfg"], aggregator=spec["agg"], **spec.get("kw", {}))
     closure = closure_for(m, x, y)
+    if spec.get("resume"):  # 2 steps, each rank's own state dicts into a fresh copy, 2 more
+        import copy
+
+        for _ in range(2):
+            opt.step(closure)
+        saved = copy.deepcopy({"model": m.state_dict(), "opt": opt.state_dict()})
+        m2 = TwoTask(k=3, dtype=torch.float64, seed=5, width=spec.get("width", 12))
+        for mod in m2.body:
+            if isinstance(mod, nn.Linear):
+                fully_shard(mod)
+        fully_shard(m2.body)
+        m2.load_state_dict(saved["model"])
+        opt2 = MTLSAM(m2.body, torch.optim.SGD, heads=list(m2.heads), lr=0.05, momentum=0.9,
+                      backend="torch", generator=torch.Generator().manual_seed(99),
+                      aggregator=spec["agg"], **spec["cfg"])
+        opt2.load_state_dict(saved["opt"])
+        for _ in range(2):
+            opt.step(closure)
+            opt2.step(closure_for(m2, x, y))
+        return {"straight": [p.full_tensor() for p in m.body.parameters()],
+                "resumed": [p.full_tensor() for p in m2.body.parameters()]}
     losses, skipped = [], []
     for step in range(spec.get("steps", STEPS)):
         if step == spec.get("nan_at") and rank == 1:

@@ -413,6 +413,9 @@ def fsdp_ranks(tmp_path_factory):
         scenarios.append((f"fsdp-nan-{name}", {"kind": "fsdp", "cfg": METHODS[name],
                                                "agg": "mgda", "steps": w.STEPS + 1,
                                                "nan_at": 2}))
+    for name in ("gl-lagged", "fmtl"):
+        scenarios.append((f"fsdp-resume-{name}", {"kind": "fsdp", "cfg": METHODS[name],
+                                                  "agg": "pcgrad", "resume": True}))
     refused = {"zo": (METHODS["gl-zo"], {}), "local": (METHODS["fmtl"], {"perturb_sync": "local"}),
                "batched": (METHODS["fmtl"], {"batched": True}),
                "off": (METHODS["fmtl"], {"process_group": False})}
@@ -493,3 +496,13 @@ def test_fsdp2_unsupported_options_fail_at_construction(fsdp_ranks, key, needle)
 def test_fsdp2_three_ranks_with_empty_shards(fsdp_three_ranks, name):
     _check_sharded([r[f"fsdp-{name}"] for r in fsdp_three_ranks],
                    *_reference(METHODS[name], "mgda", world=3, width=2))
+
+
+@pytest.mark.parametrize("name", ["gl-lagged", "fmtl"])
+def test_fsdp2_per_rank_state_dicts_resume(fsdp_ranks, name):
+    """Sharded: each rank's own state dicts (model and MTLSAM: the shards' momentum and
+    lagged gradients) resume a fresh sharded copy to the same trajectory, bit for bit."""
+    for r in fsdp_ranks:
+        res = _ok(r[f"fsdp-resume-{name}"])
+        for a, b in zip(res["resumed"], res["straight"]):
+            assert torch.equal(a, b)

@@ -78,3 +78,13 @@ def test_torchrun_data_parallel_example(tmp_path):
     assert len(steps) == 2
     assert float(steps[-1][3]) + float(steps[-1][5]) < float(steps[0][3]) + float(steps[0][5])
     assert "world 2, ranks identical: True" in out
+
+
+def test_torchrun_sharded_example(tmp_path):
+    """The same program with the backbone sharded by FSDP2 (--fsdp)."""
+    out = _run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                str(ROOT / "python/ddp_two_task.py"), "--steps", "20", "--every", "20",
+                "--fsdp", "--method", "fmtl"], tmp_path)
+    steps = [ln.split() for ln in out.splitlines() if ln.startswith("step")]
+    assert float(steps[-1][3]) + float(steps[-1][5]) < float(steps[0][3]) + float(steps[0][5])
+    assert "world 2, ranks identical: True" in out
