@@ -39,7 +39,10 @@ class MTLSAM(torch.optim.Optimizer):
     Args:
         shared: the shared part: an ``nn.Module`` (each submodule owning parameters is a
             layer), an iterable of parameters (each tensor is a layer), or a dict of named
-            layers.
+            layers. May be sharded by FSDP2's ``fully_shard`` (every parameter; ``erm``,
+            ``sam``, ``fmtl``, ``gl`` with ``local_grad`` ``"autograd"``/``"lagged"``,
+            ``perturb_sync="global"``): the step then works on this rank's shards and
+            all-reduces only partial sums (README, "Multi-GPU and multi-node").
         base_optimizer: a ``torch.optim.Optimizer`` class, built over all parameters with
             ``**base_kwargs``; its ``param_groups`` are this optimizer's, so LR schedulers work.
         heads: optional list of K modules / iterables of task-specific parameters; head i may
