@@ -431,8 +431,15 @@ class Run:
 
     def global_coef(self, vecs: list[Tensor], rho: float) -> Tensor:
         """``rho / ||T v||`` over all buckets (0 for a zero vector)."""
-        sq = sum(ops.segment_sumsq(v, _whole(v.numel()), self._scale(b), backend=self.be)
-                 .double() for v, b in zip(vecs, self.shared.buckets))
+        return self.global_coefs([vecs], rho)[0]
+
+    def global_coefs(self, per_task: list[list[Tensor]], rho: float) -> Tensor:
+        """``[K]``: :meth:`global_coef` of each task's per-bucket vectors; sharded, the K
+        partial sums travel in one collective."""
+        sq = torch.stack([sum(ops.segment_sumsq(v, _whole(v.numel()), self._scale(b),
+                                                backend=self.be).double()
+                              for v, b in zip(vecs, self.shared.buckets))
+                          for vecs in per_task])
         return safe_scale(rho, self.partial_sum(sq).sqrt())
 
     def head_coefs(self) -> Tensor:
@@ -812,7 +819,7 @@ def step_fmtl(run: Run) -> Tensor:
         run.reduce([], head_grads=True)
     hc = run.head_coefs() if run.heads is not None else None
     offs = [_whole(b.numel) for b in run.shared.buckets]
-    coefs = torch.stack([run.global_coef([r[i] for r in rows], opt.rho) for i in range(k)])
+    coefs = run.global_coefs([[r[i] for r in rows] for i in range(k)], opt.rho)
     # SAM rows (and, with local perturbations, the loss rows too) in one phase; task i's
     # loss row is its direction, read by its own pass only, so it may travel after that pass
     run.begin_phase([r[k:] for r in rows] if run.global_sync
