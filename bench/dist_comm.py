@@ -119,6 +119,34 @@ def run_config(name: str, sync: str, k: int, aggregator: str, batch: int,
     return comm, 1e3 * sorted(times)[len(times) // 2]
 
 
+def fsdp_passes_only(k: int, batch: int) -> float:
+    """Median ms of FSDP2 alone on the same sharded body: one forward and K backward passes
+    (what erm's step spends in passes), no optimizer."""
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(0)
+    model = MLPNet(k)
+    fully_shard(model.body)
+    x = torch.randn(batch, 64)
+    y = torch.randint(0, 10, (batch, k))
+
+    def passes() -> None:
+        h = model.body(x)
+        losses = [F.cross_entropy(hd(h), y[:, i]) for i, hd in enumerate(model.heads)]
+        for i, loss in enumerate(losses):
+            loss.backward(retain_graph=i < k - 1)
+        for p in model.parameters():
+            p.grad = None
+
+    times = []
+    for step in range(3 + STEPS):
+        t0 = time.perf_counter()
+        passes()
+        if step >= 3:
+            times.append(time.perf_counter() - t0)
+    return 1e3 * sorted(times)[len(times) // 2]
+
+
 def worker(rank: int, world: int, init: str, k: int, aggregator: str, caps: list[float],
            fsdp: bool, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
@@ -142,6 +170,11 @@ def worker(rank: int, world: int, init: str, k: int, aggregator: str, caps: list
         slowest = torch.tensor([ms])
         dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
         sharded.append((name, comm, float(slowest)))
+    if fsdp:
+        dist.barrier()
+        slowest = torch.tensor([fsdp_passes_only(k, PER_RANK)])
+        dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
+        sharded.append(("passes-only", None, float(slowest)))
     if rank == 0:
         torch.save((rows, sharded), out)
     dist.barrier()  # no rank tears gloo down while another still uses it
@@ -195,6 +228,13 @@ def main() -> None:
         print(f"{'method':<13}{'collectives':>12}{'KiB':>9}{'FSDP2 coll':>11}{'FSDP2 MiB':>10}"
               f"{'ms 2 ranks':>11}{'x replicated':>13}")
         for name, comm, ms in sharded:
+            if comm is None:
+                print(f"FSDP2 alone, one forward + {args.tasks} backward passes, no optimizer: "
+                      f"{ms:.1f} ms")
+                records.append(dict(method="fsdp2-forward-k-backwards", sharded="fsdp2",
+                                    ms_2_ranks=ms, tasks=args.tasks, torch=torch.__version__,
+                                    commit=commit))
+                continue
             print(f"{name:<13}{comm['collectives']:>12}{comm['bytes'] / 2**10:>9.2f}"
                   f"{comm['fsdp_collectives']:>11}{comm['fsdp_bytes'] / 2**20:>10.2f}"
                   f"{ms:>11.1f}{ms / plain[name]:>13.2f}")
