@@ -619,7 +619,8 @@ class MTLSAM(torch.optim.Optimizer):
             "batched": self.batched.info(),
             "sampled_layers": [self.shared.layer_names[i] for i in self.sampled_layers],
             "layer_mode": self.layer_selector.mode,
-            "num_layers": len(self.shared.layers), "shared_numel": self.shared.numel,
+            "num_layers": len(self.shared.layers),
+            "shared_numel": sum(self.shared.global_numels()),  # (sharded: all shards)
             "num_tasks": self.num_tasks, "task_names": self.task_names,
             "bn_stats": self.bn_stats,
             "batchnorm_layers": len(self.bn_running_stats.modules),
