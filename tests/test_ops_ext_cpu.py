@@ -237,3 +237,71 @@ def test_same_bits_on_every_instruction_set(tmp_path):
     for dtype in DTYPES:
         for a, b in zip(_every_op(dtype), baseline[str(dtype)], strict=True):
             assert torch.equal(a, b), dtype
+
+
+def _fp16_patterns() -> torch.Tensor:
+    """[3, 30720] float16 rows holding every finite positive float16: the normals in row 0,
+    the subnormals and zero tiled in row 1, half of each with random signs in row 2."""
+    normal = torch.arange(0x0400, 0x7C00, dtype=torch.int32)  # 30720 patterns
+    sub = torch.arange(0, 0x0400, dtype=torch.int32).repeat(30)
+    g = torch.Generator().manual_seed(5)
+    mixed = torch.cat([normal[torch.randperm(30720, generator=g)[:15360]], sub[:15360]])
+    mixed = mixed | (torch.randint(0, 2, (30720,), generator=g, dtype=torch.int32) << 15)
+    return torch.stack([normal, sub, mixed]).to(torch.int16).view(torch.float16).contiguous()
+
+
+_FP16_TABLE = ([0, 10000], [7000, 20720], [0, 7000])  # starts, lengths, local starts
+
+
+def _fp16_every_value():
+    """The fp16 Gram and gl statistics over :func:`_fp16_patterns`, read in registers
+    (widened by F16C or by the portable conversion)."""
+    rows = _fp16_patterns()
+    st, ln, ls = (_t(v) for v in _FP16_TABLE)
+    return [ops.gram(rows, backend="ext"),
+            *ops.gl_layer_stats(rows[2].contiguous(), rows[:, :27720].contiguous(), st, ln, ls,
+                                None, backend="ext")]
+
+
+_FP16_BASELINE_RUN = """
+import sys, torch
+from tests.test_ops_ext_cpu import _fp16_every_value
+import mtlsam_ext._C as c
+assert c.cpu_isa() == "baseline", c.cpu_isa()
+torch.save(_fp16_every_value(), sys.argv[1])
+"""
+
+
+def test_fp16_every_finite_value_widens_exactly(tmp_path):
+    """Every finite float16 (subnormals included) read by the in-register widening: the Gram
+    and gl statistics equal float64 sums of the exact values to fp32 rounding, and the F16C
+    path gives the same bits as the portable one (a child process on the baseline path)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import mtlsam_ext._C as c
+
+    gram, dots, sq = _fp16_every_value()
+    r64 = _fp16_patterns().double()  # torch's conversion: exact
+
+    def close(got, a, b):  # fp32 sums of n products: within 2e-6 of sum |a_j b_j|
+        assert (got.double() - a @ b).abs().max() <= 2e-6 * (a.abs() @ b.abs()).max()
+        assert ((got.double() - a @ b).abs() <= 2e-6 * (a.abs() @ b.abs())).all()
+
+    close(gram, r64, r64.T)
+    g0, loc = r64[2], r64[:, :27720]
+    for i in range(3):
+        for p, (s, n, ls) in enumerate(zip(*_FP16_TABLE)):
+            close(dots[i, p], loc[i, ls:ls + n], g0[s:s + n])
+            close(sq[i, p], loc[i, ls:ls + n], loc[i, ls:ls + n])
+    if c.cpu_isa() != "avx2":
+        pytest.skip(f"this CPU runs the {c.cpu_isa()} path only")
+    path = tmp_path / "fp16.pt"
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, MTLSAM_CPU_ISA="baseline", PYTHONPATH=str(root))
+    subprocess.run([sys.executable, "-c", _FP16_BASELINE_RUN, str(path)], env=env,
+                   check=True, cwd=root, timeout=300)
+    for a, b in zip((gram, dots, sq), torch.load(path), strict=True):
+        assert torch.equal(a, b)

@@ -112,6 +112,60 @@ MTLSAM_INLINE Vec8<float> load8(const uint16_t* p) {
   std::memcpy(&v, &w, sizeof(v));
   return v;
 }
+// float16 bits, tagged by how they are widened: HalfSw in portable code (any x86-64),
+// HalfHw with the F16C instruction (only inside functions compiled for it). Both conversions
+// are exact, so the same arithmetic on them gives the same bits.
+struct HalfSw {
+  uint16_t bits;
+};
+struct HalfHw {
+  uint16_t bits;
+};
+static_assert(sizeof(HalfSw) == 2 && sizeof(HalfHw) == 2, "fp16 tags are the bits");
+
+MTLSAM_INLINE float half_to_float(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  const uint32_t exp = (h >> 10) & 0x1fu;
+  uint32_t man = h & 0x3ffu, bits;
+  if (exp == 0x1fu) {  // inf / nan
+    bits = sign | 0x7f800000u | (man << 13);
+  } else if (exp != 0) {  // normal: rebias 15 -> 127
+    bits = sign | ((exp + 112u) << 23) | (man << 13);
+  } else if (man == 0) {  // signed zero
+    bits = sign;
+  } else {  // subnormal man * 2^-24: normalise
+    uint32_t e = 113;
+    while ((man & 0x400u) == 0) {
+      man <<= 1;
+      --e;
+    }
+    bits = sign | (e << 23) | ((man & 0x3ffu) << 13);
+  }
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+
+MTLSAM_INLINE Vec8<float> load8(const HalfSw* p) {
+  float f[8];
+  for (int l = 0; l < 8; ++l) f[l] = half_to_float(p[l].bits);
+  return load8(f);
+}
+MTLSAM_INLINE float load1(const HalfSw* p) { return half_to_float(p->bits); }
+#ifdef MTLSAM_X86
+// vcvtph2ps as inline assembly: the intrinsic carries target("f16c"), which GCC refuses to
+// inline through the target-less generic tile it is called from; the instruction is only
+// ever reached from the entry points compiled for AVX2 + F16C (MTLSAM_FP16_ENTRY_POINTS).
+MTLSAM_INLINE Vec8<float> load8(const HalfHw* p) {
+  U16x8 h;
+  std::memcpy(&h, p, sizeof(h));
+  Vec8<float> v;
+  asm("vcvtph2ps %1, %0" : "=x"(v) : "x"(h));
+  return v;
+}
+MTLSAM_INLINE float load1(const HalfHw* p) { return half_to_float(p->bits); }  // (tails)
+#endif
+
 MTLSAM_INLINE float load1(const float* p) { return *p; }
 MTLSAM_INLINE double load1(const double* p) { return *p; }
 MTLSAM_INLINE float load1(const uint16_t* p) {
@@ -301,12 +355,25 @@ MTLSAM_INLINE void widen_bf16_t(const uint16_t* src, int64_t n, float* dst) {
     widen_bf16_t(src, n, dst);                                                             \
   }
 
+// fp16 rows read in place, widened in registers: HalfSw on the baseline, HalfHw with F16C.
+#define MTLSAM_FP16_ENTRY_POINTS(ATTR, H)                                                  \
+  ATTR void pair_dots_fp16(const uint16_t* const* r, int64_t k, int64_t n, float* out) {  \
+    pair_dots_t(reinterpret_cast<const H* const*>(r), k, n, out);                          \
+  }                                                                                        \
+  ATTR void dots_sumsqs_fp16(const uint16_t* g, const uint16_t* const* v, int64_t k,       \
+                             int64_t n, float* d, float* q) {                              \
+    dots_sumsqs_t(reinterpret_cast<const H*>(g), reinterpret_cast<const H* const*>(v), k,  \
+                  n, d, q);                                                                \
+  }
+
 namespace baseline {
 MTLSAM_ENTRY_POINTS()
+MTLSAM_FP16_ENTRY_POINTS(, HalfSw)
 }  // namespace baseline
 #ifdef MTLSAM_X86
 namespace avx2 {
 MTLSAM_ENTRY_POINTS(MTLSAM_AVX2)
+MTLSAM_FP16_ENTRY_POINTS(__attribute__((target("avx2,f16c"))), HalfHw)
 }  // namespace avx2
 #endif
 
@@ -406,6 +473,19 @@ void dots_sumsqs_bf16(const uint16_t* g, const uint16_t* const* v, int64_t k, in
 }
 void widen_bf16(const uint16_t* src, int64_t n, float* dst) {
   MTLSAM_PICK(widen_bf16(src, n, dst));
+}
+
+#ifdef MTLSAM_X86
+#define MTLSAM_PICK_FP16(call) (use_f16c() ? avx2::call : baseline::call)
+#else
+#define MTLSAM_PICK_FP16(call) (baseline::call)
+#endif
+void pair_dots_fp16(const uint16_t* const* r, int64_t k, int64_t n, float* out) {
+  MTLSAM_PICK_FP16(pair_dots_fp16(r, k, n, out));
+}
+void dots_sumsqs_fp16(const uint16_t* g, const uint16_t* const* v, int64_t k, int64_t n,
+                      float* d, float* q) {
+  MTLSAM_PICK_FP16(dots_sumsqs_fp16(g, v, k, n, d, q));
 }
 
 }  // namespace cpu

@@ -38,6 +38,11 @@ void dots_sumsqs(const double* g, const double* const* v, int64_t k, int64_t n, 
 void pair_dots_bf16(const uint16_t* const* rows, int64_t k, int64_t n, float* out);
 void dots_sumsqs_bf16(const uint16_t* g, const uint16_t* const* v, int64_t k, int64_t n,
                       float* d, float* q);
+// The same two for float16 rows (their bits), widened in registers: with F16C where the CPU
+// has it, by an exact portable conversion otherwise (the same values, so the same bits).
+void pair_dots_fp16(const uint16_t* const* rows, int64_t k, int64_t n, float* out);
+void dots_sumsqs_fp16(const uint16_t* g, const uint16_t* const* v, int64_t k, int64_t n,
+                      float* d, float* q);
 // bfloat16 bit patterns to float (exact: the bits shifted into the upper half), vectorised;
 // the conversion that bf16 inputs of every reduction go through.
 void widen_bf16(const uint16_t* src, int64_t n, float* dst);
