@@ -25,8 +25,10 @@ from bench.ops_cases import (
     REDUCTIONS,
     cases,
     copy_seconds,
+    dot_buffer,
     dot_seconds,
     foreach_cases,
+    interleaved_ratio,
 )
 from mtlsam_ext.benchmark.harness import record, time_fn
 
@@ -68,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     rows_out = []
     cols = "".join(f"{n + ' GB/s':>14}" for n in names)
     head = (f"{'layout':9}{'dtype':6}{'op':28}{'MB':>8}{cols}{'copy GB/s':>11}{'best/copy':>10}"
-            f"{'dot GB/s':>10}{'best/dot':>9}")
+            f"{'dot GB/s':>10}{'best/dot':>9}{'ext/dot alt':>12}")
     print(head)
     print("-" * len(head))
     for lname in args.layouts.split(","):
@@ -109,8 +111,16 @@ def main(argv: list[str] | None = None) -> int:
                                         else t_dot / best)
                 dot_gbs = "-" if t_dot is None else f"{row['dot_gbs']:.2f}"
                 dratio = "-" if row["best_over_dot"] is None else f"{row['best_over_dot']:.2f}"
+                # The same ratio with ext and torch.dot alternating call by call (the
+                # separate medians above can straddle a change of the machine's bandwidth).
+                alt = None
+                if t_dot is not None and "ext" in mods:
+                    alt = interleaved_ratio(partial(fn, mods["ext"]), dot_buffer(nbytes, dev),
+                                            dev, args.warmup, args.repeats)
+                row["ext_over_dot_interleaved"] = alt
+                alt_s = "-" if alt is None else f"{alt:.2f}"
                 print(f"{lname:9}{dname:6}{op:28}{nbytes / 1e6:8.1f}{''.join(cells)}"
-                      f"{row['copy_gbs']:11.2f}{ratio:>10}{dot_gbs:>10}{dratio:>9}")
+                      f"{row['copy_gbs']:11.2f}{ratio:>10}{dot_gbs:>10}{dratio:>9}{alt_s:>12}")
                 rows_out.append(row)
     cmd = "python -m bench.ops_bench " + " ".join(argv if argv is not None else sys.argv[1:])
     full = record(args.out, rows_out, device=dev, command=cmd)

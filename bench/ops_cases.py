@@ -110,6 +110,27 @@ def dot_seconds(nbytes: int, dev: torch.device, warmup: int, repeats: int) -> fl
     return time_fn(lambda: torch.dot(x, x), device=dev, warmup=warmup, repeats=repeats).median
 
 
+def dot_buffer(nbytes: int, dev: torch.device) -> Callable[[], object]:
+    """``torch.dot(x, x)`` over an fp32 buffer of ``nbytes``, as a call."""
+    x = torch.randn(max(1, nbytes // 4), device=dev, dtype=torch.float32)
+    return lambda: torch.dot(x, x)
+
+
+def interleaved_ratio(op: Callable[[], object], ref: Callable[[], object], dev: torch.device,
+                      warmup: int, repeats: int) -> float:
+    """median(ref time) / median(op time) with the two calls alternating, so both see the same
+    memory bandwidth: on a shared machine it drifts by 2x within a minute (torch.dot read 18 to
+    49 GB/s in one ops_bench run), more than any difference between kernels."""
+    for _ in range(warmup):
+        op()
+        ref()
+    t_op, t_ref = [], []
+    for _ in range(repeats):
+        t_op.append(time_fn(op, device=dev, warmup=0, repeats=1).median)
+        t_ref.append(time_fn(ref, device=dev, warmup=0, repeats=1).median)
+    return sorted(t_ref)[len(t_ref) // 2] / sorted(t_op)[len(t_op) // 2]
+
+
 def copy_seconds(nbytes: int, dev: torch.device, warmup: int, repeats: int) -> float:
     half = max(1, nbytes // 2)
     src = torch.empty(half, dtype=torch.uint8, device=dev)

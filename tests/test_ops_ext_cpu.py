@@ -305,3 +305,18 @@ def test_fp16_every_finite_value_widens_exactly(tmp_path):
                    check=True, cwd=root, timeout=300)
     for a, b in zip((gram, dots, sq), torch.load(path), strict=True):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("scaled", [False, True])
+def test_16bit_sums_equal_the_widened_float_sums_bit_for_bit(dtype, scaled):
+    """16-bit segment_sumsq reads its data in place, widened in registers, with the float
+    path's lanes and tree: the same bits as summing the exactly widened float copy (ragged
+    segments, tails shorter than the 32 lanes, more than one chunk per segment)."""
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(300_017, generator=g) * 5).to(dtype)
+    t = torch.randn(300_017, generator=g).to(dtype) if scaled else None
+    off = _t([0, 1, 33, 33, 100_000, 300_017])
+    got = ops.segment_sumsq(x, off, t, backend="ext")
+    want = ops.segment_sumsq(x.float(), off, None if t is None else t.float(), backend="ext")
+    assert torch.equal(got, want)

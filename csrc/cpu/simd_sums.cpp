@@ -311,6 +311,32 @@ MTLSAM_INLINE void pair_dots_t(const S* const* rows, int64_t k, int64_t n, T* ou
   }
 }
 
+// sum (t x)^2 of 16-bit x (and t) read in place, widened in registers: the same 32 lanes
+// (lane l takes the elements j with j % 32 == l, in order) and the same tree as sumsq_t on the
+// widened floats, so the same bits as converting first (exact) and summing the copy.
+template <bool Scaled, typename S>
+MTLSAM_INLINE float sumsq16_t(const S* x, const S* t, int64_t n) {
+  using V = Vec8<float>;
+  V acc[4] = {V{}, V{}, V{}, V{}};
+  int64_t j = 0;
+  for (; j + kWide <= n; j += kWide) {
+#pragma GCC unroll 4
+    for (int q = 0; q < 4; ++q) {
+      V v = load8(x + j + 8 * q);
+      if (Scaled) v = load8(t + j + 8 * q) * v;
+      acc[q] += v * v;
+    }
+  }
+  float a[kWide];
+  std::memcpy(a, acc, sizeof(a));
+  for (int l = 0; j < n; ++j, ++l) {
+    float v = load1(x + j);
+    if (Scaled) v = load1(t + j) * v;
+    a[l] += v * v;
+  }
+  return tree(a);
+}
+
 MTLSAM_INLINE void widen_bf16_t(const uint16_t* src, int64_t n, float* dst) {
   for (int64_t j = 0; j < n; ++j) {
     const uint32_t bits = static_cast<uint32_t>(src[j]) << 16;
@@ -353,6 +379,12 @@ MTLSAM_INLINE void widen_bf16_t(const uint16_t* src, int64_t n, float* dst) {
   }                                                                                        \
   ATTR void widen_bf16(const uint16_t* src, int64_t n, float* dst) {                       \
     widen_bf16_t(src, n, dst);                                                             \
+  }                                                                                        \
+  ATTR float sumsq_bf16(const uint16_t* x, int64_t n) {                                    \
+    return sumsq16_t<false>(x, x, n);                                                      \
+  }                                                                                        \
+  ATTR float sumsq_scaled_bf16(const uint16_t* x, const uint16_t* t, int64_t n) {          \
+    return sumsq16_t<true>(x, t, n);                                                       \
   }
 
 // fp16 rows read in place, widened in registers: HalfSw on the baseline, HalfHw with F16C.
@@ -364,6 +396,14 @@ MTLSAM_INLINE void widen_bf16_t(const uint16_t* src, int64_t n, float* dst) {
                              int64_t n, float* d, float* q) {                              \
     dots_sumsqs_t(reinterpret_cast<const H*>(g), reinterpret_cast<const H* const*>(v), k,  \
                   n, d, q);                                                                \
+  }                                                                                        \
+  ATTR float sumsq_fp16(const uint16_t* x, int64_t n) {                                    \
+    return sumsq16_t<false>(reinterpret_cast<const H*>(x), reinterpret_cast<const H*>(x),  \
+                            n);                                                            \
+  }                                                                                        \
+  ATTR float sumsq_scaled_fp16(const uint16_t* x, const uint16_t* t, int64_t n) {          \
+    return sumsq16_t<true>(reinterpret_cast<const H*>(x), reinterpret_cast<const H*>(t),   \
+                           n);                                                             \
   }
 
 namespace baseline {
@@ -482,6 +522,14 @@ void widen_bf16(const uint16_t* src, int64_t n, float* dst) {
 #endif
 void pair_dots_fp16(const uint16_t* const* r, int64_t k, int64_t n, float* out) {
   MTLSAM_PICK_FP16(pair_dots_fp16(r, k, n, out));
+}
+float sumsq_bf16(const uint16_t* x, int64_t n) { return MTLSAM_PICK(sumsq_bf16(x, n)); }
+float sumsq_scaled_bf16(const uint16_t* x, const uint16_t* t, int64_t n) {
+  return MTLSAM_PICK(sumsq_scaled_bf16(x, t, n));
+}
+float sumsq_fp16(const uint16_t* x, int64_t n) { return MTLSAM_PICK_FP16(sumsq_fp16(x, n)); }
+float sumsq_scaled_fp16(const uint16_t* x, const uint16_t* t, int64_t n) {
+  return MTLSAM_PICK_FP16(sumsq_scaled_fp16(x, t, n));
 }
 void dots_sumsqs_fp16(const uint16_t* g, const uint16_t* const* v, int64_t k, int64_t n,
                       float* d, float* q) {

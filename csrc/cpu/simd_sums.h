@@ -38,6 +38,13 @@ void dots_sumsqs(const double* g, const double* const* v, int64_t k, int64_t n, 
 void pair_dots_bf16(const uint16_t* const* rows, int64_t k, int64_t n, float* out);
 void dots_sumsqs_bf16(const uint16_t* g, const uint16_t* const* v, int64_t k, int64_t n,
                       float* d, float* q);
+// sumsq and sumsq_scaled of bfloat16 / float16 data (their bits) read in place, widened in
+// registers; the same lanes and tree as the float versions on the widened values, so the same
+// bits as widening first.
+float sumsq_bf16(const uint16_t* x, int64_t n);
+float sumsq_scaled_bf16(const uint16_t* x, const uint16_t* t, int64_t n);
+float sumsq_fp16(const uint16_t* x, int64_t n);
+float sumsq_scaled_fp16(const uint16_t* x, const uint16_t* t, int64_t n);
 // The same two for float16 rows (their bits), widened in registers: with F16C where the CPU
 // has it, by an exact portable conversion otherwise (the same values, so the same bits).
 void pair_dots_fp16(const uint16_t* const* rows, int64_t k, int64_t n, float* out);
