@@ -320,3 +320,22 @@ def test_16bit_sums_equal_the_widened_float_sums_bit_for_bit(dtype, scaled):
     got = ops.segment_sumsq(x, off, t, backend="ext")
     want = ops.segment_sumsq(x.float(), off, None if t is None else t.float(), backend="ext")
     assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_16bit_sub_rounds_like_the_reference(dtype):
+    """sub_ and flat_gram_ subtract 16-bit rows in registers: round to nearest even exactly as
+    the float difference converted by torch (ties, overflow to inf, inf - inf = NaN)."""
+    g = torch.Generator().manual_seed(9)
+    big = torch.finfo(dtype).max
+    a = (torch.randn(3, 4099, generator=g) * 4).to(dtype)
+    b = (torch.randn(3, 4099, generator=g) * 4).to(dtype)
+    a[0, :4] = torch.tensor([big, float("inf"), float("nan"), -big]).to(dtype)
+    b[0, :4] = torch.tensor([-big, float("inf"), 1.0, big]).to(dtype)
+    want = (a.float() - b.float()).to(dtype)
+    for op in ("sub_", "flat_gram_"):
+        got = a.clone()
+        getattr(ops, op)(got, b, backend="ext")
+        nan = want.isnan()
+        assert torch.equal(got.isnan(), nan)
+        assert torch.equal(got[~nan].view(torch.int16), want[~nan].view(torch.int16)), op

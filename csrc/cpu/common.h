@@ -156,8 +156,8 @@ inline void store_acc(const acc_t* src, int64_t len, scalar_t* dst) {
   for (int64_t j = 0; j < len; ++j) dst[j] = static_cast<scalar_t>(src[j]);
 }
 
-// r[j] := r[j] - o[j] over [0, len) in the accumulation type. fp16 goes through float
-// scratch (vectorised conversions); the other dtypes convert in the loop.
+// r[j] := r[j] - o[j] over [0, len) in the accumulation type. bf16 and fp16 (with F16C) in
+// registers (simd_sums); fp16 without F16C through float scratch; fp32/fp64 in the loop.
 template <typename scalar_t>
 inline void sub_range(scalar_t* r, const scalar_t* o, int64_t len) {
   using acc_t = opmath_t<scalar_t>;
@@ -166,7 +166,14 @@ inline void sub_range(scalar_t* r, const scalar_t* o, int64_t len) {
   }
 }
 
+inline void sub_range(BFloat16* r, const BFloat16* o, int64_t len) {
+  sub_bf16(reinterpret_cast<uint16_t*>(r), reinterpret_cast<const uint16_t*>(o), len);
+}
+
 inline void sub_range(Half* r, const Half* o, int64_t len) {
+  if (sub_fp16(reinterpret_cast<uint16_t*>(r), reinterpret_cast<const uint16_t*>(o), len)) {
+    return;
+  }
   constexpr int64_t kPiece = 1024;
   float a[kPiece], b[kPiece];
   for (int64_t s = 0; s < len; s += kPiece) {

@@ -337,6 +337,31 @@ MTLSAM_INLINE float sumsq16_t(const S* x, const S* t, int64_t n) {
   return tree(a);
 }
 
+// r := bf16(float(r) - float(o)) in registers; float -> bf16 rounds to nearest even and maps
+// NaN to 0x7FC0, as c10's BFloat16 conversion does (the torch reference's .to(bfloat16)).
+MTLSAM_INLINE uint16_t narrow_bf16(float f) {
+  if (f != f) return 0x7FC0;
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof(u));
+  return static_cast<uint16_t>((u + (((u >> 16) & 1u) + 0x7FFFu)) >> 16);
+}
+
+MTLSAM_INLINE void sub_bf16_t(uint16_t* r, const uint16_t* o, int64_t n) {
+  using V = Vec8<float>;
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    const V d = load8(r + j) - load8(o + j);
+    U32x8 u;
+    std::memcpy(&u, &d, sizeof(u));
+    const U32x8 nan = (U32x8)(d != d);  // all ones where NaN
+    const U32x8 rounded = (u + (((u >> 16) & 1u) + 0x7FFFu)) >> 16;
+    const U32x8 bits = (rounded & ~nan) | ((U32x8{} + 0x7FC0u) & nan);
+    const U16x8 out = __builtin_convertvector(bits, U16x8);
+    std::memcpy(r + j, &out, sizeof(out));
+  }
+  for (; j < n; ++j) r[j] = narrow_bf16(load1(r + j) - load1(o + j));
+}
+
 MTLSAM_INLINE void widen_bf16_t(const uint16_t* src, int64_t n, float* dst) {
   for (int64_t j = 0; j < n; ++j) {
     const uint32_t bits = static_cast<uint32_t>(src[j]) << 16;
@@ -380,6 +405,7 @@ MTLSAM_INLINE void widen_bf16_t(const uint16_t* src, int64_t n, float* dst) {
   ATTR void widen_bf16(const uint16_t* src, int64_t n, float* dst) {                       \
     widen_bf16_t(src, n, dst);                                                             \
   }                                                                                        \
+  ATTR void sub_bf16(uint16_t* r, const uint16_t* o, int64_t n) { sub_bf16_t(r, o, n); }   \
   ATTR float sumsq_bf16(const uint16_t* x, int64_t n) {                                    \
     return sumsq16_t<false>(x, x, n);                                                      \
   }                                                                                        \
@@ -459,6 +485,22 @@ static bool use_f16c() {
   static const bool yes = use_avx2() && __builtin_cpu_supports("f16c") != 0;
   return yes;
 }
+
+// r := fp16(float(r) - float(o)) with F16C in registers (round to nearest even, as the
+// piecewise conversion through float scratch it replaces).
+__attribute__((target("avx2,f16c"))) static void sub_fp16_f16c(uint16_t* r, const uint16_t* o,
+                                                               int64_t n) {
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    const __m256 a = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(r + j)));
+    const __m256 b = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(o + j)));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(r + j),
+                     _mm256_cvtps_ph(_mm256_sub_ps(a, b), _MM_FROUND_TO_NEAREST_INT));
+  }
+  for (; j < n; ++j) {
+    r[j] = _cvtss_sh(_cvtsh_ss(r[j]) - _cvtsh_ss(o[j]), _MM_FROUND_TO_NEAREST_INT);
+  }
+}
 #endif
 
 #ifdef MTLSAM_X86
@@ -468,7 +510,11 @@ bool widen_fp16(const uint16_t* src, int64_t n, float* dst) {
 bool narrow_fp16(const float* src, int64_t n, uint16_t* dst) {
   return use_f16c() && (narrow_fp16_f16c(src, n, dst), true);
 }
+bool sub_fp16(uint16_t* r, const uint16_t* o, int64_t n) {
+  return use_f16c() && (sub_fp16_f16c(r, o, n), true);
+}
 #else
+bool sub_fp16(uint16_t*, const uint16_t*, int64_t) { return false; }
 bool widen_fp16(const uint16_t*, int64_t, float*) { return false; }
 bool narrow_fp16(const float*, int64_t, uint16_t*) { return false; }
 #endif
@@ -524,6 +570,7 @@ void pair_dots_fp16(const uint16_t* const* r, int64_t k, int64_t n, float* out) 
   MTLSAM_PICK_FP16(pair_dots_fp16(r, k, n, out));
 }
 float sumsq_bf16(const uint16_t* x, int64_t n) { return MTLSAM_PICK(sumsq_bf16(x, n)); }
+void sub_bf16(uint16_t* r, const uint16_t* o, int64_t n) { MTLSAM_PICK(sub_bf16(r, o, n)); }
 float sumsq_scaled_bf16(const uint16_t* x, const uint16_t* t, int64_t n) {
   return MTLSAM_PICK(sumsq_scaled_bf16(x, t, n));
 }

@@ -59,6 +59,11 @@ bool widen_fp16(const uint16_t* src, int64_t n, float* dst);
 // float to float16 bit patterns (round to nearest even), F16C on the AVX2 path (true); false
 // otherwise, and the caller converts element by element (the same values).
 bool narrow_fp16(const float* src, int64_t n, uint16_t* dst);
+// r := r - o for 16-bit data (bits) in registers, through float, rounded to nearest even as
+// c10's conversions do (bf16: NaN -> 0x7FC0). sub_fp16 needs F16C: false without it (the
+// caller converts through float scratch then, the same values).
+void sub_bf16(uint16_t* r, const uint16_t* o, int64_t n);
+bool sub_fp16(uint16_t* r, const uint16_t* o, int64_t n);
 // "avx2" or "baseline": the code path in use.
 const char* simd_isa();
 
