@@ -234,7 +234,10 @@ def fsdp(rank: int, world: int, spec: dict) -> dict:
             return {"error_msg": None}
         except ValueError as e:
             return {"error_msg": str(e)}
-    opt = make(m, spec["cfg"], aggregator=spec["agg"], **spec.get("kw", {}))
+    kw = dict(spec.get("kw", {}))
+    if spec.get("scaler"):  # a power-of-two loss scale that grows after every step
+        kw["grad_scaler"] = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=1)
+    opt = make(m, spec["cfg"], aggregator=spec["agg"], **kw)
     closure = closure_for(m, x, y)
     if spec.get("resume"):  # 2 steps, each rank's own state dicts into a fresh copy, 2 more
         import copy
@@ -268,12 +271,15 @@ def fsdp(rank: int, world: int, spec: dict) -> dict:
         before = [p.full_tensor() for p in m.body.parameters()]
         try:
             losses.append(opt.step(bad))
+            if "grad_scaler" in kw:
+                kw["grad_scaler"].update()
         except ValueError as e:
             skipped.append((str(e), all(torch.equal(a, b.full_tensor()) for a, b in
                                         zip(before, m.body.parameters()))))
     full = [p.full_tensor() for p in m.body.parameters()] + [
         p.detach().clone() for p in m.heads.parameters()]
-    return {"params": full, "losses": losses, "info": opt.info(), "skipped": skipped}
+    return {"params": full, "losses": losses, "info": opt.info(), "skipped": skipped,
+            "scale": kw["grad_scaler"].get_scale() if "grad_scaler" in kw else None}
 
 
 SCENARIOS = {"train": train, "nonfinite": nonfinite, "wrong_k": wrong_k, "resume": resume,

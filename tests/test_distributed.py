@@ -413,6 +413,9 @@ def fsdp_ranks(tmp_path_factory):
         scenarios.append((f"fsdp-nan-{name}", {"kind": "fsdp", "cfg": METHODS[name],
                                                "agg": "mgda", "steps": w.STEPS + 1,
                                                "nan_at": 2}))
+    for name in ("gl-lagged", "fmtl", "sam"):
+        scenarios.append((f"fsdp-scaler-{name}", {"kind": "fsdp", "cfg": METHODS[name],
+                                                  "agg": "mgda", "scaler": True}))
     for name in ("gl-lagged", "fmtl"):
         scenarios.append((f"fsdp-resume-{name}", {"kind": "fsdp", "cfg": METHODS[name],
                                                   "agg": "pcgrad", "resume": True}))
@@ -506,3 +509,12 @@ def test_fsdp2_per_rank_state_dicts_resume(fsdp_ranks, name):
         res = _ok(r[f"fsdp-resume-{name}"])
         for a, b in zip(res["resumed"], res["straight"]):
             assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("name", ["gl-lagged", "fmtl", "sam"])
+def test_fsdp2_with_grad_scaler_equals_the_unscaled_single_process(fsdp_ranks, name):
+    """Sharded + GradScaler (a power-of-two scale growing every step): every backward on the
+    scaled losses, 1/S folded into the coefficients; equal to one process without scaling."""
+    r0 = _check_sharded([r[f"fsdp-scaler-{name}"] for r in fsdp_ranks],
+                        *_reference(METHODS[name], "mgda"))
+    assert r0["scale"] == 2.0**15  # grew after each of the 5 steps: no overflow reported
