@@ -282,5 +282,38 @@ def fsdp(rank: int, world: int, spec: dict) -> dict:
             "scale": kw["grad_scaler"].get_scale() if "grad_scaler" in kw else None}
 
 
+def bn(rank: int, world: int, spec: dict) -> dict:
+    """A BatchNorm CNN (float64) on this rank's half of the batch, the backbone replicated or
+    sharded by FSDP2: parameters (gathered) and the backbone's running statistics after
+    ``STEPS`` steps."""
+    from tests.models import BNNet
+
+    m = BNNet(k=2, seed=3, dtype=torch.float64)
+    n = m.x.shape[0] // world
+    x, y = m.x[rank * n:(rank + 1) * n], m.y[rank * n:(rank + 1) * n]
+    if spec["sharded"]:
+        from torch.distributed.fsdp import fully_shard
+
+        for mod in m.body:
+            if isinstance(mod, (nn.Conv2d, nn.BatchNorm2d)):
+                fully_shard(mod)
+        fully_shard(m.body)
+    opt = make(m, spec["cfg"], aggregator="mgda")
+
+    def closure():
+        h = m.body(x)
+        return [((hd(h).squeeze(1) - y[:, i]) ** 2).mean() for i, hd in enumerate(m.heads)]
+
+    for _ in range(STEPS):
+        opt.step(closure)
+    with torch.no_grad():
+        params = [(p.full_tensor() if spec["sharded"] else p).detach().clone()
+                  for p in m.body.parameters()] + [p.detach().clone()
+                                                   for p in m.heads.parameters()]
+    stats = {k: v.clone() for k, v in m.body.state_dict().items() if "running" in k}
+    return {"params": params, "stats": {k: (v.full_tensor() if hasattr(v, "full_tensor")
+                                            else v) for k, v in stats.items()}}
+
+
 SCENARIOS = {"train": train, "nonfinite": nonfinite, "wrong_k": wrong_k, "resume": resume,
-             "ddp": ddp, "sharded": sharded, "fsdp": fsdp}
+             "ddp": ddp, "sharded": sharded, "fsdp": fsdp, "bn": bn}

@@ -419,6 +419,10 @@ def fsdp_ranks(tmp_path_factory):
     for name in ("gl-lagged", "fmtl"):
         scenarios.append((f"fsdp-resume-{name}", {"kind": "fsdp", "cfg": METHODS[name],
                                                   "agg": "pcgrad", "resume": True}))
+    for name in ("fmtl", "gl-lagged"):
+        for sharded in (False, True):
+            scenarios.append((f"bn-{name}-{sharded}", {"kind": "bn", "cfg": METHODS[name],
+                                                       "sharded": sharded}))
     refused = {"zo": (METHODS["gl-zo"], {}), "local": (METHODS["fmtl"], {"perturb_sync": "local"}),
                "batched": (METHODS["fmtl"], {"batched": True}),
                "off": (METHODS["fmtl"], {"process_group": False})}
@@ -518,3 +522,21 @@ def test_fsdp2_with_grad_scaler_equals_the_unscaled_single_process(fsdp_ranks, n
     r0 = _check_sharded([r[f"fsdp-scaler-{name}"] for r in fsdp_ranks],
                         *_reference(METHODS[name], "mgda"))
     assert r0["scale"] == 2.0**15  # grew after each of the 5 steps: no overflow reported
+
+
+@pytest.mark.parametrize("name", ["fmtl", "gl-lagged"])
+def test_fsdp2_batchnorm_backbone_equals_the_replicated_run(fsdp_ranks, name):
+    """BatchNorm in a sharded backbone: its running statistics stay each rank's own (as with
+    replicated data parallelism, no SyncBatchNorm) and change only in the first forward of a
+    step; parameters and statistics equal the replicated 2-rank run's."""
+    for r in fsdp_ranks:
+        shd, rep = _ok(r[f"bn-{name}-True"]), _ok(r[f"bn-{name}-False"])
+        for a, b in zip(shd["params"], rep["params"]):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+        assert shd["stats"].keys() == rep["stats"].keys() and shd["stats"]
+        for key in rep["stats"]:
+            torch.testing.assert_close(shd["stats"][key], rep["stats"][key], rtol=1e-9,
+                                       atol=1e-11)
+    for a, b in zip(_ok(fsdp_ranks[0][f"bn-{name}-True"])["params"],
+                    _ok(fsdp_ranks[1][f"bn-{name}-True"])["params"]):
+        assert torch.equal(a, b)
