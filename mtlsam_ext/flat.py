@@ -206,6 +206,7 @@ class FlatParams:
         self.params_flat_order = [p for b in self.buckets for p in b.params]
         self._row_views: dict[tuple, list[Tensor]] = {}
         self._slots: list[list[tuple[nn.Module, str]]] = []
+        self._seg_layers: list[Tensor] | None = None
 
     # -- construction -----------------------------------------------------------------------
     @staticmethod
@@ -500,9 +501,12 @@ class FlatParams:
         return views
 
     def segment_layers(self) -> list[Tensor]:
-        """Per bucket: the global layer index of each segment (int64, for ``index_add_``)."""
-        return [torch.tensor(b.seg_layers, dtype=torch.int64, device=self.device)
-                for b in self.buckets]
+        """Per bucket: the global layer index of each segment (int64, for ``index_add_``);
+        built once, the layout is fixed (read it, never write it)."""
+        if self._seg_layers is None:
+            self._seg_layers = [torch.tensor(b.seg_layers, dtype=torch.int64, device=self.device)
+                                for b in self.buckets]
+        return self._seg_layers
 
     # -- checks ---------------------------------------------------------------------------------
     def names_not_in(self, reached: set[int]) -> list[str]:

@@ -180,11 +180,14 @@ class Run:
         with torch.enable_grad():
             return sum(w[i].to(loss.dtype) * loss for i, loss in enumerate(losses))
 
+    def _scaled_backward(self, loss: Tensor, retain_graph: bool) -> None:
+        with torch.enable_grad(), _closure_contract():
+            self.scaling.scaled(loss).backward(retain_graph=retain_graph)
+
     def backward(self, loss: Tensor, retain_graph: bool = False) -> None:
         """``loss.backward()`` on the scaled loss (sharded: the shards' gradients then added
         to the flat gradient buffer)."""
-        with torch.enable_grad(), _closure_contract():
-            self.scaling.scaled(loss).backward(retain_graph=retain_graph)
+        self._scaled_backward(loss, retain_graph)
         if self.sharded:
             self.shared.take_grads(self.grads(), self.shard_scale)
 
@@ -193,8 +196,7 @@ class Run:
         """Sharded: task i's gradient on the sampled layers into row ``i`` of the compact
         local rows, from a full backward (``autograd.grad`` does not reach parameters that
         FSDP2 shards: it reduce-scatters in the backward's gradient hooks)."""
-        with torch.enable_grad(), _closure_contract():
-            self.scaling.scaled(loss).backward(retain_graph=True)
+        self._scaled_backward(loss, retain_graph=True)
         self.shared.take_grads([loc[i] for loc in local], self.shard_scale, layer_ids)
 
     def backward_into(self, loss: Tensor, rows: list[Tensor], i: int,
@@ -204,8 +206,7 @@ class Run:
         before anything else (a closure that zeroes the model's gradients must not reach the
         rows). Replaces zero + backward + copy of the whole shared buffer per task."""
         if self.sharded:
-            with torch.enable_grad(), _closure_contract():
-                self.scaling.scaled(loss).backward(retain_graph=retain_graph)
+            self._scaled_backward(loss, retain_graph)
             self.shared.take_grads([r[i] for r in rows], self.shard_scale)
             return
         self.shared.point_grads(rows, i)
@@ -324,6 +325,15 @@ class Run:
         """A sum over the shared parameters' elements: with sharded parameters this rank's
         part, summed over the ranks in place; as it is otherwise."""
         return self.sync.sum_partial(t) if self.sharded else t
+
+    def partial_sums(self, *ts: Tensor) -> list[Tensor]:
+        """:meth:`partial_sum` of several tensors in one collective (packed in float64, each
+        returned in its own dtype and shape); the tensors themselves when not sharded."""
+        if not self.sharded:
+            return list(ts)
+        packed = self.sync.sum_partial(torch.cat([t.double().reshape(-1) for t in ts]))
+        return [p.view(t.shape).to(t.dtype)
+                for p, t in zip(packed.split([t.numel() for t in ts]), ts)]
 
     def true_gram(self, grams: list[Tensor], partial: bool = True) -> Tensor:
         """The Gram matrix of the true gradients from per-bucket Grams of the (scaled) rows:
@@ -486,10 +496,11 @@ class Run:
             self.heads_saved = True
 
     def perturb_heads(self, coef: Tensor, zero_grad_after: bool = True) -> None:
-        """Every head i at its own point, ``backup + coef_i T^2 g_ns^i``, in one op per bucket
-        (per-segment coefficients) instead of one :meth:`perturb_head` per task: head i
-        reaches loss i only, so all heads can sit at their points for the whole set of passes
-        (the same values, bit for bit; K - 1 op calls and zero fills fewer per step)."""
+        """Every head i at its own point, ``backup + coef_i T^2 g_ns^i`` (the directions kept
+        by :meth:`head_coefs`), in one op per bucket with per-head coefficients, and the heads'
+        gradients zeroed so each pass leaves its head's SAM gradient there. Head i reaches
+        loss i only, so all heads can sit at their points for the whole set of passes: the
+        same values as one op per task, K - 1 op calls and zero fills fewer per step."""
         if self.heads is None:
             return
         self.save_heads()
@@ -935,11 +946,7 @@ def step_gl(run: Run) -> Tensor:
             d, q = ops.gl_layer_stats(g0[j][0], local[j], st, ln, ls, scale, backend=run.be)
             dots.index_add_(1, ids, d.double())
             loc_sq.index_add_(1, ids, q.double())
-    if run.sharded:  # the three statistics' partial sums in one collective
-        packed = run.partial_sum(torch.cat([layer_sq, dots.reshape(-1), loc_sq.reshape(-1)]))
-        layer_sq, dots, loc_sq = (packed[:n_layers], packed[n_layers:n_layers * (k + 1)]
-                                  .view(k, n_layers), packed[n_layers * (k + 1):]
-                                  .view(k, n_layers))
+    layer_sq, dots, loc_sq = run.partial_sums(layer_sq, dots, loc_sq)  # (sharded: summed)
     rescale = _rescale(run.scaling.factor(run.global_sync), local_scale)
     if rescale is not None:
         # g0 carries this step's loss scale S, the local gradients the scale S' they were
@@ -974,13 +981,9 @@ def step_gl(run: Run) -> Tensor:
             sg = ops.segment_gram(r, b.seg_offsets, backend=run.be)
             layer_gram.index_add_(0, seg, sg.double())
             grams.append(sg.sum(0))
-        if run.sharded:  # the per-layer Grams' partial sums; the Gram is their sum
-            run.partial_sum(layer_gram)
-            grams, partial = [layer_gram.sum(0)], False
-        else:
-            partial = True
+        layer_gram, *grams = run.partial_sums(layer_gram, *grams)  # (sharded: summed)
         selector.observe(layer_gram)
-        g = run.true_gram(grams, partial=partial)
+        g = run.true_gram(grams, partial=False)
         w = run.aggregate(g) if opt.constant_weights is None else run.weights(rows)[0]
         run.finish_update(rows, w, g)
     else:

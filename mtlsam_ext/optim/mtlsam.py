@@ -604,7 +604,7 @@ class MTLSAM(torch.optim.Optimizer):
         bufs = [] if self.shared.sharded else [b.grad for b in self.shared.buckets]
         if self.heads is not None:
             bufs += [b.grad for b in self.heads.buckets]
-        if self.shared.sharded and self.shared.has_grads() or any(
+        if (self.shared.sharded and self.shared.has_grads()) or any(
                 bool(g.ne(0).any()) for g in bufs):
             raise ValueError(f"gradients changed while the closure ran: {CONTRACT}")
 
