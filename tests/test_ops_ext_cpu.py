@@ -125,6 +125,19 @@ class TestCppChecks:
             self.op.mix_perturb_(torch.zeros(4), torch.zeros(4), torch.zeros(4), torch.ones(2),
                                  _t([0, 4]), None, None, None, None, None, False, True)
 
+    def test_written_buffer_sharing_memory(self):
+        # the element-wise loops are compiled assuming separate buffers
+        x = torch.zeros(8)
+        args = (torch.ones(1), _t([0, 4]), None, None, None, None, None, False)
+        with pytest.raises(RuntimeError, match="param and backup share memory"):
+            self.op.mix_perturb_(x[:4], x[2:6], torch.zeros(4), *args, True)
+        with pytest.raises(RuntimeError, match="param and g0 share memory"):
+            self.op.mix_perturb_(x[:4], torch.zeros(4), x[:4], *args, False)
+        with pytest.raises(RuntimeError, match="backup and g0 share memory"):
+            self.op.mix_perturb_(torch.zeros(4), x[4:], x[3:7], *args, True)
+        # a backup that is only read may share memory with g0
+        self.op.mix_perturb_(torch.zeros(4), x[4:], x[4:], *args, False)
+
     def test_combine_shape(self):
         with pytest.raises(RuntimeError, match="columns"):
             self.op.combine_(torch.zeros(4), torch.zeros(2, 5), torch.ones(2))
@@ -202,6 +215,18 @@ def _every_op(dtype):
     rows, loss = _data((3, 20000), dtype, 33), _data((3, 20000), dtype, 34)
     out.append(ops.segment_gram(rows, _t([0, 1, 9000, 9000, 20000]), backend="ext"))
     out.append(ops.flat_gram_(rows, loss, backend="ext"))
+    # mix_perturb_'s other loops (the one above saves the backup, mixes and is adaptive)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    backup, d, local = _data(20000, dtype, 35), _data(20000, dtype, 36), _data(9000, dtype, 37)
+    coef, lcoef = torch.tensor([0.3, -0.7], dtype=acc), torch.tensor([0.45], dtype=acc)
+    sampled = (_t([9000]), _t([9000]), _t([0]))
+    for use_local, adaptive in ((False, False), (True, False), (False, True)):
+        theta = torch.empty_like(backup)
+        ops.mix_perturb_(theta, backup, d, coef, _t([0, 9000, 20000]),
+                         local if use_local else None, lcoef if use_local else None,
+                         *(sampled if use_local else (None, None, None)), adaptive=adaptive,
+                         save_backup=False, backend="ext")
+        out.append(theta)
     return out
 
 

@@ -45,6 +45,17 @@ inline void check_like(const Tensor& t, const Tensor& ref, const char* name) {
               ref.numel());
 }
 
+// A buffer a kernel writes must not share memory with another buffer of the same call: the
+// element-wise loops are compiled on that promise (__restrict__) so that they vectorise.
+inline void check_disjoint(const Tensor& a, const Tensor& b, const char* an, const char* bn) {
+  const char* pa = static_cast<const char*>(a.const_data_ptr());
+  const char* pb = static_cast<const char*>(b.const_data_ptr());
+  const int64_t na = a.numel() * static_cast<int64_t>(a.element_size());
+  const int64_t nb = b.numel() * static_cast<int64_t>(b.element_size());
+  MTLSAM_CHECK(na == 0 || nb == 0 || pa + na <= pb || pb + nb <= pa, an, " and ", bn,
+               " share memory; pass separate buffers");
+}
+
 inline void check_table(const Tensor& t, const char* name) {
   MTLSAM_CHECK(t.is_cpu(), name, " must be a CPU int64 tensor");
   MTLSAM_CHECK(t.scalar_type() == ScalarType::Long, name, " must be int64, got ", t.scalar_type());

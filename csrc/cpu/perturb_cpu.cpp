@@ -10,19 +10,69 @@ namespace cpu {
 namespace {
 
 // theta = theta0 + T^2 (a g0 + bl * l) over n elements; l == nullptr: no local part. The
-// operation order matches torch_ref.mix_perturb_.
+// operation order matches torch_ref.mix_perturb_. One loop per combination of the three
+// switches, with the buffers declared unaliased (the op refuses a written buffer that shares
+// memory with another), compiled for AVX2 and for the x86-64 baseline like the reductions
+// (simd_sums.h; no FMA, so both give the same bits). On the MLP's 214k fp32 elements the op ran
+// at 1.65x torch.add's time with the switches tested per element, 1.5x as separate loops and
+// 1.3x with the AVX2 version (same run, hot cache).
+template <bool kSave, bool kLocal, bool kAdaptive, typename scalar_t, typename acc_t>
+inline __attribute__((always_inline)) void mix_body(
+    scalar_t* __restrict__ p, scalar_t* __restrict__ bk, const scalar_t* __restrict__ g,
+    const scalar_t* __restrict__ l, int64_t n, acc_t av, acc_t bl) {
+  for (int64_t j = 0; j < n; ++j) {
+    const scalar_t x0 = kSave ? p[j] : bk[j];
+    if (kSave) bk[j] = x0;
+    const acc_t base = static_cast<acc_t>(x0);
+    acc_t eps = av * static_cast<acc_t>(g[j]);
+    if (kLocal) eps += bl * static_cast<acc_t>(l[j]);
+    if (kAdaptive) eps *= base * base;
+    p[j] = static_cast<scalar_t>(base + eps);
+  }
+}
+
+template <bool kSave, bool kLocal, bool kAdaptive, typename scalar_t, typename acc_t>
+void mix_loop_baseline(scalar_t* p, scalar_t* bk, const scalar_t* g, const scalar_t* l,
+                       int64_t n, acc_t av, acc_t bl) {
+  mix_body<kSave, kLocal, kAdaptive>(p, bk, g, l, n, av, bl);
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+template <bool kSave, bool kLocal, bool kAdaptive, typename scalar_t, typename acc_t>
+__attribute__((target("avx2"))) void mix_loop_avx2(scalar_t* p, scalar_t* bk,
+                                                   const scalar_t* g, const scalar_t* l,
+                                                   int64_t n, acc_t av, acc_t bl) {
+  mix_body<kSave, kLocal, kAdaptive>(p, bk, g, l, n, av, bl);
+}
+#endif
+
+template <bool kSave, bool kLocal, bool kAdaptive, typename scalar_t, typename acc_t>
+void mix_loop(scalar_t* p, scalar_t* bk, const scalar_t* g, const scalar_t* l, int64_t n,
+              acc_t av, acc_t bl) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  static const bool avx2 = std::strcmp(simd_isa(), "avx2") == 0;
+  if (avx2) return mix_loop_avx2<kSave, kLocal, kAdaptive>(p, bk, g, l, n, av, bl);
+#endif
+  mix_loop_baseline<kSave, kLocal, kAdaptive>(p, bk, g, l, n, av, bl);
+}
+
+template <bool kSave, typename scalar_t, typename acc_t>
+void mix_range_s(scalar_t* p, scalar_t* bk, const scalar_t* g, const scalar_t* l, int64_t n,
+                 acc_t av, acc_t bl, bool adaptive) {
+  if (l != nullptr) {
+    adaptive ? mix_loop<kSave, true, true>(p, bk, g, l, n, av, bl)
+             : mix_loop<kSave, true, false>(p, bk, g, l, n, av, bl);
+  } else {
+    adaptive ? mix_loop<kSave, false, true>(p, bk, g, l, n, av, bl)
+             : mix_loop<kSave, false, false>(p, bk, g, l, n, av, bl);
+  }
+}
+
 template <typename scalar_t, typename acc_t>
 void mix_range(scalar_t* p, scalar_t* bk, const scalar_t* g, const scalar_t* l, int64_t n,
                acc_t av, acc_t bl, bool save_backup, bool adaptive) {
-  for (int64_t j = 0; j < n; ++j) {
-    const scalar_t x0 = save_backup ? p[j] : bk[j];
-    if (save_backup) bk[j] = x0;
-    const acc_t base = static_cast<acc_t>(x0);
-    acc_t eps = av * static_cast<acc_t>(g[j]);
-    if (l != nullptr) eps += bl * static_cast<acc_t>(l[j]);
-    if (adaptive) eps *= base * base;
-    p[j] = static_cast<scalar_t>(base + eps);
-  }
+  save_backup ? mix_range_s<true>(p, bk, g, l, n, av, bl, adaptive)
+              : mix_range_s<false>(p, bk, g, l, n, av, bl, adaptive);
 }
 
 // fp16: the same arithmetic on float pieces, converted with F16C where available (one element
@@ -63,6 +113,9 @@ void mix_perturb_(Tensor& param, Tensor& backup, const Tensor& g0,
   check_like(backup, param, "backup");
   check_like(g0, param, "g0");
   check_offsets(offsets, param.numel());
+  check_disjoint(param, backup, "param", "backup");
+  check_disjoint(param, g0, "param", "g0");
+  if (save_backup) check_disjoint(backup, g0, "backup", "g0");
   const int64_t nseg = offsets.numel() - 1;
   MTLSAM_CHECK(coef.dim() == 1 && coef.numel() == nseg, "coef must hold one value per segment (",
               nseg, "), got ", coef.numel());
@@ -73,6 +126,8 @@ void mix_perturb_(Tensor& param, Tensor& backup, const Tensor& g0,
                     local_starts.has_value(),
                 "local needs local_coef, starts, lengths and local_starts");
     check_flat(*local, "local");
+    check_disjoint(param, *local, "param", "local");
+    if (save_backup) check_disjoint(backup, *local, "backup", "local");
     MTLSAM_CHECK(local->scalar_type() == param.scalar_type(), "local has dtype ",
                 local->scalar_type(), ", expected ", param.scalar_type());
     check_sampled(*starts, *lengths, *local_starts, param.numel(), local->numel());
