@@ -37,8 +37,10 @@ def accepts_task(closure: Callable[..., Any]) -> bool:
 
 
 def parse_all(out: object, k: int | None, names: Sequence[str] | None, fixed: bool,
-              graph: bool = True) -> tuple[list[Tensor], list[str] | None]:
-    """The K losses of a full closure call, and the task names when it returned a dict.
+              graph: bool = True, only: int | None = None
+              ) -> tuple[list[Tensor], list[str] | None]:
+    """The K losses of a full closure call, and the task names when it returned a dict
+    (``only``: just that loss checked, see :func:`as_loss_list`).
 
     ``fixed`` says whether a first call has fixed the form; ``names`` are the names it fixed
     (``None`` for unnamed losses). A dict with other task names, or a dict where a list was
@@ -60,13 +62,13 @@ def parse_all(out: object, k: int | None, names: Sequence[str] | None, fixed: bo
         elif names is None and fixed:
             raise ValueError("the closure returned a dict of named losses, but earlier steps "
                              "returned unnamed ones; return the same form every time")
-        losses = as_loss_list(list(out.values()), k, graph)
+        losses = as_loss_list(list(out.values()), k, graph, only)
         return losses, list(out.keys())
     if fixed and names is not None:
         raise ValueError(f"the closure returned {type(out).__name__}, but the first step "
                          f"returned a dict of named losses {list(names)}; return the same form "
                          "every time")
-    return as_loss_list(out, k, graph), None
+    return as_loss_list(out, k, graph, only), None
 
 
 def parse_one(out: object, task: int, name: str | None) -> Tensor:

@@ -444,6 +444,27 @@ class MTLSAM(torch.optim.Optimizer):
             t = self._tables_by_layers[key] = self.shared.sampled_tables(layers, compact=True)
         return t
 
+    def sampled_runs(self, layers: list[int]) -> list[list[tuple[int, int, int]]]:
+        """Per bucket, the sampled columns as ``(flat start, length, compact start)`` runs:
+        the segments of :meth:`sampled_tables` with neighbours that are adjacent in both
+        layouts merged (a layer's weight and bias, consecutive sampled layers), as Python ints,
+        cached per selection."""
+        key = ("runs",) + tuple(layers)
+        runs = self._tables_by_layers.get(key)
+        if runs is None:
+            runs = []
+            for st, ln, ls, _ in self.sampled_tables(layers):
+                merged: list[tuple[int, int, int]] = []
+                for s, n, q in zip(st.tolist(), ln.tolist(), ls.tolist()):
+                    if merged and merged[-1][0] + merged[-1][1] == s \
+                            and merged[-1][2] + merged[-1][1] == q:
+                        merged[-1] = (merged[-1][0], merged[-1][1] + n, merged[-1][2])
+                    else:
+                        merged.append((s, n, q))
+                runs.append(merged)
+            self._tables_by_layers[key] = runs
+        return runs
+
     # -- state ----------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         lag = self._buffers.get("lag") if self._lag_valid else None
@@ -565,10 +586,12 @@ class MTLSAM(torch.optim.Optimizer):
         return all(g is None or not bool(g.ne(0).any()) for g in got)
 
     def call_closure(self, closure: Callable[..., Any], task: int | None = None,
-                     task_aware: bool = False, batched: bool = False) -> list[Tensor]:
+                     task_aware: bool = False, batched: bool = False,
+                     pick: int | None = None) -> list[Tensor]:
         """Call the closure (``closure(task=...)`` when ``task_aware``) and return the K losses,
         or ``[loss_task]`` for a task-aware call with ``task`` given. ``batched``: the call runs
-        under vmap (the K losses of one point; the form was fixed by the first call)."""
+        under vmap (the K losses of one point; the form was fixed by the first call).
+        ``pick``: only loss ``pick`` will be used (a perturbed pass), only it is checked."""
         with torch.enable_grad():  # step() runs under no_grad; the losses need graphs
             if not task_aware:
                 out = closure()
@@ -581,7 +604,8 @@ class MTLSAM(torch.optim.Optimizer):
                 losses = [parse_one(out, task, name)]
             else:
                 losses, names = parse_all(out, self.num_tasks, self.task_names,
-                                          self._form_fixed, graph=not batched)
+                                          self._form_fixed, graph=not batched,
+                                          only=pick if self._form_fixed else None)
                 if not self._form_fixed:
                     self.task_names = names
                     self._form_fixed = True
@@ -592,7 +616,7 @@ class MTLSAM(torch.optim.Optimizer):
             self.heads.attach_grads()
         if self.num_tasks is None:
             self.num_tasks = len(losses)
-        for loss in losses:
+        for loss in losses if pick is None or task_aware else losses[pick:pick + 1]:
             if loss.device != self.shared.device:
                 raise ValueError(f"losses are on {loss.device} but parameters on "
                                  f"{self.shared.device}")
