@@ -267,6 +267,32 @@ class FlatParams:
         for p, v in zip(self.params_flat_order, views):
             p.grad = v
 
+    def point_grads_split(self, sums: list[Tensor], locals_: list[Tensor], i: int,
+                          layer_ids: Sequence[int]) -> None:
+        """:meth:`point_grads` with two targets: the parameters of ``layer_ids`` into row ``i``
+        of the compact ``[K, M_b]`` local buffers (laid out as :meth:`sampled_tables` with
+        ``compact=True``), every other parameter into row 0 of ``sums`` (``[1, N_b]``), where
+        successive backwards add up. Views built once per (buffers, i, layers)."""
+        key = ("split", tuple(t.data_ptr() for t in sums + locals_), i, tuple(layer_ids))
+        views = self._row_views.get(key)
+        if views is None:
+            if len(self._row_views) > 1024:
+                self._row_views.clear()
+            wanted = set(layer_ids)
+            views = []
+            for b, r, loc in zip(self.buckets, sums, locals_):
+                m = 0
+                for p, s, li in zip(b.params, b.starts, b.layer_of):
+                    n = p.numel()
+                    if li in wanted:
+                        views.append(loc[i, m:m + n].view(p.shape))
+                        m += n
+                    else:
+                        views.append(r[0, s:s + n].view(p.shape))
+            self._row_views[key] = views
+        for p, v in zip(self.params_flat_order, views):
+            p.grad = v
+
     # -- sharded parameters ---------------------------------------------------------------------
     def pull(self) -> None:
         """Sharded: the flat buffers := the parameters' local shards (at the start of a step;

@@ -54,15 +54,43 @@ def test_summed_keeps_no_sam_rows(cfg):
     assert rows == want, sorted(opt._buffers)
 
 
-@pytest.mark.parametrize("cfg", [dict(method="gl", local_grad="lagged"),
+@pytest.mark.parametrize("cfg", [dict(method="gl", local_grad="lagged", layers="random"),
                                  dict(method="gl", layers="adaptive")], ids=["lagged", "adaptive"])
 def test_rows_kept_where_they_are_read(cfg):
-    """gl-lagged reads the SAM rows for the next step's local gradients, adaptive layers for
-    their per-layer Grams: both keep the K rows (and equal the row-wise path to the bit)."""
+    """gl-lagged with layers that change reads the SAM rows of the next step's layers,
+    adaptive layers read per-layer Grams: both keep the K rows (and equal the row-wise path to
+    the bit)."""
     m_ls, opt = _run(cfg, "ls")
     m_rows, _ = _run(cfg, _constant(1.0))
     assert "sam_sum" not in opt._buffers and opt._buffers["rows"][0].shape[0] == K
     for a, b in zip(m_ls.parameters(), m_rows.parameters()):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("steps", [1, 2, 5])
+def test_lagged_fixed_layers_keep_only_the_sampled_rows(steps):
+    """gl-lagged with LS and fixed layers: per-task SAM gradients only on the sampled layers
+    (they become the next step's lag without a copy), the rest summed; the same bits as the
+    row-wise path, step after step, and the same lag."""
+    cfg = dict(method="gl", local_grad="lagged", layers=[0, 2])
+    m_ls, opt = _run(cfg, "ls", steps=steps)
+    m_rows, opt_rows = _run(cfg, _constant(1.0), steps=steps)
+    assert "rows" not in opt._buffers and "rows" in opt_rows._buffers
+    for a, b in zip(m_ls.parameters(), m_rows.parameters()):
+        assert torch.equal(a, b)
+    for a, b in zip(opt._buffers["lag"], opt_rows._buffers["lag"]):
+        assert torch.equal(a, b)
+    assert opt._lag_layers == opt_rows._lag_layers == (0, 2)
+    # and a resumed copy continues the same way
+    state = opt.state_dict()
+    m2 = TwoTask(k=K, dtype=torch.float64)
+    m2.load_state_dict(m_ls.state_dict())
+    opt2 = MTLSAM(m2.body, torch.optim.SGD, heads=list(m2.heads), aggregator="ls", lr=0.05,
+                  rho=0.1, **cfg)
+    opt2.load_state_dict(state)
+    opt.step(m_ls.losses)
+    opt2.step(m2.losses)
+    for a, b in zip(m_ls.parameters(), m2.parameters()):
         assert torch.equal(a, b)
 
 

@@ -226,6 +226,17 @@ class Run:
         finally:
             self.shared.attach_grads()
 
+    def backward_split(self, loss: Tensor, sums: list[Tensor], locals_: list[Tensor], i: int,
+                       layer_ids: list[int]) -> None:
+        """:meth:`backward_into` with the gradients of ``layer_ids`` going to row ``i`` of the
+        compact local buffers and the others added to row 0 of ``sums`` (see
+        :meth:`FlatParams.point_grads_split`)."""
+        self.shared.point_grads_split(sums, locals_, i, layer_ids)
+        try:
+            self.backward(loss)
+        finally:
+            self.shared.attach_grads()
+
     def task_grads(self, loss: Tensor, params: list[Tensor]) -> tuple[Tensor | None, ...]:
         """``autograd.grad`` of the scaled loss (the graph is kept for the later passes)."""
         with torch.enable_grad(), _closure_contract():
@@ -671,7 +682,8 @@ def _agree(run: Run, phase: str, want: list[Tensor], got: list[Tensor] | None,
 def _sam_passes(run: Run, dirs: list[Tensor], coefs: list[Tensor], offs: list[Tensor],
                 rows: list[Tensor], first_row: int, hc: Tensor | None,
                 local: list[Tensor] | None = None, local_coefs: list[Tensor] | None = None,
-                tables: list | None = None, summed: bool = False) -> None:
+                tables: list | None = None, summed: bool = False,
+                split: tuple[list[Tensor], list[int]] | None = None) -> None:
     """The K perturbed passes: rows ``first_row + i`` := the shared gradient of loss i at
     ``theta + eps_i`` (``eps_i`` from row ``i`` of ``coefs`` / ``local_coefs`` / ``local`` and
     the direction ``dirs[b][i]``, or ``dirs[b][0]`` for all), head i's SAM gradient kept by
@@ -680,7 +692,9 @@ def _sam_passes(run: Run, dirs: list[Tensor], coefs: list[Tensor], offs: list[Te
     (:mod:`mtlsam_ext.optim.batched`), per ``batched``.
 
     ``summed`` (sequential passes only, see :func:`_summed`): every pass accumulates into row
-    ``first_row``, which ends as ``sum_i g_i^SAM``."""
+    ``first_row``, which ends as ``sum_i g_i^SAM``; with ``split = (locals, layers)`` the
+    gradients of those layers go to row ``i`` of the compact ``locals`` instead (gl-lagged's
+    next local gradients) and row ``first_row`` sums the other layers only."""
     k = run.k
     state = run.opt.batched.state("points")
     # the kernels take their coefficients in the accumulation dtype: converted once here,
@@ -692,11 +706,16 @@ def _sam_passes(run: Run, dirs: list[Tensor], coefs: list[Tensor], offs: list[Te
     if summed:
         for r in rows:
             r[first_row].zero_()
+        for loc in split[0] if split is not None else []:
+            loc.zero_()
         if hc is not None:
             run.perturb_heads(hc)
         for i in range(k):
             _perturb_task(run, i, dirs, coefs, offs, local, local_coefs, tables)
-            run.backward_into(run.perturbed_loss(i), rows, first_row)
+            if split is not None:
+                run.backward_split(run.perturbed_loss(i), rows, split[0], i, split[1])
+            else:
+                run.backward_into(run.perturbed_loss(i), rows, first_row)
             run.finish_head(i)
         run.row_ready(0)
         return
@@ -748,11 +767,18 @@ def _summed(run: Run) -> bool:
     the K-row combine are not needed (F-MTL with ``decompose``: ``sum_i g_loss_i + sum_i
     g_flat_i`` is the same sum). Equal to the row-wise update to rounding, not to the bit.
     Rows are still kept where something else reads them: batched or trial passes, layer
-    scores (per-layer Grams), gl's lagged local gradients."""
+    scores (per-layer Grams), gl-lagged's local gradients when the layers change or the ranks
+    exchange rows (with fixed layers in one process only the sampled layers keep per-task
+    rows, see :func:`_lagged_summed`)."""
     opt = run.opt
+    if opt.method == "gl" and opt.local_grad == "lagged":
+        # the next step's local gradients come from this step's SAM gradients on the sampled
+        # layers: kept per task by the split passes (:func:`_lagged_summed`), where the
+        # selection cannot change and no collective is needed; rows otherwise
+        if opt.layer_selector.mode is not None or run.sync is not None:
+            return False
     return (opt.constant_weights is not None and opt.batched.state("points") == "sequential"
-            and not opt.layer_selector.measures
-            and not (opt.method == "gl" and opt.local_grad == "lagged"))
+            and not opt.layer_selector.measures)
 
 
 def _finish_summed(run: Run, sums: list[Tensor]) -> None:
@@ -763,6 +789,51 @@ def _finish_summed(run: Run, sums: list[Tensor]) -> None:
     w = torch.full((1,), 1.0 / k if run.opt.constant_weights == "mean" else 1.0, dtype=acc,
                    device=sums[0].device)
     run.finish_update([r[:1] for r in sums], w, None)
+
+
+def _next_lag(opt: MTLSAM, tables: list, k: int) -> list[Tensor]:
+    """The compact ``[K, M_b]`` buffers the split passes write the next step's local gradients
+    into (two sets alternate with the lag the step reads, see :func:`_lagged_summed`)."""
+    nxt = opt._buffers.get("lag_next")
+    if nxt is None or any(t.shape != (k, tb[3]) for t, tb in zip(nxt, tables)):
+        nxt = opt._buffers["lag_next"] = [
+            torch.empty(k, tb[3], dtype=b.dtype, device=b.device)
+            for tb, b in zip(tables, opt.shared.buckets)]
+    return nxt
+
+
+def _lagged_summed(run: Run, sums: list[Tensor], nxt: list[Tensor], sampled: list[int]) -> None:
+    """End of a gl-lagged step with LS / mean and a fixed layer selection: the split passes
+    left ``sum_i g_i^SAM`` on the other layers in ``sums`` and each task's SAM gradient on the
+    sampled layers in ``nxt``. Their sums go into ``sums``' sampled columns (one K-row combine
+    over the compact columns), then the update as :func:`_finish_summed`. With LS this is the
+    row-wise update bit for bit (the same sums in the same order); the ``[K, N]`` rows, their
+    zeroing, the K-row combine over the other layers and the copy of the sampled columns into
+    the lag are not needed: on commit ``nxt`` becomes the lag (no copy) and the old lag the
+    next step's ``nxt``."""
+    opt = run.opt
+    runs = opt.sampled_runs(sampled)
+    for s_row, loc, rb in zip(sums, nxt, runs):
+        if not rb:
+            continue
+        acc = torch.float64 if loc.dtype == torch.float64 else torch.float32
+        col = torch.empty(loc.shape[1], dtype=loc.dtype, device=loc.device)
+        ops.combine_(col, loc, torch.ones(loc.shape[0], dtype=acc, device=loc.device),
+                     backend=run.be)
+        for s, n, q in rb:
+            s_row[0, s:s + n].copy_(col[q:q + n])
+    _finish_summed(run, sums)
+
+    def swap() -> None:
+        # the SAM gradients of the (unchanged) sampled layers are the next step's lag
+        opt._buffers["lag"], opt._buffers["lag_next"] = nxt, opt._buffers.get("lag")
+        if opt._buffers["lag_next"] is None:
+            del opt._buffers["lag_next"]
+        opt._lag_layers = tuple(sampled)
+        opt._lag_scale = run.scaling.factor(run.sync is not None)
+        opt._lag_valid = True
+
+    run.on_commit.append(swap)
 
 
 def _batched_sam_passes(run: Run, dirs: list[Tensor], coefs: list[Tensor], offs: list[Tensor],
@@ -1055,18 +1126,24 @@ def step_gl(run: Run) -> Tensor:
         coef_b = coef_b * rescale  # B (r ghat) with ghat as stored
 
     summed = _summed(run)  # LS / mean: the SAM gradients summed in one buffer, no rows
+    lagged_summed = summed and opt.local_grad == "lagged"
     rows = opt.buffers("sam_sum", 1) if summed else opt.buffers("rows", k)
     run.begin_phase(rows)
     offs = [b.seg_offsets for b in sh.buckets]
     # every task's per-segment coefficients gathered once (one index per bucket, not per task)
     ca = [coef_a[:, s] for s in seg_layers]
     cb = [coef_b[:, ids] for ids in samp_layers]
+    nxt = _next_lag(opt, tables, k) if lagged_summed else None
     _sam_passes(run, g0, ca, offs, rows, 0, hc, local=local, local_coefs=cb, tables=tables,
-                summed=summed)
+                summed=summed, split=None if nxt is None else (nxt, sampled))
     run.restore_shared()
     run.reduce([], head_out=True)
     run.heads_to_grad()
     selector = opt.layer_selector
+    if lagged_summed:
+        _lagged_summed(run, rows, nxt, sampled)
+        run.on_commit.append(lambda: selector.commit(opt.generator))
+        return run.unperturbed
     if summed:
         _finish_summed(run, rows)
     elif selector.measures:
