@@ -294,6 +294,7 @@ class MTLSAM(torch.optim.Optimizer):
         self.generator = generator
         self.layer_selector = LayerSelector(*layer_args, generator=generator)
         self._tables_by_layers: dict[tuple[int, ...], list] = {}
+        self._head_views: dict[tuple, tuple[list[Tensor], list[Tensor]]] = {}
         self.n_dirs = n_dirs
         self.mu = float(mu)
         # Seed of the zo directions: the generator's seed, read without consuming its state
@@ -443,6 +444,24 @@ class MTLSAM(torch.optim.Optimizer):
                 self._tables_by_layers.clear()
             t = self._tables_by_layers[key] = self.shared.sampled_tables(layers, compact=True)
         return t
+
+    def head_views(self, head_out: list[Tensor], i: int) -> tuple[list[Tensor], list[Tensor]]:
+        """Head ``i``'s slices of ``head_out`` and of the heads' flat gradients, per bucket
+        that holds it (built once per buffers and head: taken after every perturbed pass)."""
+        key = ("head", i, tuple(h.data_ptr() for h in head_out),
+               tuple(b.grad.data_ptr() for b in self.heads.buckets))
+        views = self._head_views.get(key)
+        if views is None:
+            if len(self._head_views) > 4096:
+                self._head_views.clear()
+            dst, src = [], []
+            for h, b in zip(head_out, self.heads.buckets):
+                s, e = b.layer_range(i)
+                if e > s:
+                    dst.append(h[0][s:e])
+                    src.append(b.grad[s:e])
+            views = self._head_views[key] = (dst, src)
+        return views
 
     def sampled_runs(self, layers: list[int]) -> list[list[tuple[int, int, int]]]:
         """Per bucket, the sampled columns as ``(flat start, length, compact start)`` runs:
