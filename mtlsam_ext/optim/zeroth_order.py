@@ -15,6 +15,7 @@ directions: unbiased, with variance falling as 1 / n_dirs.
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING
 
 import torch
@@ -62,14 +63,16 @@ def zo_local_grads(run: Run, tables: list[tuple[Tensor, Tensor, Tensor, int]],
              for t, b in zip(tables, sh.buckets)]
     sizes = [t[3] for t in tables]
     dtypes = [b.dtype for b in sh.buckets]
+    # runs of adjacent sampled segments (a layer's weight and bias, neighbouring layers): one
+    # op per run instead of one per segment, the same value for every element
+    runs = opt.sampled_runs(opt.sampled_layers)
     diffs: list[Tensor] = []
     for d in range(n_dirs):
         z = directions(sizes, dtypes, sh.device, direction_seed(opt.zo_seed, opt._step_count, d))
         evals = []
         for sign in (1.0, -1.0):
             for j, b in enumerate(sh.buckets):
-                st, ln, ls, _ = tables[j]
-                for s, n, q in zip(st.tolist(), ln.tolist(), ls.tolist()):
+                for s, n, q in runs[j]:
                     if n:
                         # theta_S = backup_S + (+-mu) z on each sampled range; the rest untouched
                         ops.mix_perturb_(b.data[s:s + n], run.backup[j][0][s:s + n],
@@ -97,9 +100,13 @@ def zo_local_grads(run: Run, tables: list[tuple[Tensor, Tensor, Tensor, int]],
     return [loc.to(b.dtype) for loc, b in zip(local, sh.buckets)]
 
 
+@functools.lru_cache(maxsize=64)
 def _coef(v: float, dtype: torch.dtype) -> Tensor:
+    """The one-segment coefficient ``[v]`` (cached: read-only, the same every step)."""
     return torch.tensor([v], dtype=torch.float64 if dtype == torch.float64 else torch.float32)
 
 
+@functools.lru_cache(maxsize=256)
 def _table(n: int) -> Tensor:
+    """The one-segment table ``[0, n]`` (cached: read-only, the same every step)."""
     return torch.tensor([0, n], dtype=torch.int64)
