@@ -144,3 +144,32 @@ def test_add_param_group_after_construction_is_refused():
         opt.add_param_group({"params": [extra]})
     assert len(opt.param_groups) == 2
     opt.step(m.losses)
+
+
+def test_task_keyword_found_through_wrappers():
+    """Whether a closure is task-aware is read from its signature, also for wrappers that
+    share one code object (functools.wraps) and for closures redefined every step."""
+    import functools
+
+    from mtlsam_ext.optim.closure import accepts_task
+
+    def deco(f):
+        @functools.wraps(f)
+        def wrapper(*args, **kwargs):
+            return f(*args, **kwargs)
+        return wrapper
+
+    @deco
+    def aware(task=None):
+        return task
+
+    @deco
+    def plain():
+        return None
+
+    assert accepts_task(aware) and not accepts_task(plain)
+    assert accepts_task(aware) and not accepts_task(plain)  # (answers cached by code)
+    for _ in range(2):
+        def again(task=None):
+            return task
+        assert accepts_task(again)

@@ -2,16 +2,28 @@
 
 from __future__ import annotations
 
+import os
+
 from torch import Tensor
 
 from mtlsam_ext.ops import validate
 from mtlsam_ext.ops.dispatch import kernels, resolve_backend
 
+# Resolved kernel modules per (backend asked for, device, the two environment variables that
+# change the answer): a step makes ~30 op calls, and resolving each one anew (environment,
+# device object, backend list, module lookup) cost ~5 us per call on the 2-core CPU.
+_RESOLVED: dict[tuple, object] = {}
+
 
 def _k(backend: str, like: Tensor):
     # Explicit names are resolved too: asking for a backend that cannot run on these tensors
-    # is an error, never a silent fallback.
-    return kernels(resolve_backend(backend, like.device))
+    # is an error, never a silent fallback (errors are raised again on every call, not cached).
+    key = (backend, like.device, os.environ.get("MTLSAM_BACKEND"),
+           os.environ.get("TRITON_INTERPRET"))
+    mod = _RESOLVED.get(key)
+    if mod is None:
+        mod = _RESOLVED[key] = kernels(resolve_backend(backend, like.device))
+    return mod
 
 
 def segment_sumsq(x: Tensor, offsets: Tensor, scale: Tensor | None = None, *,

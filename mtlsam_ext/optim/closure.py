@@ -13,6 +13,7 @@ A closure runs a forward pass and returns the K task losses, without calling ``b
 from __future__ import annotations
 
 import inspect
+import types
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -25,8 +26,29 @@ CONTRACT = ("the closure must run a forward pass and return the K task losses wi
             "backward(); MTLSAM runs every backward pass itself")
 
 
+# Answers for plain functions by code object: a training loop that defines its closure anew
+# every step hands a new function with the same code, and inspect.signature took ~30 us. Not
+# for functions whose signature is declared apart from their code (functools.wraps sets
+# __wrapped__: one wrapper code then stands for many signatures).
+_BY_CODE: dict[types.CodeType, bool] = {}
+
+
 def accepts_task(closure: Callable[..., Any]) -> bool:
     """Whether ``closure`` takes a ``task`` keyword (then perturbed passes ask for one loss)."""
+    plain = type(closure) is types.FunctionType and not (
+        "__wrapped__" in closure.__dict__ or "__signature__" in closure.__dict__)
+    if plain:
+        code = closure.__code__
+        known = _BY_CODE.get(code)
+        if known is None:
+            if len(_BY_CODE) > 1024:
+                _BY_CODE.clear()
+            known = _BY_CODE[code] = _accepts_task(closure)
+        return known
+    return _accepts_task(closure)
+
+
+def _accepts_task(closure: Callable[..., Any]) -> bool:
     try:
         params = inspect.signature(closure).parameters
     except (TypeError, ValueError):  # builtins and some C callables have no signature
