@@ -44,8 +44,8 @@ def test_summed_equals_rows(cfg, agg, weight):
 
 @pytest.mark.parametrize("cfg", SUMMED, ids=IDS)
 def test_summed_keeps_no_sam_rows(cfg):
-    """(K + 1) |theta_sh| for F-MTL (loss rows and the sum) instead of 2K + 1; gl keeps one
-    summed row instead of K."""
+    """Besides the backup, K + 1 rows for F-MTL (loss rows and the sum) instead of 2K; gl
+    keeps one summed row instead of K."""
     _, opt = _run(cfg, "ls", steps=1)
     n = opt.shared.numel
     rows = sum(t.numel() for name, bufs in opt._buffers.items() if name != "backup"

@@ -968,7 +968,8 @@ def step_fmtl(run: Run) -> Tensor:
     """F-MTL (Phan et al., Alg. 1): per task ``g_loss``, ``eps_i = rho g_loss/||g_loss||``,
     ``g_SAM`` at ``theta + eps_i``, ``g_flat = g_SAM - g_loss``; shared update
     ``M(g_loss) + M(g_flat)`` (``decompose``) or ``M(g_SAM)``. Rows 0..K-1 hold the loss
-    gradients, rows K..2K-1 the SAM (then flat) gradients: (2K + 1) |theta_sh| with the backup.
+    gradients, rows K..2K-1 the SAM (then flat) gradients: (2K + 1) |theta_sh| with the backup
+    (LS / mean: the K loss rows and one summed row, (K + 2) |theta_sh|, see :func:`_summed`).
     """
     opt = run.opt
     losses = run.first_losses()
@@ -984,7 +985,7 @@ def step_fmtl(run: Run) -> Tensor:
     hc = run.head_coefs() if run.heads is not None else None
     offs = [_whole(b.numel) for b in run.shared.buckets]
     coefs = run.row_coefs(rows, k, opt.rho)
-    if summed:  # (K + 1) |theta_sh| with the backup
+    if summed:  # K loss rows, one summed row and the backup: (K + 2) |theta_sh|
         sums = opt.buffers("sam_sum", 1)
         run.begin_phase(sums)
         _sam_passes(run, rows, [coefs.reshape(k, 1)] * len(offs), offs, sums, 0, hc,
