@@ -168,3 +168,24 @@ def test_nonfinite_update_of_a_large_buffer_changes_nothing(cfg, bad):
         opt.step(closure)
     for a, b in zip(before, body.parameters()):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("cfg", SUMMED + [dict(method="gl", local_grad="lagged")],
+                         ids=IDS + ["gl-lagged"])
+def test_16bit_parameters_keep_the_rows(cfg):
+    """bf16 parameters: the K SAM gradients are summed by the combine in float32 from the rows
+    (one rounding), not added up in a bf16 gradient (K roundings): the same bits as the
+    row-wise path with the same constant weights."""
+    def run(agg):
+        m = TwoTask(k=K, dtype=torch.bfloat16)
+        opt = MTLSAM(m.body, torch.optim.SGD, heads=list(m.heads), aggregator=agg, lr=0.05,
+                     rho=0.1, generator=torch.Generator().manual_seed(5), **cfg)
+        for _ in range(3):
+            opt.step(m.losses)
+        return m, opt
+
+    m_ls, opt = run("ls")
+    m_rows, _ = run(_constant(1.0))
+    assert "sam_sum" not in opt._buffers
+    for a, b in zip(m_ls.parameters(), m_rows.parameters()):
+        assert torch.equal(a, b)

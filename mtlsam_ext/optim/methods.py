@@ -773,8 +773,12 @@ def _summed(run: Run) -> bool:
     Rows are still kept where something else reads them: batched or trial passes, layer
     scores (per-layer Grams), gl-lagged's local gradients when the layers change or the ranks
     exchange rows (with fixed layers in one process only the sampled layers keep per-task
-    rows, see :func:`_lagged_summed`)."""
+    rows, see :func:`_lagged_summed`). 16-bit parameters keep the rows too: autograd adds
+    into a gradient of the parameters' dtype, so the sum would be rounded to bf16/fp16 after
+    each of the K passes, where the combine sums the rows in float32 and rounds once."""
     opt = run.opt
+    if any(b.dtype not in (torch.float32, torch.float64) for b in run.shared.buckets):
+        return False
     if opt.method == "gl" and opt.local_grad == "lagged":
         # the next step's local gradients come from this step's SAM gradients on the sampled
         # layers: kept per task by the split passes (:func:`_lagged_summed`), where the
