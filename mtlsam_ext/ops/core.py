@@ -9,17 +9,20 @@ from torch import Tensor
 from mtlsam_ext.ops import validate
 from mtlsam_ext.ops.dispatch import kernels, resolve_backend
 
-# Resolved kernel modules per (backend asked for, device, the two environment variables that
-# change the answer): a step makes ~30 op calls, and resolving each one anew (environment,
-# device object, backend list, module lookup) cost ~5 us per call on the 2-core CPU.
+# Resolved kernel modules per (backend asked for, device, the environment variable that can
+# change the answer: MTLSAM_BACKEND for "auto", TRITON_INTERPRET for "triton"): a step makes
+# ~30 op calls, and resolving each one anew (environment, device object, backend list, module
+# lookup) cost ~5 us per call on the 2-core CPU. The optimizer passes its resolved backend, so
+# its calls read no environment variable at all.
 _RESOLVED: dict[tuple, object] = {}
+_ENV = {"auto": "MTLSAM_BACKEND", "triton": "TRITON_INTERPRET"}
 
 
 def _k(backend: str, like: Tensor):
     # Explicit names are resolved too: asking for a backend that cannot run on these tensors
     # is an error, never a silent fallback (errors are raised again on every call, not cached).
-    key = (backend, like.device, os.environ.get("MTLSAM_BACKEND"),
-           os.environ.get("TRITON_INTERPRET"))
+    var = _ENV.get(backend)
+    key = (backend, like.device, None if var is None else os.environ.get(var))
     mod = _RESOLVED.get(key)
     if mod is None:
         mod = _RESOLVED[key] = kernels(resolve_backend(backend, like.device))
