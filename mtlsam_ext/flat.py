@@ -207,6 +207,7 @@ class FlatParams:
         self._row_views: dict[tuple, list[Tensor]] = {}
         self._slots: list[list[tuple[nn.Module, str]]] = []
         self._seg_layers: list[Tensor] | None = None
+        self._layer_views: list[list[tuple[Tensor, Tensor]]] | None = None
 
     # -- construction -----------------------------------------------------------------------
     @staticmethod
@@ -250,6 +251,27 @@ class FlatParams:
             for p, g in zip(b.params, b.grad_views):
                 if p.grad is not g:
                     p.grad = g
+
+    def attach_layer_grads(self, layer: int) -> None:
+        """:meth:`attach_grads` for one layer's parameters only (a head before the backward
+        that reaches it alone: with K = 40 heads, re-checking all 2K head parameters after
+        each of the 41 forwards was the largest bookkeeping item of a task-aware step)."""
+        if self.sharded:
+            for p in self.layers[layer].params:
+                p.grad = None
+            return
+        views = self._layer_grad_views(layer)
+        for p, g in views:
+            if p.grad is not g:
+                p.grad = g
+
+    def _layer_grad_views(self, layer: int) -> list[tuple[Tensor, Tensor]]:
+        if self._layer_views is None:
+            self._layer_views = [[] for _ in self.layers]
+            for b in self.buckets:
+                for p, g, li in zip(b.params, b.grad_views, b.layer_of):
+                    self._layer_views[li].append((p, g))
+        return self._layer_views[layer]
 
     def point_grads(self, rows: list[Tensor], i: int) -> None:
         """Re-point every ``p.grad`` to its slice of row ``i`` of the ``[K, N]`` row matrices,

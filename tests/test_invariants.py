@@ -94,11 +94,13 @@ def test_grads_stay_views_and_scheduler_works():
 @pytest.mark.parametrize("cfg", CONFIGS + [dict(method="erm")],
                          ids=lambda c: "-".join(f"{v}" for v in c.values()))
 @pytest.mark.parametrize("set_to_none", [True, False])
-def test_closure_that_zeroes_grads(cfg, set_to_none):
+@pytest.mark.parametrize("agg", ["mgda", "ls"])
+def test_closure_that_zeroes_grads(cfg, set_to_none, agg):
     """The usual ``model.zero_grad()`` inside a closure changes nothing: results are
-    bit-identical to a closure that does not touch the gradients."""
-    m, opt = _make(cfg, "mgda", k=3)
-    ref, ref_opt = _make(cfg, "mgda", k=3)
+    bit-identical to a closure that does not touch the gradients (with LS, the SAM gradients
+    summed in one buffer)."""
+    m, opt = _make(cfg, agg, k=3)
+    ref, ref_opt = _make(cfg, agg, k=3)
 
     def closure():
         m.zero_grad(set_to_none=set_to_none)

@@ -560,8 +560,11 @@ class Run:
         torch._foreach_copy_(dst, src)
 
     def heads_to_grad(self) -> None:
-        """Heads restored; their gradients := the SAM gradients kept by :meth:`finish_head`."""
+        """Heads restored; their gradients := the SAM gradients kept by :meth:`finish_head`
+        (every head's parameters pointed at the flat gradient again: a perturbed pass
+        re-attaches only its own head after the closure)."""
         if self.heads is not None:
+            self.heads.attach_grads()
             if self.heads_saved:
                 for j, b in enumerate(self.heads.buckets):
                     ops.restore_(b.data, self.head_backup[j][0], backend=self.be)

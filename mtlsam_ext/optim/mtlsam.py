@@ -629,10 +629,16 @@ class MTLSAM(torch.optim.Optimizer):
                     self.task_names = names
                     self._form_fixed = True
         # A closure may call model.zero_grad() (set_to_none=True): put the flat views back
-        # before autograd would write fresh tensors the flat buffers never see.
+        # before autograd would write fresh tensors the flat buffers never see. A perturbed
+        # pass backpropagates one loss, which reaches one head: only that head is re-attached
+        # here (all heads are again before the base optimizer reads them, heads_to_grad).
         self.shared.attach_grads()
         if self.heads is not None:
-            self.heads.attach_grads()
+            one = pick if not task_aware else task
+            if one is None or batched:
+                self.heads.attach_grads()
+            else:
+                self.heads.attach_layer_grads(one)
         if self.num_tasks is None:
             self.num_tasks = len(losses)
         for loss in losses if pick is None or task_aware else losses[pick:pick + 1]:
