@@ -14,7 +14,6 @@ accumulates in place; for a per-task gradient the views are re-pointed at row i 
 from __future__ import annotations
 
 import contextlib
-import functools
 import warnings
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
@@ -29,6 +28,7 @@ from mtlsam_ext.optim.batchnorm import batch_statistics
 from mtlsam_ext.optim.checks import finite_report
 from mtlsam_ext.optim.closure import CONTRACT, accepts_task
 from mtlsam_ext.optim.perturbation import global_local_coefs, safe_scale
+from mtlsam_ext.optim.segments import by_rows, whole
 from mtlsam_ext.optim.zeroth_order import zo_local_grads
 
 if TYPE_CHECKING:
@@ -38,18 +38,6 @@ if TYPE_CHECKING:
 # Checks longer than this enter the finiteness test as their (min, max): below it, copying
 # them into the one concatenated check costs less than an extra reduction per vector.
 _CHECK_WHOLE = 4096
-
-
-@functools.lru_cache(maxsize=256)
-def _whole(n: int) -> Tensor:
-    """The one-segment table ``[0, n]`` (cached: the same tables come back every step)."""
-    return torch.tensor([0, n], dtype=torch.int64)
-
-
-@functools.lru_cache(maxsize=256)
-def _row_offsets(k: int, n: int) -> Tensor:
-    """The segment table of ``k`` rows of ``n`` elements read as one flat buffer."""
-    return torch.arange(0, (k + 1) * n, n, dtype=torch.int64)
 
 
 @contextlib.contextmanager
@@ -401,7 +389,7 @@ class Run:
 
     def _sumsq(self, bufs: list[Tensor]) -> Tensor:
         """``sum ||b||^2`` over flat buffers, in float64 (one fused read each)."""
-        return sum(ops.segment_sumsq(t, _whole(t.numel()), None, backend=self.be).double()
+        return sum(ops.segment_sumsq(t, whole(t.numel()), None, backend=self.be).double()
                    for t in bufs)
 
     def finish_update(self, rows: list[Tensor] | None, w: Tensor, gram: Tensor | None) -> None:
@@ -474,7 +462,7 @@ class Run:
     def global_coefs(self, per_task: list[list[Tensor]], rho: float) -> Tensor:
         """``[K]``: :meth:`global_coef` of each task's per-bucket vectors; sharded, the K
         partial sums travel in one collective."""
-        sq = torch.stack([sum(ops.segment_sumsq(v, _whole(v.numel()), self._scale(b),
+        sq = torch.stack([sum(ops.segment_sumsq(v, whole(v.numel()), self._scale(b),
                                                 backend=self.be).double()
                               for v, b in zip(vecs, self.shared.buckets))
                           for vecs in per_task])
@@ -486,7 +474,7 @@ class Run:
         call per row) instead of K calls."""
         if self.opt.adaptive:  # (the scale has one row's length)
             return self.global_coefs([[r[i] for r in rows] for i in range(k)], rho)
-        sq = sum(ops.segment_sumsq(r[:k].reshape(-1), _row_offsets(k, r.shape[1]), None,
+        sq = sum(ops.segment_sumsq(r[:k].reshape(-1), by_rows(k, r.shape[1]), None,
                                    backend=self.be).double() for r in rows)
         return safe_scale(rho, self.partial_sum(sq).sqrt())
 
@@ -710,37 +698,29 @@ def _sam_passes(run: Run, dirs: list[Tensor], coefs: list[Tensor], offs: list[Te
     coefs = [c.to(a) for c, a in zip(coefs, accs)]
     if local_coefs is not None:
         local_coefs = [c.to(a) for c, a in zip(local_coefs, accs)]
-    if summed:
-        for r in rows:
-            r[first_row].zero_()
-        for loc in split[0] if split is not None else []:
-            loc.zero_()
-        if hc is not None:
-            run.perturb_heads(hc)
-        for i in range(k):
-            _perturb_task(run, i, dirs, coefs, offs, local, local_coefs, tables)
-            if split is not None:
-                run.backward_split(run.perturbed_loss(i), rows, split[0], i, split[1])
-            else:
-                run.backward_into(run.perturbed_loss(i), rows, first_row)
-            run.finish_head(i)
-        run.row_ready(0)
-        return
-    if state == "batched":
+    if state == "batched":  # (never summed: _summed asks for sequential passes)
         _batched_sam_passes(run, dirs, coefs, offs, rows, first_row, hc, local, local_coefs,
                             tables)
         return
     t0 = run.clock() if state == "trial" else 0.0
-    for r in rows:  # the SAM passes accumulate straight into the rows
-        r[first_row:first_row + k].zero_()
+    for r in rows:  # the SAM passes accumulate straight into the rows (or the one sum)
+        r[first_row:first_row + (1 if summed else k)].zero_()
+    for loc in split[0] if split is not None else []:
+        loc.zero_()
     if hc is not None:  # every head at its own task's point; no other loss reaches it
         run.perturb_heads(hc)
     for i in range(k):
         _perturb_task(run, i, dirs, coefs, offs, local, local_coefs, tables)
-        run.backward_into(run.perturbed_loss(i), rows, first_row + i)
+        loss = run.perturbed_loss(i)
+        if split is not None:
+            run.backward_split(loss, rows, split[0], i, split[1])
+        else:
+            run.backward_into(loss, rows, first_row if summed else first_row + i)
         run.finish_head(i)
-        if state != "trial":  # (a trial compares the rows first: they are sent at the end)
-            run.row_ready(i)
+        if state != "trial" and not summed:  # (a trial compares the rows first: they are
+            run.row_ready(i)                 # sent at the end; the sum is final at the end)
+    if summed:
+        run.row_ready(0)
     if state == "trial":  # batched = "auto": the batched way too, into scratch rows
         run.opt.batched.record("points", "sequential", run.clock() - t0)
         scratch = [t[:k] for t in run.opt.buffers("rows_trial", k)]
@@ -840,11 +820,19 @@ def _lagged_summed(run: Run, sums: list[Tensor], nxt: list[Tensor], sampled: lis
         opt._buffers["lag"], opt._buffers["lag_next"] = nxt, opt._buffers.get("lag")
         if opt._buffers["lag_next"] is None:
             del opt._buffers["lag_next"]
-        opt._lag_layers = tuple(sampled)
-        opt._lag_scale = run.scaling.factor(run.sync is not None)
-        opt._lag_valid = True
+        _lag_kept(run, sampled)
 
     run.on_commit.append(swap)
+
+
+def _lag_kept(run: Run, layers: list[int]) -> None:
+    """The lag now holds this step's SAM gradients on ``layers``, kept as computed (scaled:
+    fp16 rows would lose small values if unscaled) with the scale they carry; the next step
+    rescales its statistics by the ratio."""
+    opt = run.opt
+    opt._lag_layers = tuple(layers)
+    opt._lag_scale = run.scaling.factor(run.sync is not None)
+    opt._lag_valid = True
 
 
 def _batched_sam_passes(run: Run, dirs: list[Tensor], coefs: list[Tensor], offs: list[Tensor],
@@ -949,7 +937,7 @@ def step_sam(run: Run) -> Tensor:
         run.reduce(run.grads(), head_grads=True)
     coef = run.global_coef(run.grads(), opt.rho)
     hc = run.head_coefs() if run.heads is not None else None
-    offs = [_whole(b.numel) for b in run.shared.buckets]
+    offs = [whole(b.numel) for b in run.shared.buckets]
     run.perturb_shared(run.grads(), [coef.reshape(1)] * len(offs), offs)
     if hc is not None:
         run.perturb_heads(hc)
@@ -990,7 +978,7 @@ def step_fmtl(run: Run) -> Tensor:
     if run.global_sync:
         run.reduce([], head_grads=True)
     hc = run.head_coefs() if run.heads is not None else None
-    offs = [_whole(b.numel) for b in run.shared.buckets]
+    offs = [whole(b.numel) for b in run.shared.buckets]
     coefs = run.row_coefs(rows, k, opt.rho)
     if summed:  # K loss rows, one summed row and the backup: (K + 2) |theta_sh|
         sums = opt.buffers("sam_sum", 1)
@@ -1188,14 +1176,10 @@ def step_gl(run: Run) -> Tensor:
             if lag is None or any(t.shape != (k, tb[3]) for t, tb in zip(lag, tabs)):
                 lag = opt._buffers["lag"] = [torch.empty(k, t[3], dtype=b.dtype, device=b.device)
                                              for t, b in zip(tabs, sh.buckets)]
-            opt._lag_layers = tuple(nxt)
             for r, runs, dst in zip(rows, opt.sampled_runs(nxt), lag):
                 for s, n, ls in runs:
                     dst[:, ls:ls + n].copy_(r[:, s:s + n])
-            # Kept as computed (scaled: fp16 rows would lose small values if unscaled), with
-            # the scale they carry; the next step rescales its statistics by the ratio.
-            opt._lag_scale = run.scaling.factor(run.sync is not None)
-            opt._lag_valid = True
+            _lag_kept(run, nxt)
 
         run.on_commit.append(keep_lagged)
     return run.unperturbed

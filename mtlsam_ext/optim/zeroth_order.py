@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from mtlsam_ext import ops
+from mtlsam_ext.optim.segments import whole
 
 if TYPE_CHECKING:
     from mtlsam_ext.optim.methods import Run
@@ -76,7 +77,7 @@ def zo_local_grads(run: Run, tables: list[tuple[Tensor, Tensor, Tensor, int]],
                     if n:
                         # theta_S = backup_S + (+-mu) z on each sampled range; the rest untouched
                         ops.mix_perturb_(b.data[s:s + n], run.backup[j][0][s:s + n],
-                                         z[j][q:q + n], _coef(sign * mu, b.dtype), _table(n),
+                                         z[j][q:q + n], _coef(sign * mu, b.dtype), whole(n),
                                          save_backup=False, backend=run.be)
             losses = run.call()
             evals.append(torch.stack([x.detach() for x in losses]))
@@ -105,8 +106,3 @@ def _coef(v: float, dtype: torch.dtype) -> Tensor:
     """The one-segment coefficient ``[v]`` (cached: read-only, the same every step)."""
     return torch.tensor([v], dtype=torch.float64 if dtype == torch.float64 else torch.float32)
 
-
-@functools.lru_cache(maxsize=256)
-def _table(n: int) -> Tensor:
-    """The one-segment table ``[0, n]`` (cached: read-only, the same every step)."""
-    return torch.tensor([0, n], dtype=torch.int64)
