@@ -278,3 +278,32 @@ def test_tied_weights_are_swapped_everywhere():
             opt.step(lambda b=b, hs=hs: [(h(b(x)) ** 2).mean() for h in hs])
         snaps.append([p.detach().clone() for p in b.parameters()])
     _assert_same(*snaps)
+
+
+@pytest.mark.parametrize("name", ["fmtl", "gl", "gl-lagged", "gl-zo"])
+def test_auto_times_the_summed_passes_with_constant_weights(name, monkeypatch):
+    """With LS the sequential steps sum the SAM gradients in one buffer (faster than the rows):
+    ``"auto"`` compares batched and sequential rows on its first step only, then times the
+    summed passes it would run instead, so the decision weighs the batched pass against the
+    sequential way as it really runs. The update stays equal to the sequential optimizer's."""
+    from mtlsam_ext.optim import methods
+
+    calls = []
+    real = methods._sam_passes
+
+    def spy(run, *a, summed=False, **kw):
+        calls.append((run.opt.batched.state("points"), summed))
+        return real(run, *a, summed=summed, **kw)
+
+    monkeypatch.setattr(methods, "_sam_passes", spy)
+    seq = _train(METHODS[name], False, agg="ls", steps=TRIALS + 2)[0].snapshot()
+    calls.clear()
+    m, _, opt = _train(METHODS[name], "auto", agg="ls", steps=TRIALS + 2)
+    assert calls[:TRIALS + 1] == [("trial", False)] + [("trial", True)] * TRIALS
+    ph = opt.batched.phases["points"]
+    # (decided at the last sequential sample: the first three batched ones suffice)
+    assert len(ph.times["sequential"]) == TRIALS == len(ph.times["batched"])
+    assert ph.state in ("batched", "sequential") and ph.reason.startswith("measured")
+    assert calls[TRIALS + 1] == (ph.state, ph.state == "sequential")
+    assert "rows_trial" not in opt._buffers
+    _assert_same(seq, m.snapshot())

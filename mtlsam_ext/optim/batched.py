@@ -17,7 +17,9 @@ gradients, sam's gradients at its perturbed point) use one backward with K batch
 cotangents instead (:meth:`mtlsam_ext.optim.methods.Run.batched_task_grads`).
 
 ``batched="auto"`` runs both ways on the first :data:`TRIALS` steps (the sequential result is
-the one used), checks that they agree and keeps the batched way only where it was faster;
+the one used), checks on the first that they agree and keeps the batched way only where it was
+faster than the sequential way as later steps run it (with LS / mean the summed passes, timed
+from the second trial step on);
 anything vmap cannot run (``.item()``, data-dependent branching, random ops, in-place updates
 of module buffers) makes it fall back to the sequential passes with one warning.
 """
@@ -64,6 +66,10 @@ class Phase:
 
     state: str
     reason: str | None = None
+    #: a trial step has compared the batched result with the sequential one (the later trial
+    #: steps may then time the sequential way as the steady state runs it, see
+    #: :func:`mtlsam_ext.optim.methods._summed`)
+    checked: bool = False
     times: dict[str, list[float]] = field(default_factory=lambda: {"batched": [],
                                                                     "sequential": []})
 

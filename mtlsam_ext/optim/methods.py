@@ -668,6 +668,12 @@ def _agree(run: Run, phase: str, want: list[Tensor], got: list[Tensor] | None,
                                  f"(max error {err:.3g} at scale {scale:.3g}; random ops or "
                                  "state changed by the closure?)")
                 break
+    _trial_buffers_freed(run)
+
+
+def _trial_buffers_freed(run: Run) -> None:
+    """Trial buffers go once every phase is decided."""
+    policy = run.opt.batched
     if all(policy.state(p) != "trial" for p in ("points", "grads")):
         run.opt._buffers.pop("rows_trial", None)
         if policy.state("points") != "batched":
@@ -722,19 +728,28 @@ def _sam_passes(run: Run, dirs: list[Tensor], coefs: list[Tensor], offs: list[Te
     if summed:
         run.row_ready(0)
     if state == "trial":  # batched = "auto": the batched way too, into scratch rows
-        run.opt.batched.record("points", "sequential", run.clock() - t0)
+        policy = run.opt.batched
+        if summed or not _summable(run):
+            # the sequential way timed as the steady state runs it: with LS / mean that is the
+            # summed passes (second trial step on), not the rows the first step compares
+            policy.record("points", "sequential", run.clock() - t0)
         scratch = [t[:k] for t in run.opt.buffers("rows_trial", k)]
         t0 = run.clock()
         try:
             _batched_sam_passes(run, dirs, coefs, offs, scratch, 0, hc, local, local_coefs,
                                 tables, trial=True)
         except BatchedError as err:
-            run.opt.batched.fall_back("points", str(err))
+            policy.fall_back("points", str(err))
             scratch = None
         else:
-            run.opt.batched.record("points", "batched", run.clock() - t0)
+            policy.record("points", "batched", run.clock() - t0)
         # (the heads' gradients the trial left are overwritten by heads_to_grad)
-        _agree(run, "points", [r[first_row:first_row + k] for r in rows], scratch, heads=True)
+        if summed:
+            _trial_buffers_freed(run)
+        else:
+            _agree(run, "points", [r[first_row:first_row + k] for r in rows], scratch,
+                   heads=True)
+            policy.phases["points"].checked = True
 
 
 def _perturb_task(run: Run, i: int, dirs: list[Tensor], coefs: list[Tensor],
@@ -753,12 +768,23 @@ def _summed(run: Run) -> bool:
     (``d = w sum_i g_i^SAM``, ``w`` = 1 or 1/K), so the ``[K, N]`` SAM rows, their zeroing and
     the K-row combine are not needed (F-MTL with ``decompose``: ``sum_i g_loss_i + sum_i
     g_flat_i`` is the same sum). Equal to the row-wise update to rounding, not to the bit.
-    Rows are still kept where something else reads them: batched or trial passes, layer
+    Rows are still kept where something else reads them: batched passes (and the first step
+    of a ``batched="auto"`` trial, which compares the batched rows with sequential ones), layer
     scores (per-layer Grams), gl-lagged's local gradients when the layers change or the ranks
     exchange rows (with fixed layers in one process only the sampled layers keep per-task
     rows, see :func:`_lagged_summed`). 16-bit parameters keep the rows too: autograd adds
     into a gradient of the parameters' dtype, so the sum would be rounded to bf16/fp16 after
     each of the K passes, where the combine sums the rows in float32 and rounds once."""
+    phase = run.opt.batched.phases["points"]
+    # batched="auto": the first trial step compares the batched rows with sequential ones; the
+    # later trial steps run (and time) the summed passes the sequential steps would run
+    return _summable(run) and (phase.state == "sequential"
+                               or (phase.state == "trial" and phase.checked))
+
+
+def _summable(run: Run) -> bool:
+    """:func:`_summed` apart from the batched passes: the configuration would sum the SAM
+    gradients whenever the K perturbed passes run sequentially."""
     opt = run.opt
     if any(b.dtype not in (torch.float32, torch.float64) for b in run.shared.buckets):
         return False
@@ -768,7 +794,7 @@ def _summed(run: Run) -> bool:
         # selection cannot change and no collective is needed; rows otherwise
         if opt.layer_selector.mode is not None or run.sync is not None:
             return False
-    return (opt.constant_weights is not None and opt.batched.state("points") == "sequential"
+    return (opt.constant_weights is not None and opt.batched.state("points") != "batched"
             and not opt.layer_selector.measures)
 
 
