@@ -80,6 +80,9 @@ def cases(sizes: list[int], dtype: torch.dtype, k: int, dev: torch.device):
     lcoef = torch.full((len(sampled),), 1e-3, device=dev, dtype=acc)
     w = torch.linspace(-1, 1, k, device=dev, dtype=acc)
     lrow = local[0]
+    pts = torch.empty(k, n, device=dev, dtype=dtype)
+    coefs = torch.full((k, len(sizes)), 1e-3, device=dev, dtype=acc)
+    lcoefs = torch.full((k, len(sampled)), 1e-3, device=dev, dtype=acc)
     return [
         ("segment_sumsq", n * e, lambda K: K.segment_sumsq(x, off)),
         ("segment_sumsq_adaptive", 2 * n * e, lambda K: K.segment_sumsq(x, off, scale)),
@@ -89,6 +92,11 @@ def cases(sizes: list[int], dtype: torch.dtype, k: int, dev: torch.device):
         ("mix_perturb_local_adaptive", (4 * n + m) * e,
          lambda K: K.mix_perturb_(param, backup, g0, coef, off, lrow, lcoef, starts, lengths,
                                   local_starts, True, False)),
+        ("perturb_points_", (1 + 2 * k) * n * e,
+         lambda K: _points(K, pts, param, rows_b, coefs, off)),
+        ("perturb_points_local", ((2 + k) * n + k * m) * e,
+         lambda K: _points(K, pts, param, g0.unsqueeze(0), coefs, off, local, lcoefs, starts,
+                           lengths, local_starts)),
         ("restore_", 2 * n * e, lambda K: K.restore_(param, backup)),
         ("gram", k * n * e, lambda K: K.gram(rows)),
         ("segment_gram", k * n * e, lambda K: K.segment_gram(rows, off)),
@@ -96,6 +104,20 @@ def cases(sizes: list[int], dtype: torch.dtype, k: int, dev: torch.device):
         ("combine_", (k + 1) * n * e, lambda K: K.combine_(out, rows, w)),
         ("sub_", 3 * k * n * e, lambda K: K.sub_(rows_b, rows)),
     ]
+
+
+def _points(K, out, theta, dirs, coefs, off, *local) -> None:
+    """All K points: the module's fused kernel, or (a module without one) its single-point
+    kernel once per row, as the ops layer falls back."""
+    fused = getattr(K, "perturb_points_", None)
+    if fused is not None:
+        fused(out, theta, dirs, coefs, off, *local)
+        return
+    loc = local or (None,) * 5
+    for i in range(out.shape[0]):
+        K.mix_perturb_(out[i], theta, dirs[0 if dirs.shape[0] == 1 else i], coefs[i], off,
+                       None if loc[0] is None else loc[0][i],
+                       None if loc[1] is None else loc[1][i], *loc[2:], False, False)
 
 
 #: The reductions, whose reference is the read bandwidth of ``torch.dot`` (issue target: the

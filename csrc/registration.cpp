@@ -22,6 +22,14 @@ MTLSAM_LIBRARY(mtlsam, m) {
       "mix_perturb_(Tensor(a!) param, Tensor(b!) backup, Tensor g0, Tensor coef, "
       "Tensor offsets, Tensor? local, Tensor? local_coef, Tensor? starts, Tensor? lengths, "
       "Tensor? local_starts, bool adaptive, bool save_backup) -> ()");
+  // All K perturbed points in one call: out[i] = theta + T^2 (coefs[i, s] d_i + local_coefs[i, p]
+  // local[i]) with T = |theta|, d_i = directions[i] (or directions[0] when it has one row): row
+  // i holds exactly what mix_perturb_(out[i], theta, d_i, coefs[i], ..., save_backup=False)
+  // writes. local is [K, M], addressed by local_starts as mix_perturb_'s 1-D local row.
+  m.def(
+      "perturb_points_(Tensor(a!) out, Tensor theta, Tensor directions, Tensor coefs, "
+      "Tensor offsets, Tensor? local, Tensor? local_coefs, Tensor? starts, Tensor? lengths, "
+      "Tensor? local_starts, bool adaptive) -> ()");
   m.def("restore_(Tensor(a!) param, Tensor backup) -> ()");
   // K x K Gram of a [K, N] matrix, exactly symmetric, in the accumulation dtype.
   m.def("gram(Tensor rows) -> Tensor");

@@ -138,6 +138,37 @@ class TestCppChecks:
         # a backup that is only read may share memory with g0
         self.op.mix_perturb_(torch.zeros(4), x[4:], x[4:], *args, False)
 
+    def test_points_written_buffer_sharing_memory(self):
+        x = torch.zeros(2, 8)
+        off = _t([0, 4])
+        with pytest.raises(RuntimeError, match="out and theta share memory"):
+            self.op.perturb_points_(x.view(4, 4)[:2], x.view(-1)[4:8], torch.zeros(1, 4),
+                                    torch.ones(2, 1), off, None, None, None, None, None, False)
+        with pytest.raises(RuntimeError, match="out and directions share memory"):
+            self.op.perturb_points_(x.view(4, 4)[:2], torch.zeros(4), x.view(4, 4)[1:3],
+                                    torch.ones(2, 1), off, None, None, None, None, None, False)
+        with pytest.raises(RuntimeError, match="out and local share memory"):
+            self.op.perturb_points_(x.view(4, 4)[:2], torch.zeros(4), torch.zeros(1, 4),
+                                    torch.ones(2, 1), off, x.view(4, 4)[:2], torch.ones(2, 1),
+                                    _t([0]), _t([2]), _t([0]), False)
+
+    def test_points_shapes(self):
+        args = (_t([0, 4]), None, None, None, None, None, False)
+        with pytest.raises(RuntimeError, match=r"directions must be contiguous \[1, 4\]"):
+            self.op.perturb_points_(torch.zeros(2, 4), torch.zeros(4), torch.zeros(3, 4),
+                                    torch.ones(2, 1), *args)
+        with pytest.raises(RuntimeError, match=r"coefs must be \[2, 1\]"):
+            self.op.perturb_points_(torch.zeros(2, 4), torch.zeros(4), torch.zeros(1, 4),
+                                    torch.ones(1, 1), *args)
+        with pytest.raises(RuntimeError, match="theta must be a flat"):
+            self.op.perturb_points_(torch.zeros(2, 4), torch.zeros(5), torch.zeros(1, 4),
+                                    torch.ones(2, 1), _t([0, 4]), None, None, None, None, None,
+                                    False)
+        with pytest.raises(RuntimeError, match=r"local_coefs must be \[2, 1\]"):
+            self.op.perturb_points_(torch.zeros(2, 4), torch.zeros(4), torch.zeros(1, 4),
+                                    torch.ones(2, 1), _t([0, 4]), torch.zeros(2, 2),
+                                    torch.ones(2, 2), _t([0]), _t([2]), _t([0]), False)
+
     def test_combine_shape(self):
         with pytest.raises(RuntimeError, match="columns"):
             self.op.combine_(torch.zeros(4), torch.zeros(2, 5), torch.ones(2))
@@ -164,6 +195,9 @@ def test_opcheck_schemas_and_fakes():
         (torch.ops.mtlsam.mix_perturb_.default,
          (x.clone(), torch.empty(37), x, torch.ones(3), off, local[0].contiguous(),
           torch.ones(2), st, ln, ls, True, True)),
+        (torch.ops.mtlsam.perturb_points_.default,
+         (torch.empty(2, 37), x, rows[:2], torch.ones(2, 3), off, local, torch.ones(2, 2),
+          st, ln, ls, True)),
         (torch.ops.mtlsam.restore_.default, (x.clone(), x)),
         (torch.ops.mtlsam.gram.default, (rows,)),
         (torch.ops.mtlsam.combine_.default, (torch.empty(37), rows, torch.ones(3))),
@@ -227,6 +261,17 @@ def _every_op(dtype):
                          *(sampled if use_local else (None, None, None)), adaptive=adaptive,
                          save_backup=False, backend="ext")
         out.append(theta)
+    # all K points in one call (K direction rows; one direction with per-task local rows)
+    pts = torch.empty(3, 20000, dtype=dtype)
+    ops.perturb_points_(pts, backup, _data((3, 20000), dtype, 38),
+                        torch.tensor([[0.3, -0.7], [0.1, 0.2], [-0.5, 0.05]], dtype=acc),
+                        _t([0, 9000, 20000]), adaptive=True, backend="ext")
+    out.append(pts.clone())
+    ops.perturb_points_(pts, backup, d.unsqueeze(0), coef.expand(3, 2).contiguous(),
+                        _t([0, 9000, 20000]), _data((3, 9000), dtype, 39),
+                        torch.tensor([[0.45], [-0.2], [0.7]], dtype=acc), *sampled,
+                        backend="ext")
+    out.append(pts)
     return out
 
 
@@ -364,3 +409,32 @@ def test_16bit_sub_rounds_like_the_reference(dtype):
         nan = want.isnan()
         assert torch.equal(got.isnan(), nan)
         assert torch.equal(got[~nan].view(torch.int16), want[~nan].view(torch.int16)), op
+
+
+def test_perturb_points_is_one_fused_call(monkeypatch):
+    """The ops layer takes the fused kernel (no per-row mix_perturb_), with the bits of the
+    per-row calls; the per-row fallback stays for a build without the op."""
+    from mtlsam_ext.kernels import ext
+
+    lengths = LAYOUTS["ragged"]
+    offs = offsets_of(lengths)
+    n, k = offs[-1], 4
+    theta, dirs = _data(n, torch.float32, 40), _data((k, n), torch.float32, 41)
+    coefs = torch.linspace(-0.3, 0.3, k * len(lengths)).reshape(k, -1)
+    want = torch.empty(k, n)
+    for i in range(k):
+        ops.mix_perturb_(want[i], theta, dirs[i], coefs[i], _t(offs), save_backup=False,
+                         backend="ext")
+
+    def refuse(*a, **kw):
+        raise AssertionError("per-row mix_perturb_ called")
+
+    monkeypatch.setattr(ext, "mix_perturb_", refuse)
+    got = torch.empty(k, n)
+    ops.perturb_points_(got, theta, dirs, coefs, _t(offs), backend="ext")
+    assert torch.equal(got, want)
+    monkeypatch.undo()
+    monkeypatch.delattr(ext, "perturb_points_")
+    again = torch.empty(k, n)
+    ops.perturb_points_(again, theta, dirs, coefs, _t(offs), backend="ext")
+    assert torch.equal(again, want)

@@ -1,4 +1,5 @@
-// Element-wise kernels: fused mix-and-perturb with backup, bit-exact restore, in-place sub.
+// Element-wise kernels: fused mix-and-perturb with backup, all K points at once, bit-exact
+// restore, in-place sub.
 #include <algorithm>
 #include <cstring>
 
@@ -99,6 +100,33 @@ void mix_range(Half* p, Half* bk, const Half* g, const Half* l, int64_t n,
   }
 }
 
+// One chunk of one point: param[u..v) from backup (and g0, and the local row where a sampled
+// segment covers it); av is the chunk's segment coefficient. The sampled ranges are sorted and
+// disjoint (checked by the ops), so the ones overlapping the chunk are walked in order.
+template <typename scalar_t, typename acc_t>
+void mix_chunk(const Chunk& ch, scalar_t* pp, scalar_t* bp, const scalar_t* gp, acc_t av,
+               const scalar_t* lp, const acc_t* bq, const int64_t* st, const int64_t* ln,
+               const int64_t* ls, int64_t np, bool save_backup, bool adaptive) {
+  auto piece = [&](int64_t u, int64_t v, const scalar_t* l, acc_t bl) {
+    mix_range(pp + u, bp + u, gp + u, l, v - u, av, bl, save_backup, adaptive);
+  };
+  if (lp == nullptr || np == 0) {
+    piece(ch.begin, ch.end, nullptr, acc_t(0));
+    return;
+  }
+  int64_t p = std::upper_bound(st, st + np, ch.begin) - st - 1;
+  if (p < 0) p = 0;
+  int64_t pos = ch.begin;
+  for (; p < np && st[p] < ch.end && pos < ch.end; ++p) {
+    const int64_t s0 = std::max(st[p], pos), s1 = std::min(st[p] + ln[p], ch.end);
+    if (s1 <= s0) continue;
+    if (pos < s0) piece(pos, s0, nullptr, acc_t(0));
+    piece(s0, s1, lp + ls[p] + (s0 - st[p]), bq[p]);
+    pos = s1;
+  }
+  if (pos < ch.end) piece(pos, ch.end, nullptr, acc_t(0));
+}
+
 }  // namespace
 
 void mix_perturb_(Tensor& param, Tensor& backup, const Tensor& g0,
@@ -153,30 +181,89 @@ void mix_perturb_(Tensor& param, Tensor& backup, const Tensor& g0,
     const int64_t* ln = has_local ? lengths->const_data_ptr<int64_t>() : nullptr;
     const int64_t* ls = has_local ? local_starts->const_data_ptr<int64_t>() : nullptr;
 
-    auto piece = [&](int64_t u, int64_t v, acc_t av, const scalar_t* l, acc_t bl) {
-      mix_range(pp + u, bp + u, gp + u, l, v - u, av, bl, save_backup, adaptive);
-    };
+    parallel_for(0, static_cast<int64_t>(chunks.size()), kGrain, [&](int64_t cb, int64_t ce) {
+      for (int64_t c = cb; c < ce; ++c) {
+        mix_chunk(chunks[c], pp, bp, gp, ap[chunks[c].seg], lp, bq, st, ln, ls, np, save_backup,
+                  adaptive);
+      }
+    });
+  });
+}
 
+// All K points in one call: row i of out is what mix_perturb_(out[i], theta, d_i, coefs[i], ...,
+// save_backup = false) writes, from the same loops (the same bits). The chunks are the outer
+// loop and the rows the inner one, so a chunk of theta (16 KiB of fp32) is read from memory
+// once and from cache by the other K - 1 rows, and one parallel region covers all rows.
+void perturb_points_(Tensor& out, const Tensor& theta, const Tensor& directions,
+                     const Tensor& coefs, const Tensor& offsets, const OptionalTensor& local,
+                     const OptionalTensor& local_coefs, const OptionalTensor& starts,
+                     const OptionalTensor& lengths, const OptionalTensor& local_starts,
+                     bool adaptive) {
+  MTLSAM_CHECK(out.is_cpu() && out.dim() == 2 && out.is_contiguous(),
+               "out must be a contiguous [K, N] CPU matrix");
+  MTLSAM_CHECK(is_floating(out.scalar_type()), "out must be floating point, got ",
+               out.scalar_type());
+  const int64_t k = out.size(0), n = out.size(1);
+  check_flat(theta, "theta");
+  MTLSAM_CHECK(theta.scalar_type() == out.scalar_type() && theta.numel() == n,
+               "theta must be a flat ", out.scalar_type(), " buffer of ", n, " elements");
+  MTLSAM_CHECK(directions.is_cpu() && directions.dim() == 2 && directions.is_contiguous() &&
+                   (directions.size(0) == 1 || directions.size(0) == k) &&
+                   directions.size(1) == n && directions.scalar_type() == out.scalar_type(),
+               "directions must be contiguous [1, ", n, "] or [", k, ", ", n, "] ",
+               out.scalar_type(), " rows, got ", shape_str(directions));
+  check_offsets(offsets, n);
+  const int64_t nseg = offsets.numel() - 1;
+  MTLSAM_CHECK(coefs.dim() == 2 && coefs.size(0) == k && coefs.size(1) == nseg,
+               "coefs must be [", k, ", ", nseg, "] (task x segment), got ", shape_str(coefs));
+  check_disjoint(out, theta, "out", "theta");
+  check_disjoint(out, directions, "out", "directions");
+  const bool has_local = local.has_value();
+  int64_t np = 0, m = 0;
+  if (has_local) {
+    MTLSAM_CHECK(local_coefs.has_value() && starts.has_value() && lengths.has_value() &&
+                     local_starts.has_value(),
+                 "local needs local_coefs, starts, lengths and local_starts");
+    MTLSAM_CHECK(local->is_cpu() && local->dim() == 2 && local->is_contiguous() &&
+                     local->size(0) == k && local->scalar_type() == out.scalar_type(),
+                 "local must be contiguous [", k, ", M] ", out.scalar_type(), " rows, got ",
+                 shape_str(*local));
+    m = local->size(1);
+    check_disjoint(out, *local, "out", "local");
+    check_sampled(*starts, *lengths, *local_starts, n, m);
+    np = starts->numel();
+    MTLSAM_CHECK(local_coefs->dim() == 2 && local_coefs->size(0) == k &&
+                     local_coefs->size(1) == np,
+                 "local_coefs must be [", k, ", ", np, "] (task x sampled segment), got ",
+                 shape_str(*local_coefs));
+  }
+  if (k == 0 || n == 0) return;
+  const auto acc_type = acc_scalar_type(out.scalar_type());
+  const Tensor a = to_cpu_dtype_contiguous(coefs, acc_type);
+  const OptionalTensor b =
+      has_local ? OptionalTensor(to_cpu_dtype_contiguous(*local_coefs, acc_type)) : std::nullopt;
+  const std::vector<Chunk> chunks = chunks_of_offsets(offsets);
+  const int64_t dstride = directions.size(0) == 1 ? 0 : n;
+  MTLSAM_DISPATCH_FLOATING(out.scalar_type(), "perturb_points_", [&] {
+    using acc_t = opmath_t<scalar_t>;
+    scalar_t* op = out.mutable_data_ptr<scalar_t>();
+    // theta is the "backup" of every row's mix (never written: save_backup is false)
+    scalar_t* tp = const_cast<scalar_t*>(theta.const_data_ptr<scalar_t>());
+    const scalar_t* dp = directions.const_data_ptr<scalar_t>();
+    const acc_t* ap = a.const_data_ptr<acc_t>();
+    const scalar_t* lp = has_local ? local->const_data_ptr<scalar_t>() : nullptr;
+    const acc_t* bq = has_local ? b->const_data_ptr<acc_t>() : nullptr;
+    const int64_t* st = has_local ? starts->const_data_ptr<int64_t>() : nullptr;
+    const int64_t* ln = has_local ? lengths->const_data_ptr<int64_t>() : nullptr;
+    const int64_t* ls = has_local ? local_starts->const_data_ptr<int64_t>() : nullptr;
     parallel_for(0, static_cast<int64_t>(chunks.size()), kGrain, [&](int64_t cb, int64_t ce) {
       for (int64_t c = cb; c < ce; ++c) {
         const Chunk& ch = chunks[c];
-        const acc_t av = ap[ch.seg];
-        if (!has_local || np == 0) {
-          piece(ch.begin, ch.end, av, nullptr, acc_t(0));
-          continue;
+        for (int64_t i = 0; i < k; ++i) {
+          mix_chunk(ch, op + i * n, tp, dp + i * dstride, ap[i * nseg + ch.seg],
+                    has_local ? lp + i * m : nullptr, has_local ? bq + i * np : nullptr, st, ln,
+                    ls, np, false, adaptive);
         }
-        // Sampled ranges are sorted and disjoint: walk the ones overlapping this chunk.
-        int64_t p = std::upper_bound(st, st + np, ch.begin) - st - 1;
-        if (p < 0) p = 0;
-        int64_t pos = ch.begin;
-        for (; p < np && st[p] < ch.end && pos < ch.end; ++p) {
-          const int64_t s0 = std::max(st[p], pos), s1 = std::min(st[p] + ln[p], ch.end);
-          if (s1 <= s0) continue;
-          if (pos < s0) piece(pos, s0, av, nullptr, acc_t(0));
-          piece(s0, s1, av, lp + ls[p] + (s0 - st[p]), bq[p]);
-          pos = s1;
-        }
-        if (pos < ch.end) piece(pos, ch.end, av, nullptr, acc_t(0));
       }
     });
   });

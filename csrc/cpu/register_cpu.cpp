@@ -14,6 +14,9 @@ void mix_perturb_(Tensor&, Tensor&, const Tensor&, const Tensor&,
                   const Tensor&, const OptionalTensor&,
                   const OptionalTensor&, const OptionalTensor&,
                   const OptionalTensor&, const OptionalTensor&, bool, bool);
+void perturb_points_(Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                     const OptionalTensor&, const OptionalTensor&, const OptionalTensor&,
+                     const OptionalTensor&, const OptionalTensor&, bool);
 void restore_(Tensor&, const Tensor&);
 void sub_(Tensor&, const Tensor&);
 Tensor gram(const Tensor&);
@@ -28,6 +31,7 @@ MTLSAM_LIBRARY_IMPL(mtlsam, CPU, m) {
   m.impl("segment_sumsq", MTLSAM_KERNEL(&mtlsam::cpu::segment_sumsq));
   m.impl("gl_layer_stats", MTLSAM_KERNEL(&mtlsam::cpu::gl_layer_stats));
   m.impl("mix_perturb_", MTLSAM_KERNEL(&mtlsam::cpu::mix_perturb_));
+  m.impl("perturb_points_", MTLSAM_KERNEL(&mtlsam::cpu::perturb_points_));
   m.impl("restore_", MTLSAM_KERNEL(&mtlsam::cpu::restore_));
   m.impl("sub_", MTLSAM_KERNEL(&mtlsam::cpu::sub_));
   m.impl("gram", MTLSAM_KERNEL(&mtlsam::cpu::gram));

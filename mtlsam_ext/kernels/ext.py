@@ -55,6 +55,14 @@ def mix_perturb_(param, backup, g0, coef, offsets, local=None, local_coef=None, 
                       _table(lengths, d), _table(local_starts, d), adaptive, save_backup)
 
 
+def _perturb_points_(out, theta, directions, coefs, offsets, local=None, local_coefs=None,
+                     starts=None, lengths=None, local_starts=None, adaptive=False) -> None:
+    d = out.device
+    _ops.perturb_points_(out, theta, directions, coefs.to(d), _table(offsets, d), local,
+                         None if local_coefs is None else local_coefs.to(d), _table(starts, d),
+                         _table(lengths, d), _table(local_starts, d), adaptive)
+
+
 def restore_(param: Tensor, backup: Tensor) -> None:
     _ops.restore_(param, backup)
 
@@ -98,6 +106,17 @@ def _has_schema(name: str) -> bool:
     except RuntimeError:
         return False
     return True
+
+
+# All K points in one call where the loaded build has the op (an older build lacks it: the ops
+# layer then calls mix_perturb_ once per row, the same bits).
+if _has_schema("perturb_points_"):
+    perturb_points_ = _perturb_points_
+
+    @torch.library.register_fake("mtlsam::perturb_points_")
+    def _(out, theta, directions, coefs, offsets, local, local_coefs, starts, lengths,
+          local_starts, adaptive):
+        return None
 
 
 def _acc(dtype: torch.dtype) -> torch.dtype:
