@@ -23,7 +23,7 @@ pytest.importorskip("triton")
 
 from mtlsam_ext.kernels import torch_ref  # noqa: E402
 from mtlsam_ext.kernels import triton_kernels as tk  # noqa: E402
-from mtlsam_ext.kernels.triton import config  # noqa: E402
+from mtlsam_ext.kernels.triton import config, tables  # noqa: E402
 from tests.layouts import LAYOUTS, offsets_of, sampled_of  # noqa: E402
 from tests.oracles import ops as oracle  # noqa: E402
 from tests.tolerances import DTYPES, ELEMENTWISE, REDUCE, assert_reduction_close  # noqa: E402
@@ -224,32 +224,135 @@ def test_mix_perturb_and_restore(layout, dtype, adaptive, with_local):
     assert torch.equal(theta, original)
 
 
-@pytest.mark.parametrize("layout", ["ragged", "many_tiny"])
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("adaptive", [False, True])
-def test_perturb_points(layout, dtype, adaptive):
-    """All K points through the ops entry point with backend="triton": row i is, bit for bit
-    under the interpreter (else to rounding), the reference's point of task i."""
-    from mtlsam_ext import ops
+class _Launches:
+    """Stands in for a kernel in the backend module: records each launch's grid, then launches."""
 
-    lengths = LAYOUTS_T[layout]
-    offs = offsets_of(lengths)
-    n, k = offs[-1], 3
-    theta = _data(n, dtype, 11)
+    def __init__(self, kernel):
+        self.kernel, self.grids = kernel, []
+
+    def __getitem__(self, grid):
+        self.grids.append(grid)
+        return self.kernel[grid]
+
+
+def _points_case(lengths, dtype, k, shape, seed=11, sampled=None):
+    """``(theta, directions, coefs, offsets, kw)`` for perturb_points_: "gl" has one shared
+    direction and per-task local rows on ``sampled`` (default: every other segment), "fmtl"
+    one direction per task and no local part."""
+    offs = _t(offsets_of(lengths))
+    n = sum(lengths)
+    theta = _data(n, dtype, seed)
     coefs = torch.linspace(-0.2, 0.3, k * len(lengths), dtype=_acc(dtype)).reshape(k, -1)
-    table = sampled_of(lengths)
-    kw = dict(local=_data(sum(t[1] for t in table), dtype, 13, k),
+    if shape == "fmtl":
+        return theta, _data(n, dtype, seed + 1, k), coefs, offs, {}
+    table = sampled_of(lengths) if sampled is None else sampled
+    kw = dict(local=_data(max([t[1] + t[2] for t in table] + [0]), dtype, seed + 2, k),
               local_coefs=torch.linspace(0.1, -0.4, k * len(table),
                                          dtype=_acc(dtype)).reshape(k, -1),
               starts=_t([t[0] for t in table]), lengths=_t([t[1] for t in table]),
               local_starts=_t([t[2] for t in table]))
-    dirs = _data(n, dtype, 12).unsqueeze(0)
-    got = torch.full((k, n), 7.0, dtype=dtype, device=DEV)
-    ops.perturb_points_(got, theta, dirs, coefs, _t(offs), adaptive=adaptive,
-                        backend="triton", **kw)
+    return theta, _data(n, dtype, seed + 1).unsqueeze(0), coefs, offs, kw
+
+
+def _per_row(out, theta, dirs, coefs, offs, adaptive, kw, mix=None):
+    """K single-point ``mix_perturb_`` calls (``save_backup=False``) into the rows of ``out``."""
+    mix = tk.mix_perturb_ if mix is None else mix
+    for i in range(out.shape[0]):
+        row_kw = {} if not kw else dict(
+            local=kw["local"][i], local_coef=kw["local_coefs"][i], starts=kw["starts"],
+            lengths=kw["lengths"], local_starts=kw["local_starts"])
+        mix(out[i], theta, dirs[0 if dirs.shape[0] == 1 else i], coefs[i], offs,
+            adaptive=adaptive, save_backup=False, **row_kw)
+
+
+def _fused_only(monkeypatch):
+    """Count the fused kernel's launches and make the per-row fallback an error: a result
+    that came from K single-point calls fails the test instead of passing it."""
+    single = tk.mix_perturb_
+
+    def no_per_row(*args, **kwargs):
+        raise AssertionError("perturb_points_ fell back to per-row mix_perturb_ calls")
+
+    launches = _Launches(tk.perturb_points_kernel)
+    monkeypatch.setattr(tk, "perturb_points_kernel", launches)
+    monkeypatch.setattr(tk, "mix_perturb_", no_per_row)
+    return launches, single
+
+
+@pytest.mark.parametrize("layout", ["ragged", "many_tiny"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("adaptive", [False, True])
+@pytest.mark.parametrize("shape", ["gl", "fmtl"])
+@pytest.mark.parametrize("k", [1, 3])
+def test_perturb_points(layout, dtype, adaptive, shape, k, monkeypatch):
+    """All K points through the ops entry point with backend="triton", in ONE launch of the
+    fused kernel: row i is, bit for bit, what the Triton mix_perturb_ writes for task i and
+    (under the interpreter; else to rounding) the reference's point of task i."""
+    from mtlsam_ext import ops
+
+    theta, dirs, coefs, offs, kw = _points_case(LAYOUTS_T[layout], dtype, k, shape)
+    launches, single = _fused_only(monkeypatch)
+    before = theta.clone()
+    got = torch.full((k, theta.numel()), 7.0, dtype=dtype, device=DEV)
+    ops.perturb_points_(got, theta, dirs, coefs, offs, adaptive=adaptive, backend="triton", **kw)
+    assert len(launches.grids) == 1
+    assert torch.equal(theta, before)
+    rows = torch.full_like(got, -3.0)
+    _per_row(rows, theta, dirs, coefs, offs, adaptive, kw, mix=single)
+    assert torch.equal(got, rows)
     want = torch.empty_like(got)
-    torch_ref.perturb_points_(want, theta, dirs, coefs, _t(offs), adaptive=adaptive, **kw)
+    torch_ref.perturb_points_(want, theta, dirs, coefs, offs, adaptive=adaptive, **kw)
     if config.INTERPRET:
+        assert torch.equal(got, want)
+    else:
+        torch.testing.assert_close(got, want, **ELEMENTWISE[dtype])
+
+
+@pytest.mark.parametrize("shape", ["gl", "fmtl"])
+@pytest.mark.parametrize("rows_per_launch", [1, 2, 3])
+def test_perturb_points_row_groups(shape, rows_per_launch, monkeypatch):
+    """Past the grid's program limit the rows go in groups, one launch each, same bits (the
+    limit lowered here; 1 row per launch also when one row alone exceeds it)."""
+    k, dtype = 5, torch.bfloat16
+    theta, dirs, coefs, offs, kw = _points_case(LAYOUTS_T["ragged"], dtype, k, shape)
+    block = config.elementwise_block(theta.numel())[0]
+    sampled = () if not kw else (kw["starts"], kw["lengths"], kw["local_starts"])
+    _, n_blocks = tables.mix_blocks(offs, block, torch.device(DEV), *sampled)
+    limit = 1 if rows_per_launch == 1 else n_blocks * rows_per_launch + n_blocks - 1
+    monkeypatch.setattr(tk, "_MAX_PROGRAMS", limit)
+    launches, _ = _fused_only(monkeypatch)
+    got = torch.empty(k, theta.numel(), dtype=dtype, device=DEV)
+    tk.perturb_points_(got, theta, dirs, coefs, offs, adaptive=True, **kw)
+    assert [grid[0] for grid in launches.grids] == [
+        n_blocks * min(rows_per_launch, k - r0) for r0 in range(0, k, rows_per_launch)]
+    want = torch.empty_like(got)
+    torch_ref.perturb_points_(want, theta, dirs, coefs, offs, adaptive=True, **kw)
+    if config.INTERPRET:
+        assert torch.equal(got, want)
+    else:
+        torch.testing.assert_close(got, want, **ELEMENTWISE[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("overlap", [False, True], ids=["straddle", "overlap"])
+def test_perturb_points_unaligned_and_overlapping_local(dtype, overlap, monkeypatch):
+    """Sampled segments that straddle segment boundaries run fused; overlapping ones go to
+    the reference, as the single-point op does (no fused launch), with the same bits."""
+    lengths = [100, 0, 150, 50]
+    table = ([(10, 30, 0), (20, 30, 100)] if overlap
+             else [(50, 120, 0), (240, 60, 200), (0, 0, 399)])
+    theta, dirs, coefs, offs, kw = _points_case(lengths, dtype, 3, "gl", seed=30,
+                                                sampled=table)
+    launches, single = _fused_only(monkeypatch)
+    got = torch.empty(3, theta.numel(), dtype=dtype, device=DEV)
+    tk.perturb_points_(got, theta, dirs, coefs, offs, adaptive=True, **kw)
+    assert len(launches.grids) == (0 if overlap else 1)
+    rows = torch.empty_like(got)
+    _per_row(rows, theta, dirs, coefs, offs, True, kw, mix=single)
+    assert torch.equal(got, rows)
+    want = torch.empty_like(got)
+    torch_ref.perturb_points_(want, theta, dirs, coefs, offs, adaptive=True, **kw)
+    if config.INTERPRET or overlap:
         assert torch.equal(got, want)
     else:
         torch.testing.assert_close(got, want, **ELEMENTWISE[dtype])

@@ -15,11 +15,14 @@ Design (details in ``mtlsam_ext/kernels/triton/``):
   in chunk order), with no atomics; block constants are fixed (``triton/config.py``);
 * ``gram`` mirrors its upper triangle, so it is exactly symmetric; ``combine_`` adds rows in
   order 0..R-1 in the accumulation dtype; ``restore_`` (and the backup in ``mix_perturb_``)
-  copy bits.
+  copy bits;
+* ``perturb_points_`` writes all K points in one launch (rows folded into the grid's first
+  axis) with the block function of ``mix_perturb_``, so each row has the single-point bits.
 
 Kernels run on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1`` (tests). The one
-case delegated to the reference is ``mix_perturb_`` with overlapping sampled segments (the
-reference adds both local terms there), which the block decomposition does not express.
+case delegated to the reference is ``mix_perturb_`` (and ``perturb_points_``, its K-row form)
+with overlapping sampled segments (the reference adds both local terms there), which the
+block decomposition does not express.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from mtlsam_ext.kernels.triton.elementwise import (
     combine_kernel,
     copy_kernel,
     mix_perturb_kernel,
+    perturb_points_kernel,
     sub_kernel,
 )
 from mtlsam_ext.kernels.triton.reduce import (
@@ -47,6 +51,9 @@ from mtlsam_ext.kernels.triton.reduce import (
 _TL = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32,
        torch.float64: tl.float64}
 _BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+# CUDA's limit on a grid's first axis (the others allow 65535): perturb_points_ folds its rows
+# into that axis and launches again per group of rows only past it.
+_MAX_PROGRAMS = 2**31 - 1
 
 
 def supports(device: torch.device | str) -> bool:
@@ -215,6 +222,55 @@ def mix_perturb_(param: Tensor, backup: Tensor, g0: Tensor, coef: Tensor, offset
                                     SAVE=bool(save_backup), ACC=_TL[acc],
                                     ROUND_BF16=_round_bf16(param.dtype), BLOCK=block,
                                     num_warps=warps)
+
+
+def perturb_points_(out: Tensor, theta: Tensor, directions: Tensor, coefs: Tensor,
+                    offsets: Tensor, local: Tensor | None = None,
+                    local_coefs: Tensor | None = None, starts: Tensor | None = None,
+                    lengths: Tensor | None = None, local_starts: Tensor | None = None,
+                    adaptive: bool = False) -> None:
+    """All K points ``out[i] = theta + T^2 (A_i d_i + B_i ghat_i)`` in one launch.
+
+    Row ``i`` is, bit for bit, what :func:`mix_perturb_` writes for task ``i`` with
+    ``save_backup=False`` (both kernels run the same block function over the same block
+    table); a per-row loop would cost K launches and K reads of the block table. ``theta`` is
+    only read. Overlapping sampled segments go to the reference, as in :func:`mix_perturb_`.
+    """
+    has_local = local is not None and local_coefs is not None and starts is not None
+    _check(out, theta, directions, local if has_local else None)
+    if has_local and tables.sampled_overlap(starts, lengths):
+        torch_ref.perturb_points_(out, theta, directions, coefs, offsets, local, local_coefs,
+                                  starts, lengths, local_starts, adaptive)
+        return
+    k, n = out.shape
+    acc = _acc(out.dtype)
+    # The single-point rule on N: the same (cached) block table as mix_perturb_ on this layout.
+    block, warps = config.elementwise_block(n)
+    if has_local:
+        table, n_blocks = tables.mix_blocks(offsets, block, out.device, starts, lengths,
+                                            local_starts)
+    else:
+        table, n_blocks = tables.mix_blocks(offsets, block, out.device)
+    if n_blocks == 0 or k == 0:
+        return
+    coef_d = coefs.to(out.device, acc).contiguous()
+    shared = directions.shape[0] == 1
+    if has_local:
+        lcoef = local_coefs.to(out.device, acc).contiguous()
+        m, p = local.shape[1], lcoef.shape[1]
+    else:
+        m = p = 0  # local/lcoef pointers: unread placeholders that stay put
+    per_launch = max(1, _MAX_PROGRAMS // n_blocks)  # rows per launch: all K in practice
+    for r0 in range(0, k, per_launch):
+        r1 = min(k, r0 + per_launch)
+        rows = r1 - r0
+        coef_r = coef_d[r0:r1]
+        perturb_points_kernel[(n_blocks * rows,)](
+            out[r0:r1], theta, directions if shared else directions[r0:r1], coef_r,
+            local[r0:r1] if has_local else theta, lcoef[r0:r1] if has_local else coef_r,
+            table, rows, n, coef_d.shape[1], m, p, HAS_LOCAL=has_local, SHARED_DIR=shared,
+            ADAPTIVE=bool(adaptive), ACC=_TL[acc], ROUND_BF16=_round_bf16(out.dtype),
+            BLOCK=block, num_warps=warps)
 
 
 def restore_(param: Tensor, backup: Tensor) -> None:

@@ -1,4 +1,5 @@
-"""Element-wise kernels: the perturbation, the bit copy, the weighted row sum and ``sub_``.
+"""Element-wise kernels: the perturbation (one point, or K points in one launch), the bit
+copy, the weighted row sum and ``sub_``.
 
 Values are cast to the accumulation dtype (``ACC``) right after the load and rounded to the
 storage dtype once, at the store, by :func:`to_storage`. Under the interpreter the fp32 ->
@@ -33,12 +34,12 @@ def to_storage(v, OUT: tl.constexpr, ROUND_BF16: tl.constexpr):
 
 
 @triton.jit
-def mix_perturb_kernel(param_ptr, backup_ptr, g0_ptr, coef_ptr, local_ptr, lcoef_ptr,
-                       table_ptr, HAS_LOCAL: tl.constexpr, ADAPTIVE: tl.constexpr,
-                       SAVE: tl.constexpr, ACC: tl.constexpr, ROUND_BF16: tl.constexpr,
-                       BLOCK: tl.constexpr):
-    """theta = theta0 + T^2 (a g0 + b local) on one block of one piece (see tables.py)."""
-    b = tl.program_id(0).to(tl.int64)
+def _mix_block(param_ptr, backup_ptr, g0_ptr, coef_ptr, local_ptr, lcoef_ptr, table_ptr, b,
+               HAS_LOCAL: tl.constexpr, ADAPTIVE: tl.constexpr, SAVE: tl.constexpr,
+               ACC: tl.constexpr, ROUND_BF16: tl.constexpr, BLOCK: tl.constexpr):
+    """theta = theta0 + T^2 (a g0 + b local) on block ``b`` (int64) of the block table (see
+    tables.py) for ONE point: the pointers address that point's rows. The single-point and
+    the K-point kernels both run this, so a fused point has the single-point bits."""
     start = tl.load(table_ptr + 5 * b)
     n = tl.load(table_ptr + 5 * b + 1)
     seg = tl.load(table_ptr + 5 * b + 2)
@@ -62,6 +63,41 @@ def mix_perturb_kernel(param_ptr, backup_ptr, g0_ptr, coef_ptr, local_ptr, lcoef
         eps = eps * (base * base)
     out = base + eps
     tl.store(param_ptr + idx, to_storage(out, param_ptr.dtype.element_ty, ROUND_BF16), mask=m)
+
+
+@triton.jit
+def mix_perturb_kernel(param_ptr, backup_ptr, g0_ptr, coef_ptr, local_ptr, lcoef_ptr,
+                       table_ptr, HAS_LOCAL: tl.constexpr, ADAPTIVE: tl.constexpr,
+                       SAVE: tl.constexpr, ACC: tl.constexpr, ROUND_BF16: tl.constexpr,
+                       BLOCK: tl.constexpr):
+    """One point in place: program ``b`` does block ``b`` (see :func:`_mix_block`)."""
+    _mix_block(param_ptr, backup_ptr, g0_ptr, coef_ptr, local_ptr, lcoef_ptr, table_ptr,
+               tl.program_id(0).to(tl.int64), HAS_LOCAL, ADAPTIVE, SAVE, ACC, ROUND_BF16, BLOCK)
+
+
+@triton.jit
+def perturb_points_kernel(out_ptr, theta_ptr, dir_ptr, coef_ptr, local_ptr, lcoef_ptr,
+                          table_ptr, R, N, S, M, P, HAS_LOCAL: tl.constexpr,
+                          SHARED_DIR: tl.constexpr, ADAPTIVE: tl.constexpr, ACC: tl.constexpr,
+                          ROUND_BF16: tl.constexpr, BLOCK: tl.constexpr):
+    """R points ``out[r] = theta + T^2 (A_r d_r + B_r local_r)`` in one launch, rows of
+    ``out`` [R, N], ``dir`` [R or 1, N], ``coef`` [R, S], ``local`` [R, M], ``lcoef`` [R, P].
+
+    Program ``pid`` does block ``pid // R`` of row ``pid % R``: the rows are folded into the
+    grid's first axis (up to 2^31 - 1 programs on CUDA; the second allows only 65535), row
+    index fastest, so the R programs of one block run together and share its ``theta`` (and
+    shared direction) reads in L2. ``theta`` is only read (``SAVE=False``).
+    """
+    pid = tl.program_id(0)
+    b = (pid // R).to(tl.int64)
+    r = (pid % R).to(tl.int64)
+    if SHARED_DIR:
+        d_ptr = dir_ptr
+    else:
+        d_ptr = dir_ptr + r * N
+    _mix_block(out_ptr + r * N, theta_ptr, d_ptr, coef_ptr + r * S, local_ptr + r * M,
+               lcoef_ptr + r * P, table_ptr, b, HAS_LOCAL, ADAPTIVE, False, ACC, ROUND_BF16,
+               BLOCK)
 
 
 @triton.jit
