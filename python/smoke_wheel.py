@@ -34,7 +34,8 @@ LENGTHS = [1, 7, 0, 33, 2, 129, 1, 64]
 METHODS = ("erm", "sam", "fmtl", "gl")
 # ext vs torch, same inputs: float64 results agree to rounding of a different summation order.
 RTOL, ATOL = 1e-10, 1e-12
-OPS = ("segment_sumsq", "gl_layer_stats", "mix_perturb_", "restore_", "gram", "combine_", "sub_")
+OPS = ("segment_sumsq", "gl_layer_stats", "mix_perturb_", "perturb_points_", "restore_", "gram",
+       "combine_", "sub_")
 
 
 def _check(name: str, ok: bool, detail: str = "") -> bool:
@@ -72,6 +73,10 @@ def _ops_outputs(backend: str) -> list:
     theta, backup = x.clone(), torch.empty_like(x)
     ops.mix_perturb_(theta, backup, g0, coef, t(offs), local[1].contiguous(), lcoef, st, ln,
                      ls, adaptive=True, backend=backend)
+    points = torch.empty(3, n, dtype=torch.float64)
+    ops.perturb_points_(points, x, g0.unsqueeze(0), torch.stack([coef, -coef, 2 * coef]),
+                        t(offs), local, torch.stack([lcoef, 3 * lcoef, -lcoef]), st, ln, ls,
+                        adaptive=True, backend=backend)
     restored = theta.clone()
     ops.restore_(restored, backup, backend=backend)
     out = torch.empty(n, dtype=torch.float64)
@@ -80,7 +85,7 @@ def _ops_outputs(backend: str) -> list:
     ops.sub_(diff, r(4, n), backend=backend)
     return [ops.segment_sumsq(x, t(offs), scale, backend=backend),
             *ops.gl_layer_stats(g0, local, st, ln, ls, scale, backend=backend),
-            theta, restored, ops.gram(rows, backend=backend),
+            theta, points, restored, ops.gram(rows, backend=backend),
             ops.segment_gram(rows, t(offs), backend=backend), out, diff]
 
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from mtlsam_ext import ops
+from mtlsam_ext.kernels import torch_ref
 from tests.layouts import LAYOUTS, offsets_of, sampled_of
 from tests.oracles import ops as oracle
 from tests.tolerances import DTYPES, ELEMENTWISE, REDUCE, assert_reduction_close
@@ -37,6 +38,9 @@ EXT = "ext"
 
 
 def _t(v, device="cpu"):
+    # The ext wrappers copy CPU tables to the device; the torch backend indexes the CUDA data
+    # with its offsets (repeat_interleave / index_select), so the perturbation tests give it
+    # device tables.
     return torch.tensor(v, dtype=torch.int64, device=device)
 
 
@@ -122,7 +126,8 @@ def _perturb_args(lengths, dtype, with_local, table_device="cpu"):
     offs = offsets_of(lengths)
     n = offs[-1]
     g0 = _data(n, dtype, 7)
-    coef = torch.linspace(0.01, 0.2, len(lengths), dtype=torch.float64).to(_acc(dtype))
+    # On the device: the torch backend's repeat_interleave of coef meets the CUDA g0.
+    coef = torch.linspace(0.01, 0.2, len(lengths), dtype=torch.float64).to(DEV, _acc(dtype))
     kw, table, local_row, lcoef = {}, None, None, None
     if with_local:
         table = sampled_of(lengths)
@@ -136,27 +141,171 @@ def _perturb_args(lengths, dtype, with_local, table_device="cpu"):
     return offs, g0, coef, kw, table, local_row, lcoef
 
 
+def _points_args(lengths, dtype, shape, k, perm=None):
+    """perturb_points_ arguments (CPU tables) for K points: "gl" is one shared direction [1, N]
+    with per-point local rows on the sampled segments, "fmtl" one direction per point [K, N]
+    and no local part. perm reorders the sampled table (and the local_coefs columns alike)."""
+    offs = offsets_of(lengths)
+    n = offs[-1]
+    theta = _data(n, dtype, 6)
+    # Coefficients on the device: the torch backend multiplies them with the CUDA data.
+    coefs = torch.linspace(-0.2, 0.3, k * len(lengths), dtype=_acc(dtype),
+                           device=DEV).reshape(k, -1)
+    if shape == "fmtl":
+        return offs, theta, _data(n, dtype, 12, k), coefs, {}
+    table = sampled_of(lengths)
+    p = len(table)
+    kw = dict(local=_data(sum(t[1] for t in table), dtype, 9, k),
+              local_coefs=torch.linspace(0.1, -0.4, k * p, dtype=_acc(dtype),
+                                         device=DEV).reshape(k, p),
+              starts=_t([t[0] for t in table]), lengths=_t([t[1] for t in table]),
+              local_starts=_t([t[2] for t in table]))
+    if perm is not None:
+        kw = {key: (v if key == "local" else v[:, perm.to(v.device)].contiguous()
+                    if key == "local_coefs" else v[perm]) for key, v in kw.items()}
+    return offs, theta, _data(n, dtype, 7).unsqueeze(0), coefs, kw
+
+
+def _fused_points(out, theta, dirs, coefs, offs, kw, adaptive):
+    """The CUDA op itself (one launch, device tables and coefficients), whatever the ops
+    layer's choice of kernel."""
+    d = out.device
+    _ops.perturb_points_(out, theta, dirs, coefs.to(d), _t(offs, d), kw.get("local"),
+                         None if not kw else kw["local_coefs"].to(d),
+                         *(None if not kw else kw[key].to(d)
+                           for key in ("starts", "lengths", "local_starts")), adaptive)
+
+
+def _assert_rows_are_mix_perturb(got, theta, dirs, coefs, offs, kw, adaptive):
+    """Row i is, bit for bit, what K calls of the ext mix_perturb_ write into the parameters
+    (backup = theta, save_backup=False), and theta is left as it was."""
+    before = theta.clone()
+    for i in range(got.shape[0]):
+        single = torch.full_like(theta, 7.0)
+        row_kw = {} if not kw else dict(
+            local=kw["local"][i], local_coef=kw["local_coefs"][i], starts=kw["starts"],
+            lengths=kw["lengths"], local_starts=kw["local_starts"])
+        ops.mix_perturb_(single, theta, dirs[0 if dirs.shape[0] == 1 else i], coefs[i],
+                         _t(offs), adaptive=adaptive, save_backup=False, backend=EXT, **row_kw)
+        assert torch.equal(got[i], single), f"row {i}"
+    assert torch.equal(theta, before)
+
+
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("adaptive", [False, True])
-def test_perturb_points(layout, dtype, adaptive):
-    """All K points in one call on CUDA: row i equals the reference's point of task i (the
-    per-row kernel has the reference's rounding steps: the same bits)."""
-    lengths = LAYOUTS[layout]
-    offs, g0, _, kw, _, _, _ = _perturb_args(lengths, dtype, True)
-    k = 3
-    theta = _data(offs[-1], dtype, 6)
-    coefs = torch.linspace(-0.2, 0.3, k * len(lengths), dtype=_acc(dtype)).reshape(k, -1)
-    p = kw["starts"].numel()
-    rows_kw = dict(local=_data(kw["local"].numel(), dtype, 9, k),
-                   local_coefs=torch.linspace(0.1, -0.4, k * p, dtype=_acc(dtype)).reshape(k, p),
-                   starts=kw["starts"], lengths=kw["lengths"], local_starts=kw["local_starts"])
-    got = torch.full((k, offs[-1]), 7.0, dtype=dtype, device=DEV)
+@pytest.mark.parametrize("shape", ["gl", "fmtl"])
+@pytest.mark.parametrize("k", [1, 3])
+def test_perturb_points(layout, dtype, adaptive, shape, k):
+    """All K points in one launch on CUDA: row i equals, bit for bit, the torch backend's point
+    of task i and what the ext mix_perturb_ writes for it (the same rounding steps). "gl": one
+    direction with per-point local rows; "fmtl": K directions, no local part. Both the 16-byte
+    path (N a multiple of the vector width: "many_tiny", "long") and the scalar one (odd N with
+    K > 1: "ragged") are covered."""
+    offs, theta, dirs, coefs, kw = _points_args(LAYOUTS[layout], dtype, shape, k)
+    n = offs[-1]
+    inputs = [t.clone() for t in (theta, dirs, *kw.values())]
+    got = torch.full((k, n), 7.0, dtype=dtype, device=DEV)
+    ops.perturb_points_(got, theta, dirs, coefs, _t(offs), adaptive=adaptive, backend=EXT, **kw)
     ref = torch.empty_like(got)
-    for out, backend in ((got, EXT), (ref, "torch")):
-        ops.perturb_points_(out, theta, g0.unsqueeze(0), coefs, _t(offs), adaptive=adaptive,
-                            backend=backend, **rows_kw)
+    ops.perturb_points_(ref, theta, dirs, coefs, _t(offs, DEV), adaptive=adaptive,
+                        backend="torch", **kw)
     assert torch.equal(got, ref)
+    fused = torch.full_like(got, -3.0)
+    _fused_points(fused, theta, dirs, coefs, offs, kw, adaptive)
+    assert torch.equal(fused, ref)
+    assert all(torch.equal(a, b) for a, b in zip(inputs, (theta, dirs, *kw.values())))
+    _assert_rows_are_mix_perturb(fused, theta, dirs, coefs, offs, kw, adaptive)
+    want = oracle.perturbed(theta.cpu(), dirs[0].cpu(), coefs[0].tolist(), offs,
+                            None if not kw else kw["local"][0].cpu(),
+                            None if not kw else kw["local_coefs"][0].tolist(),
+                            None if not kw else sampled_of(LAYOUTS[layout]), adaptive)
+    torch.testing.assert_close(fused[0].double().cpu(), want, **ELEMENTWISE[dtype])
+
+
+@pytest.mark.parametrize("k", [1, 4])
+def test_perturb_points_unsorted_sampled_table_on_device(k):
+    """The sampled table may come in any order and already live on the device: it is sorted
+    once for all rows, each row's local_coefs permuted with it."""
+    perm = torch.tensor([3, 0, 2, 1])
+    offs, theta, dirs, coefs, kw = _points_args(LAYOUTS["ragged"], torch.float32, "gl", k, perm)
+    kw_dev = {key: v.to(DEV) for key, v in kw.items()}
+    got = torch.full((k, offs[-1]), 7.0, device=DEV)
+    ops.perturb_points_(got, theta, dirs, coefs, _t(offs, DEV), adaptive=True, backend=EXT,
+                        **kw_dev)
+    # The reference itself: the ops layer accepts unsorted tables only on the device (a CPU
+    # table must be sorted; a device one is the kernels' to check).
+    ref = torch.empty_like(got)
+    torch_ref.perturb_points_(ref, theta, dirs, coefs, _t(offs, DEV), adaptive=True, **kw)
+    assert torch.equal(got, ref)
+    fused = torch.empty_like(got)
+    _fused_points(fused, theta, dirs, coefs, offs, kw, True)
+    assert torch.equal(fused, ref)
+    _assert_rows_are_mix_perturb(fused, theta, dirs, coefs, offs, kw_dev, True)
+    table = [sampled_of(LAYOUTS["ragged"])[i] for i in perm.tolist()]
+    for i in range(k):
+        want = oracle.perturbed(theta.cpu(), dirs[0].cpu(), coefs[i].tolist(), offs,
+                                kw["local"][i].cpu(), kw["local_coefs"][i].tolist(), table, True)
+        torch.testing.assert_close(fused[i].double().cpu(), want, **ELEMENTWISE[torch.float32])
+
+
+def test_perturb_points_many_shuffled_sampled_segments():
+    """More sampled segments than threads of the sorting block, with ties in start (empty
+    segments), shuffled, and several rows of local_coefs permuted by the one sort."""
+    g = torch.Generator().manual_seed(3)
+    lengths = torch.randint(0, 4, (900,), generator=g).tolist()
+    table = sampled_of(lengths)
+    assert len(table) > 256 and len({t[0] for t in table}) < len(table)
+    perm = torch.randperm(len(table), generator=g)
+    offs, theta, dirs, coefs, kw = _points_args(lengths, torch.float32, "gl", 5, perm)
+    for adaptive in (False, True):
+        got = torch.empty(5, offs[-1], device=DEV)
+        _fused_points(got, theta, dirs, coefs, offs, kw, adaptive)
+        ref = torch.empty_like(got)
+        torch_ref.perturb_points_(ref, theta, dirs, coefs, _t(offs, DEV), adaptive=adaptive,
+                                  **kw)
+        assert torch.equal(got, ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", ["gl", "fmtl"])
+def test_perturb_points_many_chunks_and_alignment(dtype, shape):
+    """Rows spanning many chunks (N a multiple of every vector width, so aligned buffers take
+    the 16-byte path), against the same data in views one element off 16-byte alignment (the
+    scalar path) and against per-row mix_perturb_: the same bits."""
+    lengths = [3, 5 * 8192 + 17, 0, 1, 200_000, 7]
+    lengths[-1] += (-sum(lengths)) % 8
+    k = 3
+    offs, theta, dirs, coefs, kw = _points_args(lengths, dtype, shape, k)
+    n = offs[-1]
+    assert n % 8 == 0
+
+    def off_by_one(t):
+        buf = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
+        v = buf[1:].view(t.shape)
+        v.copy_(t)
+        return v
+
+    got = torch.empty(k, n, dtype=dtype, device=DEV)
+    _fused_points(got, theta, dirs, coefs, offs, kw, True)
+    mis = off_by_one(torch.zeros(k, n, dtype=dtype, device=DEV))
+    mis_kw = dict(kw, local=off_by_one(kw["local"])) if kw else {}
+    _fused_points(mis, off_by_one(theta), off_by_one(dirs), coefs, offs, mis_kw, True)
+    assert torch.equal(got, mis)
+    _assert_rows_are_mix_perturb(got, theta, dirs, coefs, offs, kw, True)
+
+
+def test_perturb_points_empty():
+    """K = 0 or N = 0: nothing to write, no launch."""
+    for k, n in ((0, 5), (2, 0), (0, 0)):
+        out = torch.empty(k, n, device=DEV)
+        _ops.perturb_points_(out, torch.zeros(n, device=DEV), torch.zeros(1, n, device=DEV),
+                             torch.ones(k, 1, device=DEV), _t([0, n], DEV), None, None, None,
+                             None, None, True)
+    out = torch.empty(2, 0, device=DEV)
+    _ops.perturb_points_(out, torch.zeros(0, device=DEV), torch.zeros(2, 0, device=DEV),
+                         torch.ones(2, 0, device=DEV), _t([0], DEV), None, None, None, None,
+                         None, False)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -177,7 +326,7 @@ def test_mix_perturb_and_restore(layout, dtype, adaptive, with_local):
     torch.testing.assert_close(theta.double().cpu(), want, **ELEMENTWISE[dtype])
     # Same rounding steps as the pure-torch reference: the same bits.
     ref = original.clone()
-    ops.mix_perturb_(ref, torch.empty_like(ref), g0, coef, _t(offs), adaptive=adaptive,
+    ops.mix_perturb_(ref, torch.empty_like(ref), g0, coef, _t(offs, DEV), adaptive=adaptive,
                      backend="torch", **kw)
     assert_error_within_reference(theta, ref, want, dtype, atol=ELEMENTWISE[dtype]["atol"])
     assert torch.equal(theta, ref)
@@ -224,9 +373,9 @@ def test_mix_perturb_many_shuffled_sampled_segments():
     for adaptive in (False, True):
         ops.mix_perturb_(theta, torch.empty_like(theta), g0, coef, _t(offs, DEV),
                          adaptive=adaptive, backend=EXT, **kw)
-        ops.mix_perturb_(ref, torch.empty_like(ref), g0, coef, _t(offs), adaptive=adaptive,
-                         backend="torch", **{k: v.cpu() if v.dtype == torch.int64 else v
-                                              for k, v in kw.items()})
+        # Device tables: the ops layer requires a CPU table to be sorted.
+        ops.mix_perturb_(ref, torch.empty_like(ref), g0, coef, _t(offs, DEV),
+                         adaptive=adaptive, backend="torch", **kw)
         assert torch.equal(theta, ref)
 
 
@@ -483,6 +632,45 @@ class TestBadArguments:
         with pytest.raises(RuntimeError, match="local needs"):
             _ops.mix_perturb_(x, torch.empty_like(x), x, torch.ones(1, device=DEV),
                               _t([0, 4], DEV), x, None, None, None, None, False, True)
+
+    def test_perturb_points_arguments(self):
+        out = torch.zeros(2, 4, device=DEV)
+        theta = torch.zeros(4, device=DEV)
+        d1 = torch.zeros(1, 4, device=DEV)
+        c = torch.ones(2, 1, device=DEV)
+        off = _t([0, 4], DEV)
+        none5 = (None,) * 5
+        with pytest.raises(RuntimeError, match="2-D"):
+            _ops.perturb_points_(theta, theta.clone(), d1, c, off, *none5, False)
+        with pytest.raises(RuntimeError, match="expected 4"):
+            _ops.perturb_points_(out, torch.zeros(3, device=DEV), d1, c, off, *none5, False)
+        with pytest.raises(RuntimeError, match="directions must be"):
+            _ops.perturb_points_(out, theta, torch.zeros(3, 4, device=DEV), c, off, *none5,
+                                 False)
+        with pytest.raises(RuntimeError, match="dtype"):
+            _ops.perturb_points_(out, theta, d1.double(), c, off, *none5, False)
+        with pytest.raises(RuntimeError, match=r"must be \[2, 1\]"):
+            _ops.perturb_points_(out, theta, d1, torch.ones(2, device=DEV), off, *none5, False)
+        with pytest.raises(RuntimeError, match="share memory"):
+            _ops.perturb_points_(out, out[1], d1, c, off, *none5, False)
+        with pytest.raises(RuntimeError, match="share memory"):
+            _ops.perturb_points_(out, theta, out[:1], c, off, *none5, False)
+        with pytest.raises(RuntimeError, match="contiguous"):
+            _ops.perturb_points_(torch.zeros(4, 2, device=DEV).T, theta, d1, c, off, *none5,
+                                 False)
+        loc = torch.zeros(2, 3, device=DEV)
+        with pytest.raises(RuntimeError, match="local needs"):
+            _ops.perturb_points_(out, theta, d1, c, off, loc, None, None, None, None, False)
+        with pytest.raises(RuntimeError, match="local must be"):
+            _ops.perturb_points_(out, theta, d1, c, off, torch.zeros(3, device=DEV),
+                                 torch.ones(2, 1, device=DEV), _t([0], DEV), _t([3], DEV),
+                                 _t([0], DEV), False)
+        with pytest.raises(RuntimeError, match=r"must be \[2, 1\]"):
+            _ops.perturb_points_(out, theta, d1, c, off, loc, torch.ones(1, device=DEV),
+                                 _t([0], DEV), _t([3], DEV), _t([0], DEV), False)
+        with pytest.raises(RuntimeError, match="share memory"):
+            _ops.perturb_points_(out, theta, d1, c, off, out, torch.ones(2, 1, device=DEV),
+                                 _t([0], DEV), _t([3], DEV), _t([0], DEV), False)
 
     def test_multi_gpu_device_mismatch(self):
         if torch.cuda.device_count() < 2:

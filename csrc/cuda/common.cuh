@@ -299,6 +299,11 @@ void mix_perturb_(Tensor& param, Tensor& backup, const Tensor& g0, const Tensor&
                   const OptionalTensor& local_coef, const OptionalTensor& starts,
                   const OptionalTensor& lengths, const OptionalTensor& local_starts,
                   bool adaptive, bool save_backup);
+void perturb_points_(Tensor& out, const Tensor& theta, const Tensor& directions,
+                     const Tensor& coefs, const Tensor& offsets, const OptionalTensor& local,
+                     const OptionalTensor& local_coefs, const OptionalTensor& starts,
+                     const OptionalTensor& lengths, const OptionalTensor& local_starts,
+                     bool adaptive);
 void restore_(Tensor& param, const Tensor& backup);
 Tensor gram(const Tensor& rows);
 void combine_(Tensor& out, const Tensor& rows, const Tensor& weights);

@@ -10,6 +10,7 @@ MTLSAM_LIBRARY_IMPL(mtlsam, CUDA, m) {
   m.impl("segment_sumsq", MTLSAM_KERNEL(&mtlsam_cuda::segment_sumsq));
   m.impl("gl_layer_stats", MTLSAM_KERNEL(&mtlsam_cuda::gl_layer_stats));
   m.impl("mix_perturb_", MTLSAM_KERNEL(&mtlsam_cuda::mix_perturb_));
+  m.impl("perturb_points_", MTLSAM_KERNEL(&mtlsam_cuda::perturb_points_));
   m.impl("restore_", MTLSAM_KERNEL(&mtlsam_cuda::restore_));
   m.impl("gram", MTLSAM_KERNEL(&mtlsam_cuda::gram));
   m.impl("combine_", MTLSAM_KERNEL(&mtlsam_cuda::combine_));
