@@ -289,3 +289,23 @@ class TestBadArguments:
         monkeypatch.setenv("TRITON_INTERPRET", "0")  # the interpreter allows triton on CPU
         with pytest.raises(RuntimeError, match="triton"):
             ops.gram(torch.zeros(2, 2), backend="triton")
+
+
+def test_reference_takes_cpu_tables_with_data_elsewhere():
+    """The flat-buffer module keeps its segment tables on the CPU whatever the parameters'
+    device; the pure-torch backend must accept them with GPU data (torch's indexing ops refuse
+    to mix devices). "meta" tensors stand in for a GPU: the same device checks run."""
+    from mtlsam_ext.kernels import torch_ref
+
+    dev = torch.device("meta")
+    off, st, ln, ls = _t([0, 4, 4, 10]), _t([0, 6]), _t([3, 4]), _t([0, 3])
+    x, g = torch.empty(10, device=dev), torch.empty(10, device=dev)
+    rows, local = torch.empty(3, 10, device=dev), torch.empty(3, 7, device=dev)
+    assert torch_ref.segment_sumsq(x, off, g).shape == (3,)
+    assert torch_ref.segment_sumsq(x, off).device == dev
+    torch_ref.gl_layer_stats(x, local, st, ln, ls, g)
+    torch_ref.mix_perturb_(x, torch.empty_like(x), g, torch.ones(3), off, local[0],
+                           torch.ones(2), st, ln, ls, adaptive=True)
+    torch_ref.perturb_points_(torch.empty(3, 10, device=dev), x, rows, torch.ones(3, 3), off)
+    assert torch_ref.segment_gram(rows, off).shape == (3, 3, 3)
+    torch_ref.combine_(torch.empty(10, device=dev), rows, torch.ones(3))

@@ -29,9 +29,15 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _segment_ids(offsets: Tensor, n: int) -> Tensor:
-    lengths = offsets[1:] - offsets[:-1]
-    return torch.repeat_interleave(torch.arange(lengths.numel(), device=offsets.device), lengths,
+def _lengths(offsets: Tensor, device: torch.device) -> Tensor:
+    """Segment lengths on ``device``: the tables stay on the CPU (where the flat-buffer module
+    keeps them) while the data may be on a GPU, and torch's indexing ops refuse to mix them."""
+    return (offsets[1:] - offsets[:-1]).to(device)
+
+
+def _segment_ids(offsets: Tensor, n: int, device: torch.device) -> Tensor:
+    lengths = _lengths(offsets, device)
+    return torch.repeat_interleave(torch.arange(lengths.numel(), device=device), lengths,
                                    output_size=n)
 
 
@@ -49,7 +55,7 @@ def segment_sumsq(x: Tensor, offsets: Tensor, scale: Tensor | None = None) -> Te
     sq = v * v
     out = torch.zeros(offsets.numel() - 1, dtype=acc, device=x.device)
     if x.numel():
-        out.index_add_(0, _segment_ids(offsets, x.numel()), sq)
+        out.index_add_(0, _segment_ids(offsets, x.numel(), x.device), sq)
     return out
 
 
@@ -98,7 +104,8 @@ def mix_perturb_(param: Tensor, backup: Tensor, g0: Tensor, coef: Tensor, offset
         backup.copy_(param)
     n = param.numel()
     base = backup.to(acc)
-    a = torch.repeat_interleave(coef.to(acc), offsets[1:] - offsets[:-1], output_size=n)
+    a = torch.repeat_interleave(coef.to(param.device, acc), _lengths(offsets, param.device),
+                                output_size=n)
     eps = a * g0.to(acc)
     if local is not None and local_coef is not None and starts is not None:
         for p, (s, ln, ls) in enumerate(zip(starts.tolist(), lengths.tolist(),
