@@ -307,3 +307,25 @@ def test_auto_times_the_summed_passes_with_constant_weights(name, monkeypatch):
     assert calls[TRIALS + 1] == (ph.state, ph.state == "sequential")
     assert "rows_trial" not in opt._buffers
     _assert_same(seq, m.snapshot())
+
+
+@pytest.mark.parametrize("batched", [False, True, "points"])
+@pytest.mark.parametrize("name", ["gl", "gl-zo", "gl-lagged", "fmtl", "sam", "erm"])
+def test_clock_read_only_in_auto_trials(name, batched, monkeypatch):
+    """The trial clock waits for the device (torch.cuda.synchronize on a GPU): steps that are
+    not an "auto" trial must never read it."""
+    from mtlsam_ext.optim import methods
+
+    reads = []
+
+    def counting(device):
+        def now():
+            reads.append(device)
+            return 0.0
+        return now
+
+    monkeypatch.setattr(methods, "timer", counting)
+    _train(METHODS[name], batched, steps=2)
+    assert reads == []
+    _train(METHODS[name], "auto", steps=1)
+    assert reads  # (the trial does time both ways)

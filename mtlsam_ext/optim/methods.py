@@ -932,7 +932,7 @@ def _finish_weighted(run: Run) -> None:
     """End of a one-backward step: the shared gradient holds the update already."""
     run.reduce(run.grads(), head_grads=True)
     acc = torch.float64 if run.shared.buckets[0].dtype == torch.float64 else torch.float32
-    run.finish_update(None, torch.ones(run.k, dtype=acc), None)
+    run.finish_update(None, torch.ones(run.k, dtype=acc, device=run.shared.device), None)
 
 
 def step_erm(run: Run) -> Tensor:
@@ -1076,7 +1076,8 @@ def step_gl(run: Run) -> Tensor:
         state = run.grads_state()
         trial = got = None
         if state in ("batched", "trial"):
-            t0 = run.clock()
+            # (the clock waits for the device: only an "auto" trial reads it)
+            t0 = run.clock() if state == "trial" else 0.0
             got = run.batched_task_grads(losses, params_s)
             if got is not None:  # [K, *shape] per parameter, one batched backward
                 if state == "trial":  # batched = "auto": into scratch, then sequential too
@@ -1087,7 +1088,7 @@ def step_gl(run: Run) -> Tensor:
                 if trial is not None:
                     opt.batched.record("grads", "batched", run.clock() - t0)
         if trial is not None or got is None:  # sequential (also after a failed batched try)
-            t0 = run.clock()
+            t0 = run.clock() if trial is not None else 0.0
             if run.global_sync and trial is None:  # travel during the later passes and g0's
                 run.begin_phase(local)
             for i in range(k):
