@@ -480,3 +480,11 @@ def test_cuda_matches_cpu(name: str) -> None:
             assert w_gpu.device.type == "cuda" and w_gpu.dtype == dtype
             tol = 1e-10 if dtype == torch.float64 else 1e-5
             torch.testing.assert_close(w_gpu.cpu(), w_cpu, rtol=tol, atol=tol)
+
+
+def test_user_weights_follow_the_gram_device() -> None:
+    """A user aggregator may build its weights on the CPU (torch.ones(K)) while G sits on a
+    GPU: they are moved to G's device. "meta" stands in for the GPU."""
+    agg = get_aggregator(lambda G: torch.ones(G.shape[0]))
+    w = agg(torch.empty(3, 3, device="meta"))
+    assert w.device.type == "meta" and w.shape == (3,)

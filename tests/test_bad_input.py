@@ -2,6 +2,7 @@
 optimizer's state, the lagged history and the random generator stay as they were."""
 
 import copy
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -168,6 +169,10 @@ def test_reassigned_parameter_data():
     (dict(layers=["nope"]), "unknown layer"),
     (dict(layers=[]), "at least one layer"),
     (dict(aggregator="adam"), "aggregator"),
+    # a CUDA generator (stood in for by its device attribute: no GPU here) cannot draw the
+    # CPU-side layer selections
+    (dict(generator=SimpleNamespace(device=torch.device("cuda", 0))),
+     "generator must be a CPU torch.Generator"),
 ])
 def test_bad_constructor_arguments(kw, msg, monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # the interpreter would allow triton on CPU

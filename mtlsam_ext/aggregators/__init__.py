@@ -139,9 +139,13 @@ def resolve(spec: str | Callable[..., torch.Tensor], **options: object) -> Aggre
         takes_generator = _accepts_generator(user)
 
         def wrapped(G: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-            if takes_generator:
-                return user(G, generator=generator, **options)
-            return user(G, **options)
+            w = (user(G, generator=generator, **options) if takes_generator
+                 else user(G, **options))
+            # A user's weights may come from the CPU (``torch.ones(K)``) while G sits on a
+            # GPU: put them where the update is computed (checked by check_weights).
+            if isinstance(w, torch.Tensor) and w.device != G.device:
+                w = w.to(G.device)
+            return w
 
         wrapped.__name__ = getattr(user, "__name__", "user_aggregator")
         wrapped.__doc__ = getattr(user, "__doc__", None)

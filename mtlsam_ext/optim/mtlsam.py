@@ -187,6 +187,11 @@ class MTLSAM(torch.optim.Optimizer):
             bn_modules = list(bn_modules)
             if not all(isinstance(m, nn.Module) for m in bn_modules):
                 raise ValueError("bn_modules must be an nn.Module or a list of nn.Modules")
+        if generator is not None and getattr(generator, "device", torch.device("cpu")).type \
+                != "cpu":
+            raise ValueError(f"generator must be a CPU torch.Generator (it draws the layer "
+                             f"selections and PCGrad's task orders on the CPU, for any "
+                             f"parameter device), got one on {generator.device}")
         check_backend_name(backend)
         self.sync = resolve_sync(process_group, perturb_sync, bucket_cap_mb)
         shared, ddp = unwrap_ddp(shared)
