@@ -27,6 +27,10 @@ block decomposition does not express.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+from typing import Any
+
 import torch
 import triton  # noqa: F401  (ImportError here means: backend not available)
 import triton.language as tl
@@ -71,6 +75,22 @@ def supports(device: torch.device | str) -> bool:
     return True
 
 
+def _on_device(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Run ``fn`` with its first tensor's GPU as the current device: Triton launches on the
+    current device and stream, not on the tensors' (the compiled extension sets the device
+    itself), so parameters on ``cuda:1`` while ``cuda:0`` is current would fail or run on the
+    wrong stream. One comparison when the device is already current (the usual case)."""
+    @functools.wraps(fn)
+    def run(first: Tensor, *args: Any, **kwargs: Any) -> Any:
+        dev = first.device
+        if dev.type == "cuda" and dev.index is not None \
+                and dev.index != torch.cuda.current_device():
+            with torch.cuda.device(dev):
+                return fn(first, *args, **kwargs)
+        return fn(first, *args, **kwargs)
+    return run
+
+
 def _acc(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -105,6 +125,7 @@ def _segment_sums(partial: Tensor, chunk_ptr: Tensor, n_seg: int, rows: int,
 
 # ---------------------------------------------------------------- reductions
 
+@_on_device
 def segment_sumsq(x: Tensor, offsets: Tensor, scale: Tensor | None = None) -> Tensor:
     _check(x, scale)
     acc = _acc(x.dtype)
@@ -120,6 +141,7 @@ def segment_sumsq(x: Tensor, offsets: Tensor, scale: Tensor | None = None) -> Te
     return _segment_sums(partial, chunk_ptr, n_seg, 1, n_chunks, out)
 
 
+@_on_device
 def gl_layer_stats(g0: Tensor, local: Tensor, starts: Tensor, lengths: Tensor,
                    local_starts: Tensor, scale: Tensor | None = None) -> tuple[Tensor, Tensor]:
     _check(g0, local, scale)
@@ -141,6 +163,7 @@ def gl_layer_stats(g0: Tensor, local: Tensor, starts: Tensor, lengths: Tensor,
     return both[0], both[1]
 
 
+@_on_device
 def gram(rows: Tensor) -> Tensor:
     _check(rows)
     if rows.dim() != 2:
@@ -163,6 +186,7 @@ def gram(rows: Tensor) -> Tensor:
     return torch.triu(g) + torch.triu(g, 1).T
 
 
+@_on_device
 def segment_gram(rows: Tensor, offsets: Tensor) -> Tensor:
     """Per-segment Grams from the ``gram`` partial kernel run over segment-aligned chunks and
     the stage-2 segment sums (each chunk belongs to one segment)."""
@@ -192,6 +216,7 @@ def _bits(t: Tensor) -> Tensor:
     return t.view(_BITS[t.element_size()])
 
 
+@_on_device
 def mix_perturb_(param: Tensor, backup: Tensor, g0: Tensor, coef: Tensor, offsets: Tensor,
                  local: Tensor | None = None, local_coef: Tensor | None = None,
                  starts: Tensor | None = None, lengths: Tensor | None = None,
@@ -224,6 +249,7 @@ def mix_perturb_(param: Tensor, backup: Tensor, g0: Tensor, coef: Tensor, offset
                                     num_warps=warps)
 
 
+@_on_device
 def perturb_points_(out: Tensor, theta: Tensor, directions: Tensor, coefs: Tensor,
                     offsets: Tensor, local: Tensor | None = None,
                     local_coefs: Tensor | None = None, starts: Tensor | None = None,
@@ -273,6 +299,7 @@ def perturb_points_(out: Tensor, theta: Tensor, directions: Tensor, coefs: Tenso
             BLOCK=block, num_warps=warps)
 
 
+@_on_device
 def restore_(param: Tensor, backup: Tensor) -> None:
     _check(param, backup)
     n = param.numel()
@@ -283,6 +310,7 @@ def restore_(param: Tensor, backup: Tensor) -> None:
                                           num_warps=warps)
 
 
+@_on_device
 def combine_(out: Tensor, rows: Tensor, weights: Tensor) -> None:
     _check(out, rows)
     acc = _acc(out.dtype)
@@ -296,12 +324,14 @@ def combine_(out: Tensor, rows: Tensor, weights: Tensor) -> None:
                                              num_warps=warps)
 
 
+@_on_device
 def flat_gram_(sam: Tensor, loss: Tensor) -> Tensor:
     """Composed from the Triton ``sub_`` and ``gram`` kernels (two passes, not fused yet)."""
     sub_(sam, loss)
     return gram(sam)
 
 
+@_on_device
 def sub_(rows: Tensor, other: Tensor) -> None:
     if not (rows.is_contiguous() and other.is_contiguous()) or rows.shape != other.shape:
         torch_ref.sub_(rows, other)  # strided or broadcast: torch handles the indexing
