@@ -139,12 +139,15 @@ def time_fn(fn: Callable[[], Any], *, device: torch.device | str | None = None,
     sync(dev)
     samples: list[float] = []
     if dev.type == "cuda":
+        # events on dev's current stream (not the current device's: cuda:1 while cuda:0 is
+        # current would time nothing)
+        stream = torch.cuda.current_stream(dev)
         for _ in range(repeats):
             start = torch.cuda.Event(enable_timing=True)
             end = torch.cuda.Event(enable_timing=True)
-            start.record()
+            start.record(stream)
             fn()
-            end.record()
+            end.record(stream)
             end.synchronize()
             samples.append(start.elapsed_time(end) / 1e3)
             if on_sample:

@@ -442,6 +442,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     if dev_name == "auto":
         dev_name = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(dev_name)
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)  # kernels and timing events on the device measured
     models = (["mlp", "resnet18"] if device.type == "cuda" else ["mlp"]) \
         if args.model == "auto" else [m for m in args.model.split(",") if m]
     bad = [m for m in models if m not in MODELS]
