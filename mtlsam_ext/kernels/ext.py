@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from mtlsam_ext.kernels.build_record import ext_status
+from mtlsam_ext.kernels.device_tables import on_device
 
 # Checks the build record against the running torch, then imports mtlsam_ext._C (which
 # registers torch.ops.mtlsam.*).
@@ -30,11 +31,8 @@ def supports(device: torch.device) -> bool:
 
 def _table(t: Tensor | None, device: torch.device) -> Tensor | None:
     """CUDA kernels read segment tables from device memory; the flat-buffer module keeps them
-    on the CPU, so copy them over (a few bytes per call; no caching by pointer, which a
-    freed and reused CPU allocation could alias)."""
-    if t is None or t.device == device:
-        return t
-    return t.to(device, non_blocking=True)
+    on the CPU: each table is copied over once and the copy kept (see device_tables)."""
+    return on_device(t, device)
 
 
 def segment_sumsq(x: Tensor, offsets: Tensor, scale: Tensor | None = None) -> Tensor:

@@ -23,6 +23,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from mtlsam_ext.kernels.device_tables import on_device
+
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """Accumulation dtype: float64 stays float64, everything else accumulates in float32."""
@@ -31,8 +33,10 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def _lengths(offsets: Tensor, device: torch.device) -> Tensor:
     """Segment lengths on ``device``: the tables stay on the CPU (where the flat-buffer module
-    keeps them) while the data may be on a GPU, and torch's indexing ops refuse to mix them."""
-    return (offsets[1:] - offsets[:-1]).to(device)
+    keeps them) while the data may be on a GPU, and torch's indexing ops refuse to mix them
+    (the table's device copy is kept, see device_tables)."""
+    off = on_device(offsets, device)
+    return off[1:] - off[:-1]
 
 
 def _segment_ids(offsets: Tensor, n: int, device: torch.device) -> Tensor:

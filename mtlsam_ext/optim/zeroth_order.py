@@ -77,8 +77,8 @@ def zo_local_grads(run: Run, tables: list[tuple[Tensor, Tensor, Tensor, int]],
                     if n:
                         # theta_S = backup_S + (+-mu) z on each sampled range; the rest untouched
                         ops.mix_perturb_(b.data[s:s + n], run.backup[j][0][s:s + n],
-                                         z[j][q:q + n], _coef(sign * mu, b.dtype), whole(n),
-                                         save_backup=False, backend=run.be)
+                                         z[j][q:q + n], _coef(sign * mu, b.dtype, b.device),
+                                         whole(n), save_backup=False, backend=run.be)
             losses = run.call()
             evals.append(torch.stack([x.detach() for x in losses]))
         c = (evals[0] - evals[1]) / (2 * mu * n_dirs)  # [K] central differences
@@ -102,7 +102,9 @@ def zo_local_grads(run: Run, tables: list[tuple[Tensor, Tensor, Tensor, int]],
 
 
 @functools.lru_cache(maxsize=64)
-def _coef(v: float, dtype: torch.dtype) -> Tensor:
-    """The one-segment coefficient ``[v]`` (cached: read-only, the same every step)."""
-    return torch.tensor([v], dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+def _coef(v: float, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """The one-segment coefficient ``[v]`` on the parameters' device (cached: read-only, the
+    same every step; made on the CPU it was copied to a GPU by every op call)."""
+    return torch.tensor([v], dtype=torch.float64 if dtype == torch.float64 else torch.float32,
+                        device=device)
 
