@@ -1124,15 +1124,13 @@ def step_gl(run: Run) -> Tensor:
     dots = torch.zeros(k, n_layers, dtype=torch.float64, device=dev)
     loc_sq = torch.zeros_like(dots)
     seg_layers = sh.segment_layers()
-    samp_layers = []
+    samp_layers, mask = opt.sampled_index(sampled)
     for j, b in enumerate(sh.buckets):
         scale = b.data if opt.adaptive else None
         layer_sq.index_add_(0, seg_layers[j], ops.segment_sumsq(
             g0[j][0], b.seg_offsets, scale, backend=run.be).double())
         st, ln, ls, _ = tables[j]
-        ids = torch.tensor([li for li in b.seg_layers if li in sampled], dtype=torch.int64,
-                           device=dev)
-        samp_layers.append(ids)
+        ids = samp_layers[j]
         if st.numel():
             d, q = ops.gl_layer_stats(g0[j][0], local[j], st, ln, ls, scale, backend=run.be)
             dots.index_add_(1, ids, d.double())
@@ -1145,8 +1143,6 @@ def step_gl(run: Run) -> Tensor:
         # (the perturbation is invariant to a scale common to g0 and ghat).
         dots *= rescale
         loc_sq *= rescale * rescale
-    mask = torch.zeros(n_layers, dtype=torch.bool, device=dev)
-    mask[sampled] = True
     coef_a, coef_b = global_local_coefs(layer_sq, dots, loc_sq, mask, opt.rho, opt.alpha,
                                         opt.norm)
     if rescale is not None:

@@ -450,6 +450,23 @@ class MTLSAM(torch.optim.Optimizer):
             t = self._tables_by_layers[key] = self.shared.sampled_tables(layers, compact=True)
         return t
 
+    def sampled_index(self, layers: list[int]) -> tuple[list[Tensor], Tensor]:
+        """Per bucket the layer index of each sampled segment, and the ``[L]`` mask of the
+        sampled layers, on the parameters' device, cached per selection (built each step they
+        were two to three host-to-device copies per step on a GPU)."""
+        key = ("index", tuple(layers))
+        t = self._tables_by_layers.get(key)
+        if t is None:
+            if len(self._tables_by_layers) > 64:  # random mode: bounded cache
+                self._tables_by_layers.clear()
+            dev, chosen = self.shared.device, set(layers)
+            ids = [torch.tensor([li for li in b.seg_layers if li in chosen], dtype=torch.int64,
+                                device=dev) for b in self.shared.buckets]
+            mask = torch.zeros(len(self.shared.layers), dtype=torch.bool)
+            mask[list(layers)] = True
+            t = self._tables_by_layers[key] = (ids, mask.to(dev))
+        return t
+
     def head_views(self, head_out: list[Tensor], i: int) -> tuple[list[Tensor], list[Tensor]]:
         """Head ``i``'s slices of ``head_out`` and of the heads' flat gradients, per bucket
         that holds it (built once per buffers and head: taken after every perturbed pass)."""
