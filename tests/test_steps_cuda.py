@@ -1,5 +1,5 @@
-"""Whole MTLSAM steps with the parameters on a GPU: backend="ext" (the CUDA kernels) and the
-pure-torch backend, which must run there too (its segment tables stay on the CPU), against
+"""Whole MTLSAM steps with the parameters on a GPU: backends "ext" (the CUDA kernels),
+"triton" and "torch" (which must run there too: its segment tables stay on the CPU), against
 each other and against the same steps on the CPU. The op tests (tests/test_ops_cuda.py) check
 kernels one by one; these catch what only a whole step mixes: tables, coefficients, weights
 and check vectors created on one device and used on another. Skipped without a GPU.
@@ -28,7 +28,7 @@ TOL = {torch.float64: dict(rtol=1e-9, atol=1e-11), torch.float32: dict(rtol=1e-4
 
 
 def _backends() -> list[str]:
-    return [b for b in ("ext", "torch") if b in ops.available_backends("cuda")]
+    return [b for b in ("ext", "triton", "torch") if b in ops.available_backends("cuda")]
 
 
 def _run(device: str, backend: str, cfg: dict, dtype: torch.dtype, agg: str, steps: int = 3,
