@@ -180,8 +180,8 @@ def gram(rows: Tensor) -> Tensor:
     gram_partial_kernel[(n_chunks, r)](rows, table, partial, r, rows.stride(0), n_chunks,
                                        R_PAD=config.next_pow2(r), ACC=_TL[acc], BLOCK=block,
                                        num_warps=config.REDUCE_WARPS)
-    chunk_ptr = torch.tensor([0, n_chunks], dtype=torch.int64, device=rows.device)
-    _segment_sums(partial, chunk_ptr, 1, r * r, n_chunks, g.view(r * r, 1))
+    _segment_sums(partial, tables.whole_range(n_chunks, rows.device), 1, r * r, n_chunks,
+                  g.view(r * r, 1))
     # Mirror the upper triangle: exactly symmetric whatever the hardware did.
     return torch.triu(g) + torch.triu(g, 1).T
 

@@ -105,6 +105,13 @@ def uniform_chunks(n: int, chunk: int, device: torch.device) -> tuple[Tensor, in
     return _cached(("uni", n, chunk, str(device)), build)
 
 
+def whole_range(n_chunks: int, device: torch.device) -> Tensor:
+    """``[0, n_chunks]``: one segment over all chunks (gram's second stage), made once per
+    size and device (built per call it was a host-to-device copy per Gram)."""
+    return _cached(("whole", n_chunks, str(device)),
+                   lambda: torch.tensor([0, n_chunks], dtype=torch.int64, device=device))
+
+
 def sampled_overlap(starts: Tensor, lengths: Tensor) -> bool:
     """Whether two non-empty sampled segments share an element (the reference then adds both
     local terms; the block table gives each element one local term)."""
