@@ -329,3 +329,44 @@ def test_clock_read_only_in_auto_trials(name, batched, monkeypatch):
     assert reads == []
     _train(METHODS[name], "auto", steps=1)
     assert reads  # (the trial does time both ways)
+
+
+def test_auto_agreement_is_per_task_norm_wise():
+    """The trial check compares each task's gradient by norm: one element off by rounding in
+    another summation order (fp32 grouped convolutions) keeps the batched way, a different
+    computation (a closure whose result changes from call to call) turns it off."""
+    from types import SimpleNamespace
+
+    from mtlsam_ext.optim.batched import BatchedPolicy
+    from mtlsam_ext.optim.methods import _agree
+
+    def run():
+        return SimpleNamespace(opt=SimpleNamespace(batched=BatchedPolicy("auto", None, None),
+                                                   _buffers={}), heads=None)
+
+    g = torch.Generator().manual_seed(0)
+    a = 0.03 * torch.randn(3, 1000, generator=g)
+    b = a.clone()
+    b[1, 7] += 4e-5  # 4e-4 of the largest element, 4e-5 of the row's norm
+    r = run()
+    _agree(r, "points", [a], [b])
+    assert r.opt.batched.state("points") == "trial"
+    r = run()
+    with pytest.warns(UserWarning, match="differ from the sequential"):
+        _agree(r, "points", [a], [a * 1.01])
+    assert r.opt.batched.state("points") == "sequential"
+
+
+def test_auto_falls_back_when_the_closure_changes_between_calls():
+    m = TwoTask(k=3, dtype=torch.float64, seed=3)
+    calls = [0]
+
+    def drifting():  # the loss scale grows with every call: K sequential calls, one batched
+        calls[0] += 1
+        return [loss * (1 + 0.1 * calls[0]) for loss in m.losses()]
+
+    opt = MTLSAM(m.body, torch.optim.SGD, heads=list(m.heads), lr=0.05, method="fmtl",
+                 batched="auto", backend="torch")
+    with pytest.warns(UserWarning, match="differ from the sequential"):
+        opt.step(drifting)
+    assert opt.info()["batched"]["points"]["state"] == "sequential"

@@ -51,8 +51,9 @@ RULES = ("in batched mode the closure runs under torch.func.vmap: no .item() / .
          "module buffers other than BatchNorm's, and (under batched='auto') no random ops such "
          "as dropout")
 
-#: Relative agreement (``max |batched - sequential| / max |sequential|``) required by the
-#: trial check, per parameter dtype: both ways sum the same products in another order.
+#: Relative agreement (``||batched_i - sequential_i|| / ||sequential_i||`` for each task's
+#: gradient i) required by the trial check, per parameter dtype: both ways sum the same
+#: products in another order.
 AGREE = {torch.float64: 1e-9, torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 1e-2}
 
 

@@ -661,12 +661,19 @@ def _agree(run: Run, phase: str, want: list[Tensor], got: list[Tensor] | None,
         if heads and run.heads is not None:
             pairs += [(h[0], b.grad) for h, b in zip(run.head_out, run.heads.buckets)]
         for a, b in pairs:
-            scale = float(a.abs().max()) if a.numel() else 0.0
-            err = float((a.double() - b.double()).abs().max()) if a.numel() else 0.0
-            if not err <= AGREE[a.dtype] * max(scale, 1e-30):
+            if not a.numel():
+                continue
+            # per row (task), the norm of the difference against the row's norm: rounding in
+            # another summation order stays orders below AGREE; a different computation
+            # (random ops, changed state) is off by O(1). (The largest element difference
+            # against the largest element, checked before, flagged fp32 grouped convolutions
+            # of the CNN at K = 40: 4.6e-4.)
+            a2, b2 = (t.double().reshape(t.shape[0] if t.dim() == 2 else 1, -1) for t in (a, b))
+            rel = float(((a2 - b2).norm(dim=1) / a2.norm(dim=1).clamp_min(1e-30)).max())
+            if not rel <= AGREE[a.dtype]:
                 policy.fall_back(phase, f"the batched {phase} differ from the sequential ones "
-                                 f"(max error {err:.3g} at scale {scale:.3g}; random ops or "
-                                 "state changed by the closure?)")
+                                 f"(relative error {rel:.3g} in a task's gradient; random ops "
+                                 "or state changed by the closure?)")
                 break
     _trial_buffers_freed(run)
 
