@@ -127,3 +127,53 @@ def test_batched_with_batchnorm_keeps_first_forward_statistics():
         states.append([t.detach().clone() for t in list(b.parameters()) + list(b.buffers())])
     for a, c in zip(*states):
         torch.testing.assert_close(c, a, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("batched_grads", [False, True])
+def test_local_rows_written_where_a_loss_does_not_reach(batched_grads, monkeypatch):
+    """gl's task-local rows are a reused buffer, not zeroed first: each column must be written
+    every step, zeros where loss i does not reach a sampled parameter (here a shared branch
+    only task 0 uses; with norm="global" its local norm enters task 1's perturbation scale on
+    every layer). The buffer is filled with a different finite value before every step of
+    two runs: a column left as it was would make them differ (the sequential path fails
+    without the zeros; the batched backward returns zeros itself)."""
+
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(4, 4)
+            self.b = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return torch.tanh(self.a(x)), torch.tanh(self.b(x))
+
+    def run(fill):
+        torch.manual_seed(0)
+        body = Branchy().double()
+        heads = [nn.Linear(4, 1).double() for _ in range(2)]
+        x, y = torch.randn(16, 4, dtype=torch.float64), torch.randn(16, 2, dtype=torch.float64)
+
+        def losses():
+            ha, hb = body(x)
+            return [((heads[0](ha + hb).squeeze(1) - y[:, 0]) ** 2).mean(),
+                    ((heads[1](hb).squeeze(1) - y[:, 1]) ** 2).mean()]  # never reaches a
+
+        opt = MTLSAM(body, torch.optim.SGD, heads=heads, lr=0.05, method="gl",
+                     layers=["a", "b"], aggregator="mgda", norm="global",
+                     batched_grads=batched_grads)
+        real = opt.scratch
+
+        def poisoned(name, specs):
+            bufs = real(name, specs)
+            if name == "local":
+                for t in bufs:
+                    t.fill_(fill)
+            return bufs
+
+        monkeypatch.setattr(opt, "scratch", poisoned)
+        for _ in range(3):
+            opt.step(losses)
+        return [p.detach().clone() for p in body.parameters()]
+
+    for a, b in zip(run(123.0), run(-7.0), strict=True):
+        assert torch.equal(a, b)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -1053,6 +1053,16 @@ def step_fmtl(run: Run) -> Tensor:
     return run.unperturbed
 
 
+def _copy_or_zero(views: list[Tensor], grads: Sequence[Tensor | None]) -> None:
+    """``views := grads`` in one foreach copy; zeros where a gradient is ``None`` (a parameter
+    the loss does not reach), so the buffer needs no zeroing first."""
+    torch._foreach_copy_([v for v, g in zip(views, grads) if g is not None],
+                         [g for g in grads if g is not None])
+    for v, g in zip(views, grads):
+        if g is None:
+            v.zero_()
+
+
 def step_gl(run: Run) -> Tensor:
     """Global-local sampled SAM (report Alg. 1, DESIGN.md §1a): one average-loss gradient g0,
     task-local gradients on the sampled layers only, per-layer mixed and magnitude-matched
@@ -1077,8 +1087,12 @@ def step_gl(run: Run) -> Tensor:
         local_scale = run.scaling.world if run.global_sync else None
     else:
         local_scale = run.scaling.factor(run.global_sync)
-        local = [torch.zeros(k, t[3], dtype=b.dtype, device=b.device)
-                 for t, b in zip(tables, sh.buckets)]
+        # every column is written below (a copy per sampled parameter, zeros for one a loss
+        # does not reach), except by the sharded path, which adds into the rows
+        local = opt.scratch("local", [((k, t[3]), b.dtype) for t, b in zip(tables, sh.buckets)])
+        if run.sharded:
+            for loc in local:
+                loc.zero_()
         params_s = sh.layer_params(sampled)
         state = run.grads_state()
         trial = got = None
@@ -1089,9 +1103,8 @@ def step_gl(run: Run) -> Tensor:
             if got is not None:  # [K, *shape] per parameter, one batched backward
                 if state == "trial":  # batched = "auto": into scratch, then sequential too
                     trial = [torch.zeros_like(t) for t in local]
-                views = sh.local_batched_views(local if trial is None else trial, sampled)
-                torch._foreach_copy_([v for v, g in zip(views, got) if g is not None],
-                                     [g for g in got if g is not None])
+                _copy_or_zero(sh.local_batched_views(local if trial is None else trial,
+                                                     sampled), got)
                 if trial is not None:
                     opt.batched.record("grads", "batched", run.clock() - t0)
         if trial is not None or got is None:  # sequential (also after a failed batched try)
@@ -1103,9 +1116,7 @@ def step_gl(run: Run) -> Tensor:
                     run.backward_local(losses[i], local, i, sampled)
                     continue
                 got = run.task_grads(losses[i], params_s)
-                views = sh.local_views(local, i, sampled)
-                torch._foreach_copy_([v for v, g in zip(views, got) if g is not None],
-                                     [g for g in got if g is not None])
+                _copy_or_zero(sh.local_views(local, i, sampled), got)
                 run.row_ready(i)
             if trial is not None:
                 opt.batched.record("grads", "sequential", run.clock() - t0)

@@ -574,6 +574,19 @@ class MTLSAM(torch.optim.Optimizer):
             self._buffers[name] = bufs
         return bufs
 
+    def scratch(self, name: str, specs: list[tuple[tuple[int, ...], torch.dtype]]
+                ) -> list[Tensor]:
+        """Persistent work tensors of the given shapes and dtypes on the parameters' device,
+        reused from step to step (made anew when a shape changes). A fresh tensor of a few MB
+        every step pays its page faults on the CPU: the zo estimator's ``[K, M]`` zeros took
+        0.5-1.8 ms per step on the main job's MLP (K = 10, M = 148k), several times the
+        zeroing of warm memory."""
+        bufs = self._buffers.get(name)
+        if bufs is None or [(tuple(b.shape), b.dtype) for b in bufs] != specs:
+            bufs = self._buffers[name] = [torch.empty(s, dtype=d, device=self.shared.device)
+                                          for s, d in specs]
+        return bufs
+
     def task_weights(self, k: int, device: torch.device) -> Tensor:
         if self._task_weights is None or self._task_weights.numel() != k:
             tw = self._task_weights_arg

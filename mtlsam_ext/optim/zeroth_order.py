@@ -33,13 +33,16 @@ def direction_seed(seed: int, step: int, j: int) -> int:
     return (seed * 1_000_003 + step * 10_007 + j) % (2**63 - 1)
 
 
-def directions(sizes: list[int], dtypes: list[torch.dtype], device: torch.device, seed: int
-               ) -> list[Tensor]:
-    """One Gaussian direction over the sampled layers, per bucket (compact layout)."""
+def directions(sizes: list[int], dtypes: list[torch.dtype], device: torch.device, seed: int,
+               out: list[Tensor] | None = None) -> list[Tensor]:
+    """One Gaussian direction over the sampled layers, per bucket (compact layout); drawn into
+    ``out`` (float32 ``[M_b]`` tensors) when given: the same numbers, no allocation."""
     g = torch.Generator(device=device)
     g.manual_seed(seed)
-    return [torch.randn(m, generator=g, device=device, dtype=torch.float32).to(dt)
-            for m, dt in zip(sizes, dtypes)]
+    if out is None:
+        out = [torch.empty(m, device=device, dtype=torch.float32) for m in sizes]
+    return [torch.randn(m, generator=g, device=device, dtype=torch.float32, out=o).to(dt)
+            for m, dt, o in zip(sizes, dtypes, out)]
 
 
 def zo_local_grads(run: Run, tables: list[tuple[Tensor, Tensor, Tensor, int]],
@@ -59,17 +62,21 @@ def zo_local_grads(run: Run, tables: list[tuple[Tensor, Tensor, Tensor, int]],
     for j, b in enumerate(sh.buckets):  # one full backup: the undo path restores everything
         run.backup[j][0].copy_(b.data)
     run.shared_saved = True
-    local = [torch.zeros(k, t[3], dtype=torch.float32 if b.dtype != torch.float64
-                         else torch.float64, device=b.device)
-             for t, b in zip(tables, sh.buckets)]
+    accs = [torch.float64 if b.dtype == torch.float64 else torch.float32 for b in sh.buckets]
+    # persistent work tensors (see MTLSAM.scratch): the estimates and the direction
+    local = opt.scratch("zo_local", [((k, t[3]), a) for t, a in zip(tables, accs)])
+    for loc in local:
+        loc.zero_()
     sizes = [t[3] for t in tables]
     dtypes = [b.dtype for b in sh.buckets]
+    z_out = opt.scratch("zo_direction", [((m,), torch.float32) for m in sizes])
     # runs of adjacent sampled segments (a layer's weight and bias, neighbouring layers): one
     # op per run instead of one per segment, the same value for every element
     runs = opt.sampled_runs(opt.sampled_layers)
     diffs: list[Tensor] = []
     for d in range(n_dirs):
-        z = directions(sizes, dtypes, sh.device, direction_seed(opt.zo_seed, opt._step_count, d))
+        z = directions(sizes, dtypes, sh.device, direction_seed(opt.zo_seed, opt._step_count, d),
+                       z_out)
         evals = []
         for sign in (1.0, -1.0):
             for j, b in enumerate(sh.buckets):
@@ -95,7 +102,7 @@ def zo_local_grads(run: Run, tables: list[tuple[Tensor, Tensor, Tensor, int]],
         run.reduce([summed])
         for d in range(n_dirs):
             z = directions(sizes, dtypes, sh.device,
-                           direction_seed(opt.zo_seed, opt._step_count, d))
+                           direction_seed(opt.zo_seed, opt._step_count, d), z_out)
             for loc, zj in zip(local, z):
                 loc.addcmul_(summed[d].to(loc.dtype).unsqueeze(1), zj.to(loc.dtype).unsqueeze(0))
     return [loc.to(b.dtype) for loc, b in zip(local, sh.buckets)]
