@@ -169,6 +169,12 @@ class TestCppChecks:
                                     torch.ones(2, 1), _t([0, 4]), torch.zeros(2, 2),
                                     torch.ones(2, 2), _t([0]), _t([2]), _t([0]), False)
 
+    def test_combine_out_sharing_memory_with_rows(self):
+        # fp32/fp64 accumulate in out itself
+        rows = torch.ones(3, 4)
+        with pytest.raises(RuntimeError, match="out and rows share memory"):
+            self.op.combine_(rows[1], rows, torch.ones(3))
+
     def test_combine_shape(self):
         with pytest.raises(RuntimeError, match="columns"):
             self.op.combine_(torch.zeros(4), torch.zeros(2, 5), torch.ones(2))
@@ -438,3 +444,40 @@ def test_perturb_points_is_one_fused_call(monkeypatch):
     again = torch.empty(k, n)
     ops.perturb_points_(again, theta, dirs, coefs, _t(offs), backend="ext")
     assert torch.equal(again, want)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("k", [1, 3, 4, 5, 9])
+def test_combine_equals_the_reference_bit_for_bit(dtype, k):
+    """Rows added in groups of four per pass over the accumulator, in row order: the
+    reference's sums and roundings (no FMA), for every dtype and a row count on each side of
+    a group; signed zeros included (0 + -0 = +0, as the reference's zeros give)."""
+    from mtlsam_ext.kernels import torch_ref
+
+    n = 3 * 4096 + 77  # chunks and a ragged tail
+    rows = _data((k, n), dtype, 50 + k)
+    rows[:, :5] = 0.0  # with k = 1 (weight -1.5): 0 + (-0) = +0 in the reference
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    w = torch.linspace(-1.5, 2.0, k, dtype=acc)
+    got, want = torch.empty(n, dtype=dtype), torch.empty(n, dtype=dtype)
+    ops.combine_(got, rows, w, backend="ext")
+    torch_ref.combine_(want, rows, w)
+    bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[dtype.itemsize]
+    assert torch.equal(got.view(bits), want.view(bits))  # (bits: -0.0 == +0.0 as values)
+
+
+def test_bf16_combine_rounds_ties_and_nan_like_the_reference():
+    """The bf16 store rounds in registers: ties to even and infinities kept, as the
+    reference's .to(bfloat16); NaN stays NaN (its payload is c10's scalar 0x7FC0, where torch's
+    vectorised conversion gives 0xFFFF: NaN bits are not compared)."""
+    from mtlsam_ext.kernels import torch_ref
+
+    vals = [1.0, 1.0078125, -1.0, -1.0078125, 3.0, float("nan"), float("inf"), -0.0, 1e-40]
+    rows = torch.tensor([vals * 3], dtype=torch.bfloat16)  # 27 columns: vector part and tail
+    w = torch.tensor([1.0 + 2.0 ** -8])  # x * w lands halfway between two bf16 values
+    got, want = torch.empty(27, dtype=torch.bfloat16), torch.empty(27, dtype=torch.bfloat16)
+    ops.combine_(got, rows, w, backend="ext")
+    torch_ref.combine_(want, rows, w)
+    nan = want.isnan()
+    assert torch.equal(got.isnan(), nan)
+    assert torch.equal(got.view(torch.int16)[~nan], want.view(torch.int16)[~nan])

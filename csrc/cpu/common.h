@@ -155,11 +155,16 @@ inline const acc_t* as_acc(const scalar_t* src, int64_t len, acc_t* buf) {
 }
 
 // Store float results into the tensor's dtype: fp16 narrowed with F16C where available (the
-// element-by-element c10 conversion ran fp16 sub_/combine_ at 3 GB/s), others cast.
+// element-by-element c10 conversion ran fp16 sub_/combine_ at 3 GB/s), bf16 rounded in
+// registers (store_bf16), others cast.
 inline void store_acc(const float* src, int64_t len, Half* dst) {
   if (!narrow_fp16(src, len, reinterpret_cast<uint16_t*>(dst))) {
     for (int64_t j = 0; j < len; ++j) dst[j] = static_cast<Half>(src[j]);
   }
+}
+
+inline void store_acc(const float* src, int64_t len, BFloat16* dst) {
+  store_bf16(src, len, reinterpret_cast<uint16_t*>(dst));
 }
 
 template <typename scalar_t, typename acc_t>

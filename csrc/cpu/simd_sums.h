@@ -63,6 +63,8 @@ bool narrow_fp16(const float* src, int64_t n, uint16_t* dst);
 // c10's conversions do (bf16: NaN -> 0x7FC0). sub_fp16 needs F16C: false without it (the
 // caller converts through float scratch then, the same values).
 void sub_bf16(uint16_t* r, const uint16_t* o, int64_t n);
+// dst := bf16(src) (bits), rounded as sub_bf16 rounds, in registers.
+void store_bf16(const float* src, int64_t n, uint16_t* dst);
 bool sub_fp16(uint16_t* r, const uint16_t* o, int64_t n);
 // "avx2" or "baseline": the code path in use.
 const char* simd_isa();
