@@ -1088,8 +1088,13 @@ def step_gl(run: Run) -> Tensor:
     else:
         local_scale = run.scaling.factor(run.global_sync)
         # every column is written below (a copy per sampled parameter, zeros for one a loss
-        # does not reach), except by the sharded path, which adds into the rows
-        local = opt.scratch("local", [((k, t[3]), b.dtype) for t, b in zip(tables, sh.buckets)])
+        # does not reach), except by the sharded path, which adds into the rows. Reused from
+        # step to step with local_grad="autograd"; gl-lagged comes here only without a usable
+        # lag (first step, new selection): kept, its [K, M] would outlive its use (+5.9 MB
+        # on the main job's MLP)
+        specs = [((k, t[3]), b.dtype) for t, b in zip(tables, sh.buckets)]
+        local = opt.scratch("local", specs) if opt.local_grad == "autograd" else \
+            [torch.empty(s, dtype=d, device=sh.device) for s, d in specs]
         if run.sharded:
             for loc in local:
                 loc.zero_()
