@@ -127,6 +127,27 @@ void mix_chunk(const Chunk& ch, scalar_t* pp, scalar_t* bp, const scalar_t* gp, 
   if (pos < ch.end) piece(pos, ch.end, nullptr, acc_t(0));
 }
 
+// The sampled part's pointers (all null without a local part); b holds the local
+// coefficients in the accumulation dtype.
+template <typename scalar_t, typename acc_t>
+struct Sampled {
+  const scalar_t* l = nullptr;
+  const acc_t* b = nullptr;
+  const int64_t* st = nullptr;
+  const int64_t* ln = nullptr;
+  const int64_t* ls = nullptr;
+  Sampled(bool has, const OptionalTensor& local, const OptionalTensor& coefs,
+          const OptionalTensor& starts, const OptionalTensor& lengths,
+          const OptionalTensor& local_starts) {
+    if (!has) return;
+    l = local->const_data_ptr<scalar_t>();
+    b = coefs->const_data_ptr<acc_t>();
+    st = starts->const_data_ptr<int64_t>();
+    ln = lengths->const_data_ptr<int64_t>();
+    ls = local_starts->const_data_ptr<int64_t>();
+  }
+};
+
 }  // namespace
 
 void mix_perturb_(Tensor& param, Tensor& backup, const Tensor& g0,
@@ -175,16 +196,11 @@ void mix_perturb_(Tensor& param, Tensor& backup, const Tensor& g0,
     scalar_t* bp = backup.mutable_data_ptr<scalar_t>();
     const scalar_t* gp = g0.const_data_ptr<scalar_t>();
     const acc_t* ap = a.const_data_ptr<acc_t>();
-    const scalar_t* lp = has_local ? local->const_data_ptr<scalar_t>() : nullptr;
-    const acc_t* bq = has_local ? b->const_data_ptr<acc_t>() : nullptr;
-    const int64_t* st = has_local ? starts->const_data_ptr<int64_t>() : nullptr;
-    const int64_t* ln = has_local ? lengths->const_data_ptr<int64_t>() : nullptr;
-    const int64_t* ls = has_local ? local_starts->const_data_ptr<int64_t>() : nullptr;
-
+    const Sampled<scalar_t, acc_t> sp(has_local, local, b, starts, lengths, local_starts);
     parallel_for(0, static_cast<int64_t>(chunks.size()), kGrain, [&](int64_t cb, int64_t ce) {
       for (int64_t c = cb; c < ce; ++c) {
-        mix_chunk(chunks[c], pp, bp, gp, ap[chunks[c].seg], lp, bq, st, ln, ls, np, save_backup,
-                  adaptive);
+        mix_chunk(chunks[c], pp, bp, gp, ap[chunks[c].seg], sp.l, sp.b, sp.st, sp.ln, sp.ls, np,
+                  save_backup, adaptive);
       }
     });
   });
@@ -251,18 +267,14 @@ void perturb_points_(Tensor& out, const Tensor& theta, const Tensor& directions,
     scalar_t* tp = const_cast<scalar_t*>(theta.const_data_ptr<scalar_t>());
     const scalar_t* dp = directions.const_data_ptr<scalar_t>();
     const acc_t* ap = a.const_data_ptr<acc_t>();
-    const scalar_t* lp = has_local ? local->const_data_ptr<scalar_t>() : nullptr;
-    const acc_t* bq = has_local ? b->const_data_ptr<acc_t>() : nullptr;
-    const int64_t* st = has_local ? starts->const_data_ptr<int64_t>() : nullptr;
-    const int64_t* ln = has_local ? lengths->const_data_ptr<int64_t>() : nullptr;
-    const int64_t* ls = has_local ? local_starts->const_data_ptr<int64_t>() : nullptr;
+    const Sampled<scalar_t, acc_t> sp(has_local, local, b, starts, lengths, local_starts);
     parallel_for(0, static_cast<int64_t>(chunks.size()), kGrain, [&](int64_t cb, int64_t ce) {
       for (int64_t c = cb; c < ce; ++c) {
         const Chunk& ch = chunks[c];
         for (int64_t i = 0; i < k; ++i) {
           mix_chunk(ch, op + i * n, tp, dp + i * dstride, ap[i * nseg + ch.seg],
-                    has_local ? lp + i * m : nullptr, has_local ? bq + i * np : nullptr, st, ln,
-                    ls, np, false, adaptive);
+                    has_local ? sp.l + i * m : nullptr, has_local ? sp.b + i * np : nullptr,
+                    sp.st, sp.ln, sp.ls, np, false, adaptive);
         }
       }
     });

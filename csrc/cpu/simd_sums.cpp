@@ -349,17 +349,20 @@ MTLSAM_INLINE uint16_t narrow_bf16(float f) {
   return static_cast<uint16_t>((u + (((u >> 16) & 1u) + 0x7FFFu)) >> 16);
 }
 
+// 8 floats to bf16 bit patterns: round to nearest even, NaN -> 0x7FC0.
+MTLSAM_INLINE U16x8 narrow8_bf16(Vec8<float> d) {
+  U32x8 u;
+  std::memcpy(&u, &d, sizeof(u));
+  const U32x8 nan = (U32x8)(d != d);  // all ones where NaN
+  const U32x8 rounded = (u + (((u >> 16) & 1u) + 0x7FFFu)) >> 16;
+  const U32x8 bits = (rounded & ~nan) | ((U32x8{} + 0x7FC0u) & nan);
+  return __builtin_convertvector(bits, U16x8);
+}
+
 MTLSAM_INLINE void sub_bf16_t(uint16_t* r, const uint16_t* o, int64_t n) {
-  using V = Vec8<float>;
   int64_t j = 0;
   for (; j + 8 <= n; j += 8) {
-    const V d = load8(r + j) - load8(o + j);
-    U32x8 u;
-    std::memcpy(&u, &d, sizeof(u));
-    const U32x8 nan = (U32x8)(d != d);  // all ones where NaN
-    const U32x8 rounded = (u + (((u >> 16) & 1u) + 0x7FFFu)) >> 16;
-    const U32x8 bits = (rounded & ~nan) | ((U32x8{} + 0x7FC0u) & nan);
-    const U16x8 out = __builtin_convertvector(bits, U16x8);
+    const U16x8 out = narrow8_bf16(load8(r + j) - load8(o + j));
     std::memcpy(r + j, &out, sizeof(out));
   }
   for (; j < n; ++j) r[j] = narrow_bf16(load1(r + j) - load1(o + j));
@@ -368,17 +371,11 @@ MTLSAM_INLINE void sub_bf16_t(uint16_t* r, const uint16_t* o, int64_t n) {
 // dst := bf16(src), the rounding of sub_bf16_t (a combine's accumulator stored as bf16: the
 // element-by-element c10 conversion held bf16 combine_ at 7-10 GB/s).
 MTLSAM_INLINE void store_bf16_t(const float* src, int64_t n, uint16_t* dst) {
-  using V = Vec8<float>;
   int64_t j = 0;
   for (; j + 8 <= n; j += 8) {
-    V d;
+    Vec8<float> d;
     std::memcpy(&d, src + j, sizeof(d));
-    U32x8 u;
-    std::memcpy(&u, &d, sizeof(u));
-    const U32x8 nan = (U32x8)(d != d);  // all ones where NaN
-    const U32x8 rounded = (u + (((u >> 16) & 1u) + 0x7FFFu)) >> 16;
-    const U32x8 bits = (rounded & ~nan) | ((U32x8{} + 0x7FC0u) & nan);
-    const U16x8 out = __builtin_convertvector(bits, U16x8);
+    const U16x8 out = narrow8_bf16(d);
     std::memcpy(dst + j, &out, sizeof(out));
   }
   for (; j < n; ++j) dst[j] = narrow_bf16(src[j]);
