@@ -135,6 +135,16 @@ def _local(p: Tensor) -> Tensor:
         return p.to_local()
 
 
+def copy_or_zero(views: Sequence[Tensor], grads: Sequence[Tensor | None]) -> None:
+    """``views := grads`` in one foreach copy, zeros where a gradient is ``None`` (a parameter
+    the loss does not reach), so the destination needs no zeroing first."""
+    torch._foreach_copy_([v for v, g in zip(views, grads) if g is not None],
+                         [g for g in grads if g is not None])
+    for v, g in zip(views, grads):
+        if g is None:
+            v.zero_()
+
+
 class FlatParams:
     """Parameters packed into flat per-dtype buffers, with a segment table of layers.
 
@@ -384,15 +394,9 @@ class FlatParams:
                      grads: Sequence[Tensor | None]) -> None:
         """Rows ``first_row .. first_row + k - 1`` := per-parameter ``[k, *shape]`` gradients
         given in :meth:`ordered_params` order (``None``: the parameter was not reached, 0)."""
-        it = iter(grads)
-        for b, r in zip(self.buckets, rows):
-            for p, s in zip(b.params, b.starts):
-                g = next(it)
-                dst = r[first_row:first_row + k, s:s + p.numel()]
-                if g is None:
-                    dst.zero_()
-                else:
-                    dst.copy_(g.reshape(k, -1))
+        dsts = [r[first_row:first_row + k, s:s + p.numel()].view(k, *p.shape)
+                for b, r in zip(self.buckets, rows) for p, s in zip(b.params, b.starts)]
+        copy_or_zero(dsts, grads)
 
     def add_summed_batched(self, grads: Sequence[Tensor | None]) -> None:
         """``p.grad += sum_k g[k]`` for per-parameter ``[K, *shape]`` gradients in

@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from mtlsam_ext import ops
+from mtlsam_ext.flat import copy_or_zero
 from mtlsam_ext.optim.amp import Scaling
 from mtlsam_ext.optim.batched import AGREE, BatchedError, point_losses, timer
 from mtlsam_ext.optim.batchnorm import batch_statistics
@@ -815,17 +816,6 @@ def _finish_summed(run: Run, sums: list[Tensor]) -> None:
     run.finish_update([r[:1] for r in sums], w, None)
 
 
-def _next_lag(opt: MTLSAM, tables: list, k: int) -> list[Tensor]:
-    """The compact ``[K, M_b]`` buffers the split passes write the next step's local gradients
-    into (two sets alternate with the lag the step reads, see :func:`_lagged_summed`)."""
-    nxt = opt._buffers.get("lag_next")
-    if nxt is None or any(t.shape != (k, tb[3]) for t, tb in zip(nxt, tables)):
-        nxt = opt._buffers["lag_next"] = [
-            torch.empty(k, tb[3], dtype=b.dtype, device=b.device)
-            for tb, b in zip(tables, opt.shared.buckets)]
-    return nxt
-
-
 def _lagged_summed(run: Run, sums: list[Tensor], nxt: list[Tensor], sampled: list[int]) -> None:
     """End of a gl-lagged step with LS / mean and a fixed layer selection: the split passes
     left ``sum_i g_i^SAM`` on the other layers in ``sums`` and each task's SAM gradient on the
@@ -1053,16 +1043,6 @@ def step_fmtl(run: Run) -> Tensor:
     return run.unperturbed
 
 
-def _copy_or_zero(views: list[Tensor], grads: Sequence[Tensor | None]) -> None:
-    """``views := grads`` in one foreach copy; zeros where a gradient is ``None`` (a parameter
-    the loss does not reach), so the buffer needs no zeroing first."""
-    torch._foreach_copy_([v for v, g in zip(views, grads) if g is not None],
-                         [g for g in grads if g is not None])
-    for v, g in zip(views, grads):
-        if g is None:
-            v.zero_()
-
-
 def step_gl(run: Run) -> Tensor:
     """Global-local sampled SAM (report Alg. 1, DESIGN.md §1a): one average-loss gradient g0,
     task-local gradients on the sampled layers only, per-layer mixed and magnitude-matched
@@ -1108,7 +1088,7 @@ def step_gl(run: Run) -> Tensor:
             if got is not None:  # [K, *shape] per parameter, one batched backward
                 if state == "trial":  # batched = "auto": into scratch, then sequential too
                     trial = [torch.zeros_like(t) for t in local]
-                _copy_or_zero(sh.local_batched_views(local if trial is None else trial,
+                copy_or_zero(sh.local_batched_views(local if trial is None else trial,
                                                      sampled), got)
                 if trial is not None:
                     opt.batched.record("grads", "batched", run.clock() - t0)
@@ -1121,7 +1101,7 @@ def step_gl(run: Run) -> Tensor:
                     run.backward_local(losses[i], local, i, sampled)
                     continue
                 got = run.task_grads(losses[i], params_s)
-                _copy_or_zero(sh.local_views(local, i, sampled), got)
+                copy_or_zero(sh.local_views(local, i, sampled), got)
                 run.row_ready(i)
             if trial is not None:
                 opt.batched.record("grads", "sequential", run.clock() - t0)
@@ -1179,7 +1159,10 @@ def step_gl(run: Run) -> Tensor:
     # every task's per-segment coefficients gathered once (one index per bucket, not per task)
     ca = [coef_a[:, s] for s in seg_layers]
     cb = [coef_b[:, ids] for ids in samp_layers]
-    nxt = _next_lag(opt, tables, k) if lagged_summed else None
+    # the compact [K, M_b] rows the split passes write the next step's local gradients into
+    # (two sets alternate with the lag the step reads, see _lagged_summed)
+    nxt = opt.scratch("lag_next", [((k, tb[3]), b.dtype) for tb, b in zip(tables, sh.buckets)]
+                      ) if lagged_summed else None
     _sam_passes(run, g0, ca, offs, rows, 0, hc, local=local, local_coefs=cb, tables=tables,
                 summed=summed, split=None if nxt is None else (nxt, sampled))
     run.restore_shared()
@@ -1218,10 +1201,7 @@ def step_gl(run: Run) -> Tensor:
             # succeeded, so a failed step leaves the history intact.
             nxt = opt.sampled_layers
             tabs = opt.sampled_tables(nxt)
-            lag = opt._buffers.get("lag")
-            if lag is None or any(t.shape != (k, tb[3]) for t, tb in zip(lag, tabs)):
-                lag = opt._buffers["lag"] = [torch.empty(k, t[3], dtype=b.dtype, device=b.device)
-                                             for t, b in zip(tabs, sh.buckets)]
+            lag = opt.scratch("lag", [((k, t[3]), b.dtype) for t, b in zip(tabs, sh.buckets)])
             for r, runs, dst in zip(rows, opt.sampled_runs(nxt), lag):
                 for s, n, ls in runs:
                     dst[:, ls:ls + n].copy_(r[:, s:s + n])
