@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import ctypes
 import datetime as _dt
+import functools
 import gc
 import json
 import os
@@ -298,7 +299,9 @@ def git_commit(repo: Path = REPO) -> str:
         st = subprocess.run(["git", "--no-optional-locks", "status", "--porcelain"], cwd=repo,
                             capture_output=True, text=True, timeout=30, check=True).stdout
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        # a copy of the tree without .git (a GPU machine gets the files only): the caller names
+        # the commit it copied
+        return os.environ.get("MTLSAM_COMMIT", "unknown")
     return head + ("+dirty" if st.strip() else "")
 
 
@@ -356,7 +359,21 @@ def env_info(device: torch.device | str | None = None) -> dict[str, Any]:
     out["blas_threads"] = _blas_threads()
     out["device"] = str(dev)
     out["device_name"] = torch.cuda.get_device_name(dev) if dev.type == "cuda" else out["cpu"]
+    if dev.type == "cuda":
+        out["gpu_driver"] = _gpu_driver()
+        out["compute_capability"] = "{}.{}".format(*torch.cuda.get_device_capability(dev))
     return out
+
+
+@functools.lru_cache(maxsize=1)
+def _gpu_driver() -> str | None:
+    """The NVIDIA driver's version (``nvidia-smi``; torch reports only the CUDA API level)."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=30, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.split("\n")[0].strip() or None
 
 
 def record(path: str | os.PathLike | None, rows: Iterable[dict[str, Any]], *,

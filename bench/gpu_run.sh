@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# One GPU validation run, sized for a short machine loan: build the extension for this GPU's
+# architecture only, run the CUDA and Triton tests, the op and step benchmarks, and a memory
+# check of the CUDA ops. Run from the repository root on a machine with a CUDA torch, nvcc of
+# the same CUDA major, pytest (pytest-xdist and pytest-timeout if present) and, for the last
+# stage, compute-sanitizer:
+#
+#   OUT=/tmp/gpu_out MTLSAM_COMMIT=$(git rev-parse HEAD) bash bench/gpu_run.sh [stages]
+#
+# stages: any of build,tests,ops,steps,sanitize (default: all, in that order; build always runs
+# when the extension is not built yet). Every stage has its own time limit, so a hang in one
+# still leaves the others' results. What it writes under $OUT (at most eight files):
+#   run.log (versions, nvidia-smi, info, the summary of every stage), build.log, tests.log,
+#   junit.xml, ops_cuda.jsonl, step_cuda.jsonl, bench.log, sanitizer.log
+set -u
+PY=${PY:-python3}
+export PATH=$PATH:/usr/local/cuda/bin
+OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
+STAGES=${1:-build,tests,ops,steps,sanitize}
+exec > >(tee -a "$OUT/run.log") 2>&1
+t0=$(date +%s); lap() { echo "== $1 at +$(( $(date +%s) - t0 )) s"; }
+has() { [[ ",$STAGES," == *",$1,"* ]]; }
+export MTLSAM_COMMIT=${MTLSAM_COMMIT:-unknown} PYTHONUNBUFFERED=1
+
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv
+"$PY" -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__,
+'cuda', torch.version.cuda, torch.cuda.get_device_name(), torch.cuda.get_device_capability())"
+"$PY" -c "import triton; print('triton', triton.__version__)" || echo "no triton"
+echo "commit $MTLSAM_COMMIT"
+cap=$("$PY" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")
+export TORCH_CUDA_ARCH_LIST="$cap" MAX_JOBS=${MAX_JOBS:-16}
+
+# In-place build: the tests run from the repository root, where this tree's mtlsam_ext/ is the
+# one imported (an installed wheel would be shadowed by it).
+if has build || ! ls mtlsam_ext/_C*.so > /dev/null 2>&1; then
+    lap "build for sm_$cap"
+    # MTLSAM_FORCE_CUDA: a missing nvcc is an error here, not a silently CPU-only build
+    if ! MTLSAM_FORCE_CUDA=1 "$PY" setup.py build_ext --inplace > "$OUT/build.log" 2>&1; then
+        tail -40 "$OUT/build.log"; echo "build failed"; exit 1
+    fi
+    grep -E "warning|error" "$OUT/build.log" | head -20
+fi
+"$PY" -m mtlsam_ext.info
+
+xdist=(); "$PY" -c "import xdist" 2> /dev/null && xdist=(-n 8)
+per_test=(); "$PY" -c "import pytest_timeout" 2> /dev/null && per_test=(--timeout 120)
+if has tests; then
+    lap "tests"
+    timeout 170 "$PY" -m pytest -q -rfE "${xdist[@]}" "${per_test[@]}" -p no:cacheprovider \
+        tests/test_ops_cuda.py tests/test_steps_cuda.py tests/test_triton.py \
+        tests/test_triton_steps.py tests/test_aggregators.py::test_cuda_matches_cpu \
+        --junitxml "$OUT/junit.xml" > "$OUT/tests.log" 2>&1
+    echo "pytest rc $?"; grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -40
+    tail -3 "$OUT/tests.log"
+fi
+if has ops; then
+    lap "op benchmark"
+    timeout 100 "$PY" -m bench.ops_bench --device cuda --dtypes fp32,bf16 \
+        --out "$OUT/ops_cuda.jsonl" > "$OUT/bench.log" 2>&1
+    echo "ops_bench rc $?"; tail -60 "$OUT/bench.log"
+fi
+if has steps; then
+    lap "step benchmark"
+    # every method of the main job plus the batched perturbed passes (batched="points")
+    methods=erm,naive-fmtl,naive-fmtl-2k,naive-sam-per-task,fmtl,fmtl-task,gl-autograd,gl-lagged
+    methods=$methods,gl-lagged-task,gl-zo,sam,fmtl-vmap,gl-lagged-vmap
+    timeout 110 "$PY" -m bench.step_bench --device cuda --model mlp,resnet18 --tasks 10 \
+        --methods "$methods" --no-progress --out "$OUT/step_cuda.jsonl" >> "$OUT/bench.log" 2>&1
+    echo "step_bench rc $?"; tail -45 "$OUT/bench.log"
+fi
+if has sanitize && command -v compute-sanitizer > /dev/null; then
+    # the cases most likely to read or write out of bounds: ragged and one-element segments,
+    # misaligned rows, unsorted sampled tables, segments spanning many blocks, empty inputs
+    lap "compute-sanitizer memcheck of the CUDA ops"
+    timeout 75 compute-sanitizer --tool memcheck --error-exitcode 3 "$PY" -m pytest -q -x \
+        -p no:cacheprovider tests/test_ops_cuda.py \
+        -k "ragged or one_element or misaligned or unsorted or shuffled or alignment or spanning or empty" \
+        > "$OUT/sanitizer.log" 2>&1
+    echo "memcheck rc $?"; grep -E "ERROR SUMMARY|Invalid|passed|failed" "$OUT/sanitizer.log" | head
+fi
+lap "done"
