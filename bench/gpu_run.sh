@@ -35,7 +35,7 @@ export TORCH_CUDA_ARCH_LIST="$cap" MAX_JOBS=${MAX_JOBS:-16}
 if has build || ! ls mtlsam_ext/_C*.so > /dev/null 2>&1; then
     lap "build for sm_$cap"
     # MTLSAM_FORCE_CUDA: a missing nvcc is an error here, not a silently CPU-only build
-    if ! MTLSAM_FORCE_CUDA=1 "$PY" setup.py build_ext --inplace > "$OUT/build.log" 2>&1; then
+    if ! MTLSAM_FORCE_CUDA=1 timeout 150 "$PY" setup.py build_ext --inplace > "$OUT/build.log" 2>&1; then
         tail -40 "$OUT/build.log"; echo "build failed"; exit 1
     fi
     grep -E "warning|error" "$OUT/build.log" | head -20
