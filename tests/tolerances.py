@@ -26,6 +26,19 @@ ELEMENTWISE = {
 
 DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 
+# A compiled kernel is held to the pure-torch reference's own error (against the float64 oracle)
+# times two, plus this many ulps of the accumulation dtype at the result's magnitude: where the
+# reference happens to be correctly rounded (on a GPU torch sums fp16/bf16 Gram entries of 257
+# columns exactly to half an fp32 ulp), "twice its error" alone would demand better than one ulp
+# of any other summation order. Seen on an H200: fp16 Gram entries of ~270 off by 6.6e-5 (2.2
+# ulps) against the reference's 1.5e-5; fp16 sums of squares of ~4300 off by 3.7e-4 (0.8 ulp).
+REFERENCE_ULPS = 4
+
+
+def accumulation_eps(dtype: torch.dtype) -> float:
+    """Machine epsilon of the dtype reductions accumulate in for ``dtype`` inputs."""
+    return torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).eps
+
 
 def assert_reduction_close(got: torch.Tensor, want: torch.Tensor, bound: torch.Tensor,
                            dtype: torch.dtype) -> None:

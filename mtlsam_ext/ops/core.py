@@ -7,7 +7,7 @@ import os
 from torch import Tensor
 
 from mtlsam_ext.ops import validate
-from mtlsam_ext.ops.dispatch import kernels, resolve_backend
+from mtlsam_ext.ops.dispatch import kernels, op_backend, resolve_backend
 
 # Resolved kernel modules per (backend asked for, device, the environment variable that can
 # change the answer: MTLSAM_BACKEND for "auto", TRITON_INTERPRET for "triton"): a step makes
@@ -18,14 +18,15 @@ _RESOLVED: dict[tuple, object] = {}
 _ENV = {"auto": "MTLSAM_BACKEND", "triton": "TRITON_INTERPRET"}
 
 
-def _k(backend: str, like: Tensor):
+def _k(backend: str, like: Tensor, op: str):
     # Explicit names are resolved too: asking for a backend that cannot run on these tensors
     # is an error, never a silent fallback (errors are raised again on every call, not cached).
+    # `op` matters only where the backend resolves to a per-op choice (ext+triton on CUDA).
     var = _ENV.get(backend)
-    key = (backend, like.device, None if var is None else os.environ.get(var))
+    key = (backend, like.device, None if var is None else os.environ.get(var), op)
     mod = _RESOLVED.get(key)
     if mod is None:
-        mod = _RESOLVED[key] = kernels(resolve_backend(backend, like.device))
+        mod = _RESOLVED[key] = kernels(op_backend(resolve_backend(backend, like.device), op))
     return mod
 
 
@@ -36,7 +37,8 @@ def segment_sumsq(x: Tensor, offsets: Tensor, scale: Tensor | None = None, *,
     validate.offsets("offsets", offsets, x.numel())
     if scale is not None:
         validate.flat("scale", scale, like=x)
-    return _k(backend, x).segment_sumsq(x, offsets, scale)
+    op = "segment_sumsq" if scale is None else "segment_sumsq_adaptive"
+    return _k(backend, x, op).segment_sumsq(x, offsets, scale)
 
 
 def gl_layer_stats(g0: Tensor, local: Tensor, starts: Tensor, lengths: Tensor,
@@ -51,7 +53,8 @@ def gl_layer_stats(g0: Tensor, local: Tensor, starts: Tensor, lengths: Tensor,
     validate.sampled(starts, lengths, local_starts, g0.numel(), local.shape[1])
     if scale is not None:
         validate.flat("scale", scale, like=g0)
-    return _k(backend, g0).gl_layer_stats(g0, local, starts, lengths, local_starts, scale)
+    return _k(backend, g0, "gl_layer_stats").gl_layer_stats(g0, local, starts, lengths,
+                                                            local_starts, scale)
 
 
 def mix_perturb_(param: Tensor, backup: Tensor, g0: Tensor, coef: Tensor, offsets: Tensor,
@@ -76,8 +79,9 @@ def mix_perturb_(param: Tensor, backup: Tensor, g0: Tensor, coef: Tensor, offset
         validate.sampled(starts, lengths, local_starts, param.numel(), local.numel())
         if local_coef.dim() != 1 or local_coef.numel() != starts.numel():
             raise ValueError("local_coef must hold one value per sampled segment")
-    _k(backend, param).mix_perturb_(param, backup, g0, coef, offsets, local, local_coef, starts,
-                                    lengths, local_starts, adaptive, save_backup)
+    op = "mix_perturb_" if local is None else "mix_perturb_local"
+    _k(backend, param, op).mix_perturb_(param, backup, g0, coef, offsets, local, local_coef,
+                                        starts, lengths, local_starts, adaptive, save_backup)
 
 
 def perturb_points_(out: Tensor, theta: Tensor, directions: Tensor, coefs: Tensor,
@@ -113,7 +117,7 @@ def perturb_points_(out: Tensor, theta: Tensor, directions: Tensor, coefs: Tenso
         if local_coefs.shape != (k, starts.numel()):
             raise ValueError(f"local_coefs must be [{k}, {starts.numel()}] (task x sampled "
                              f"segment), got {tuple(local_coefs.shape)}")
-    mod = _k(backend, out)
+    mod = _k(backend, out, "perturb_points_" if local is None else "perturb_points_local")
     fused = getattr(mod, "perturb_points_", None)
     if fused is not None:
         fused(out, theta, directions, coefs, offsets, local, local_coefs, starts, lengths,
@@ -131,20 +135,20 @@ def restore_(param: Tensor, backup: Tensor, *, backend: str = "auto") -> None:
     """Bit-exact restore of the parameters saved by :func:`mix_perturb_`."""
     validate.flat("param", param)
     validate.flat("backup", backup, like=param)
-    _k(backend, param).restore_(param, backup)
+    _k(backend, param, "restore_").restore_(param, backup)
 
 
 def gram(rows: Tensor, *, backend: str = "auto") -> Tensor:
     """K x K Gram matrix of an ``[K, N]`` row matrix, in the accumulation dtype."""
     validate.rows("rows", rows)
-    return _k(backend, rows).gram(rows)
+    return _k(backend, rows, "gram").gram(rows)
 
 
 def segment_gram(rows: Tensor, offsets: Tensor, *, backend: str = "auto") -> Tensor:
     """Per-segment ``[S, K, K]`` Gram matrices of an ``[K, N]`` row matrix (one read)."""
     validate.rows("rows", rows)
     validate.offsets("offsets", offsets, rows.shape[1])
-    return _k(backend, rows).segment_gram(rows, offsets)
+    return _k(backend, rows, "segment_gram").segment_gram(rows, offsets)
 
 
 def combine_(out: Tensor, rows: Tensor, weights: Tensor, *, backend: str = "auto") -> None:
@@ -156,7 +160,7 @@ def combine_(out: Tensor, rows: Tensor, weights: Tensor, *, backend: str = "auto
     if weights.dim() != 1 or weights.numel() != rows.shape[0]:
         raise ValueError(f"weights must have {rows.shape[0]} entries, got shape "
                          f"{tuple(weights.shape)}")
-    _k(backend, out).combine_(out, rows, weights)
+    _k(backend, out, "combine_").combine_(out, rows, weights)
 
 
 def flat_gram_(sam: Tensor, loss: Tensor, *, backend: str = "auto") -> Tensor:
@@ -165,11 +169,11 @@ def flat_gram_(sam: Tensor, loss: Tensor, *, backend: str = "auto") -> Tensor:
     validate.rows("loss", loss, sam.shape[1])
     if sam.shape != loss.shape or sam.dtype != loss.dtype or sam.device != loss.device:
         raise ValueError("flat_gram_ needs sam and loss rows of equal shape, dtype and device")
-    return _k(backend, sam).flat_gram_(sam, loss)
+    return _k(backend, sam, "flat_gram_").flat_gram_(sam, loss)
 
 
 def sub_(rows: Tensor, other: Tensor, *, backend: str = "auto") -> None:
     """``rows -= other`` (F-MTL's flat gradients over the SAM rows, in place)."""
     if rows.shape != other.shape or rows.dtype != other.dtype or rows.device != other.device:
         raise ValueError("sub_ needs two tensors of equal shape, dtype and device")
-    _k(backend, rows).sub_(rows, other)
+    _k(backend, rows, "sub_").sub_(rows, other)

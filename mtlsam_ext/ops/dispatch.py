@@ -1,9 +1,10 @@
 """Backend resolution: which kernel module runs an op on given tensors.
 
-``auto`` picks the compiled extension, then Triton, then torch on CUDA tensors, and the
-compiled extension, then torch on CPU tensors (DESIGN.md §2). The environment variable
-``MTLSAM_BACKEND`` overrides ``auto``; an explicit backend that is not available is an error,
-never a silent fallback.
+``auto`` picks the compiled extension, then torch on CPU tensors. On CUDA tensors it picks,
+per op, the compiled backend measured fastest for that op (``ext+triton``, see ``CUDA_AUTO``)
+when both the extension and Triton are there, else the one that is, else torch. The
+environment variable ``MTLSAM_BACKEND`` overrides ``auto``; an explicit backend that is not
+available is an error, never a silent fallback.
 """
 
 from __future__ import annotations
@@ -15,7 +16,26 @@ from types import ModuleType
 
 import torch
 
-BACKENDS = ("auto", "torch", "ext", "triton")
+# "ext+triton": every op on the backend CUDA_AUTO names for it (what "auto" resolves to on CUDA
+# where both are available); it can also be asked for by name.
+MIXED = "ext+triton"
+BACKENDS = ("auto", "torch", "ext", "triton", MIXED)
+
+# The ops that backend="auto" runs through Triton rather than the compiled extension on CUDA
+# tensors; every other op runs on the extension. Keys are ops_bench's op names ("_local": the
+# global-local form, with the sampled layers' task-gradient rows). Chosen from
+# `python -m bench.ops_bench --device cuda` on an H200 (torch 2.11.0+cu130, triton 3.6.0,
+# bench/results/ops_cuda.jsonl): ext vs triton GB/s on ResNet-18's layout, fp32 and bf16, and
+# on 2,000 tiny tensors (fp32). The extension wins every other op there (e.g. mix_perturb_
+# 3128 vs 2307, segment_sumsq 1118 vs 867, combine_ 3834 vs 2945; gl_layer_stats is even:
+# 1317 vs 1420, 806 vs 803, and 97 vs 59 on the tiny tensors).
+CUDA_AUTO: dict[str, str] = {
+    "mix_perturb_local": "triton",     # 1450 vs 2358, 768 vs 1344; tiny 47 vs 128
+    "perturb_points_local": "triton",  # 832 vs 2084, 430 vs 1259; tiny 79 vs 184
+    "gram": "triton",                  # 471 vs 810, 235 vs 549; tiny 237 vs 95 (ext: ~50 us)
+    "flat_gram_": "triton",            # 1056 vs 1585, 603 vs 1239; tiny 538 vs 220
+    "segment_gram": "triton",          # no CUDA kernel in ext (its torch fallback: 49 vs 784)
+}
 
 
 def _load_ext() -> ModuleType | None:
@@ -78,7 +98,14 @@ def resolve_backend(requested: str, device: torch.device | str) -> str:
     device = torch.device(device)
     usable = available_backends(device)
     if requested == "auto":
+        if device.type == "cuda" and "ext" in usable and "triton" in usable:
+            return MIXED
         return usable[0]
+    if requested == MIXED:
+        if device.type == "cuda" and "ext" in usable and "triton" in usable:
+            return MIXED
+        raise RuntimeError(f"backend={MIXED!r} is not available on {device}: it needs CUDA "
+                           f"tensors, the compiled extension and Triton (available: {usable})")
     if requested == "triton" and device.type == "cpu" and _interpreted_triton():
         # Explicit request only (never "auto"): Triton's interpreter runs the kernels on CPU
         # tensors, slowly, so that whole steps through this backend can be tested without a GPU.
@@ -102,8 +129,13 @@ def _interpreted_triton() -> bool:
     return _load_triton() is not None
 
 
+def op_backend(resolved: str, op: str) -> str:
+    """The single backend that runs ``op`` (an ops_bench op name) under a resolved backend."""
+    return CUDA_AUTO.get(op, "ext") if resolved == MIXED else resolved
+
+
 def kernels(backend: str) -> ModuleType:
-    """The kernel module implementing ``backend`` (already resolved)."""
+    """The kernel module implementing ``backend`` (resolved, and per op: see op_backend)."""
     if backend == "torch":
         from mtlsam_ext.kernels import torch_ref
 

@@ -73,7 +73,9 @@ class MTLSAM(torch.optim.Optimizer):
         adaptive: ASAM perturbations ``rho T^2 g / ||T g||`` with ``T = |theta|``.
         decompose: F-MTL's M(loss) + M(flat) (``True``) or M(SAM) (``False``).
         task_weights: weights of the average loss ``l_0 = sum_i w_i l_i`` (default 1/K).
-        backend: ``"auto"``, ``"torch"``, ``"ext"`` or ``"triton"`` for the fused ops.
+        backend: ``"auto"``, ``"torch"``, ``"ext"``, ``"triton"`` or ``"ext+triton"`` for the
+            fused ops (``"auto"`` on CUDA: ``"ext+triton"``, each op on the backend measured
+            fastest for it, where both are installed).
         generator: ``torch.Generator`` for random aggregators (PCGrad); default: one seeded
             from the global RNG at construction.
         aggregator_options: keyword options of a named aggregator, e.g. ``{"c": 0.5}`` for
