@@ -155,6 +155,47 @@ def check_stable_abi_torch(torch_version: str) -> None:
                            f"time (its stable-ABI headers); torch {torch_version} is installed")
 
 
+def loaded_libstdcxx() -> str | None:
+    """Path of the shared libstdc++ mapped into this process (torch, imported, links it)."""
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) >= 6 and os.path.basename(fields[-1]).startswith("libstdc++.so"):
+                    return fields[-1]
+    except OSError:
+        pass
+    return None
+
+
+def libstdcxx_link_args(cxx: str) -> list[str]:
+    """Link arguments that keep the module on the process's shared libstdc++.
+
+    A toolchain whose library path holds libstdc++.a but no libstdc++.so links a private static
+    copy of libstdc++ into the module, silently (seen: a GPU machine image whose GCC 13 is a
+    wrapper under /opt/gcc). That copy's symbols are exported, so some of the module's calls bind
+    to the shared libstdc++ that torch loaded and some to the copy; formatting a number into the
+    message of a failed argument check then crashed the process (every check whose message held
+    only strings passed). Where the compiler finds no libstdc++.so (``-print-file-name`` echoes a
+    bare name), the shared library torch loaded is named on the link line, ahead of the driver's
+    own ``-lstdc++``, so the module links it like any other build does."""
+    try:
+        found = subprocess.run([cxx, "-print-file-name=libstdc++.so"], capture_output=True,
+                               text=True, timeout=60).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return []
+    if os.path.isabs(found):
+        return []
+    loaded = loaded_libstdcxx()
+    if loaded is None:
+        _warn(f"{cxx} finds no libstdc++.so and none is loaded: libstdc++ may be linked "
+              "statically into the module")
+        return []
+    _warn(f"{cxx} finds no libstdc++.so (it would link libstdc++ statically): linking {loaded}, "
+          "the one torch loaded")
+    return [loaded]
+
+
 def compiler_version(cxx: str) -> str:
     out = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
     return out.splitlines()[0].strip() if out else cxx
@@ -197,6 +238,7 @@ def extension_setup() -> dict:
         _warn(f"no C++ compiler ({cxx!r}) found: skipping the compiled extension")
         return {}
 
+    link_args = LINK_ARGS + libstdcxx_link_args(cxx)
     sources = _sources("csrc/registration.cpp") + _sources("csrc/cpu/*.cpp")
     cxx_flags = ["-O3", "-fopenmp", "-Wall", "-Wno-unknown-pragmas"]
     stable = os.environ.get("MTLSAM_STABLE_ABI", "0") == "1"
@@ -244,13 +286,13 @@ def extension_setup() -> dict:
             extra_compile_args={"cxx": cxx_flags,
                                 "nvcc": ["-O3", "--expt-relaxed-constexpr",
                                          "-Xcompiler", "-fopenmp"] + abi_flags},
-            extra_link_args=LINK_ARGS, py_limited_api=True)
+            extra_link_args=link_args, py_limited_api=True)
     else:
         os.environ["MAX_JOBS"] = str(bounded_max_jobs(CXX_JOB_GIB))
         ext = cpp_extension.CppExtension("mtlsam_ext._C",
                                          sources + [write_record_source(record)],
                                          extra_compile_args={"cxx": cxx_flags},
-                                         extra_link_args=LINK_ARGS, py_limited_api=True)
+                                         extra_link_args=link_args, py_limited_api=True)
     base = cpp_extension.BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)
 
     class BuildExtWithRecord(base):

@@ -38,8 +38,9 @@ if has build || ! ls mtlsam_ext/_C*.so > /dev/null 2>&1; then
     if ! MTLSAM_FORCE_CUDA=1 timeout 150 "$PY" setup.py build_ext --inplace > "$OUT/build.log" 2>&1; then
         tail -40 "$OUT/build.log"; echo "build failed"; exit 1
     fi
-    grep -E "warning|error" "$OUT/build.log" | head -20
+    grep -E "warning|error|libstdc" "$OUT/build.log" | head -20
 fi
+readelf -d mtlsam_ext/_C*.so 2> /dev/null | grep NEEDED
 "$PY" -m mtlsam_ext.info
 
 xdist=(); "$PY" -c "import xdist" 2> /dev/null && xdist=(-n 8)
@@ -49,6 +50,7 @@ if has tests; then
     timeout 170 "$PY" -m pytest -q -rfE "${xdist[@]}" "${per_test[@]}" -p no:cacheprovider \
         tests/test_ops_cuda.py tests/test_steps_cuda.py tests/test_triton.py \
         tests/test_triton_steps.py tests/test_aggregators.py::test_cuda_matches_cpu \
+        tests/test_build_record.py tests/test_dispatch_auto.py \
         --junitxml "$OUT/junit.xml" > "$OUT/tests.log" 2>&1
     echo "pytest rc $?"; grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -40
     tail -3 "$OUT/tests.log"

@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     args = step_args(["--backend", a.backend, "--steps", str(a.steps), "--warmup",
                       str(a.warmup)])
     device = torch.device(a.device)
-    if device.type == "cuda":
+    if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)
     rows = []
     for model_name in a.model.split(","):

@@ -5,6 +5,7 @@ The cross-torch test with real wheels (a torch 2.14 wheel under torch 2.13) is i
 python/build_wheels.py; here the record is faked."""
 
 import json
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -117,3 +118,15 @@ def torch_version() -> str:
     import torch
 
     return torch.__version__
+
+
+def test_module_links_the_shared_libstdcxx():
+    """A module with a private static libstdc++ crashed on failed argument checks whose message
+    formats a number (setup.py's libstdcxx_link_args); the built module must need the shared
+    one."""
+    status = br.ext_status()
+    if status.module is None or shutil.which("readelf") is None:
+        pytest.skip("needs the compiled extension and readelf")
+    dyn = subprocess.run(["readelf", "-d", status.module.__file__], capture_output=True,
+                         text=True, check=True).stdout
+    assert "[libstdc++.so" in dyn, dyn

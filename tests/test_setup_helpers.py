@@ -97,3 +97,25 @@ def test_sdist_carries_every_source_file(tmp_path):
     assert wanted, "no sources found under csrc/"
     missing = sorted(wanted - names)
     assert not missing, f"not in the sdist: {missing}"
+
+
+def _fake_cxx(tmp_path, prints: str) -> str:
+    path = tmp_path / "fake-c++"
+    path.write_text(f"#!/bin/sh\necho '{prints}'\n")
+    path.chmod(0o755)
+    return str(path)
+
+
+def test_shared_libstdcxx_where_the_compiler_finds_it(setup_py, tmp_path):
+    cxx = _fake_cxx(tmp_path, "/usr/lib/gcc/x86_64-linux-gnu/13/libstdc++.so")
+    assert setup_py.libstdcxx_link_args(cxx) == []
+
+
+def test_torchs_libstdcxx_where_the_compiler_would_link_it_statically(setup_py, tmp_path):
+    import torch  # noqa: F401  (maps the shared libstdc++ into this process, as in setup.py)
+
+    loaded = setup_py.loaded_libstdcxx()
+    assert loaded is not None and Path(loaded).exists() and "libstdc++.so" in loaded
+    cxx = _fake_cxx(tmp_path, "libstdc++.so")  # gcc's answer when only libstdc++.a is found
+    assert setup_py.libstdcxx_link_args(cxx) == [loaded]
+    assert setup_py.libstdcxx_link_args(str(tmp_path / "no-such-compiler")) == []
