@@ -37,7 +37,9 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=512, help="global batch, split over ranks")
     args = ap.parse_args()
 
-    use_cuda = torch.cuda.is_available()
+    # NCCL where every local rank has a GPU of its own, gloo on the CPU otherwise (two ranks on
+    # a one-GPU machine would both need cuda:0)
+    use_cuda = torch.cuda.device_count() >= int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     dist.init_process_group("nccl" if use_cuda else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if use_cuda else "cpu")
@@ -56,12 +58,16 @@ def main() -> None:
     backbone.to(device)
     heads.to(device)
     if args.fsdp:  # each Linear its own group, then the rest; the heads stay replicated
+        from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
+        # the mesh on the ranks' device: FSDP2's default is the accelerator whenever one is
+        # present, also for gloo ranks on the CPU
+        mesh = init_device_mesh(device.type, (world,))
         for mod in backbone:
             if isinstance(mod, nn.Linear):
-                fully_shard(mod)
-        fully_shard(backbone)
+                fully_shard(mod, mesh=mesh)
+        fully_shard(backbone, mesh=mesh)
     opt = MTLSAM(backbone, torch.optim.Adam, heads=list(heads), method=args.method,
                  aggregator=args.aggregator, perturb_sync=args.perturb_sync,
                  bucket_cap_mb=args.bucket_cap_mb, lr=3e-3)

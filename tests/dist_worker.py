@@ -15,6 +15,17 @@ from tests.models import TwoTask
 STEPS = 5
 
 
+def fully_shard(module: nn.Module) -> nn.Module:
+    """FSDP2's ``fully_shard`` on a CPU mesh of all ranks. Without a mesh it shards onto the
+    accelerator where one is present (its default mesh follows ``torch.accelerator``), which
+    moved the backbone to cuda:0 and left the heads on the CPU when these gloo tests ran on a
+    GPU machine."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard as fsdp2
+
+    return fsdp2(module, mesh=init_device_mesh("cpu", (dist.get_world_size(),)))
+
+
 def shard(m: TwoTask, rank: int, world: int) -> tuple[torch.Tensor, torch.Tensor]:
     n = m.x.shape[0] // world
     return m.x[rank * n:(rank + 1) * n], m.y[rank * n:(rank + 1) * n]
@@ -193,7 +204,7 @@ def sharded(rank: int, world: int, spec: dict) -> dict:
     """Sharding MTLSAM does not support, refused at construction with the reason, the module
     left as it was: FSDP1 on the backbone, FSDP2 on the heads, FSDP2 on part of the
     backbone (sharded and plain parameters mixed)."""
-    from torch.distributed.fsdp import FullyShardedDataParallel, fully_shard
+    from torch.distributed.fsdp import FullyShardedDataParallel
 
     m = TwoTask(k=2, dtype=torch.float64, seed=1)
     body, heads = m.body, list(m.heads)
@@ -220,8 +231,6 @@ def fsdp(rank: int, world: int, spec: dict) -> dict:
     ``steps`` steps on this rank's shard of the batch; the full parameters afterwards (the
     shards gathered), the losses and the communication. ``spec["refuse"]``: options the
     sharded step does not support, expected to fail at construction."""
-    from torch.distributed.fsdp import fully_shard
-
     m = TwoTask(k=3, dtype=torch.float64, seed=1, width=spec.get("width", 12))
     x, y = shard(m, rank, world)
     for mod in m.body:
@@ -292,8 +301,6 @@ def bn(rank: int, world: int, spec: dict) -> dict:
     n = m.x.shape[0] // world
     x, y = m.x[rank * n:(rank + 1) * n], m.y[rank * n:(rank + 1) * n]
     if spec["sharded"]:
-        from torch.distributed.fsdp import fully_shard
-
         for mod in m.body:
             if isinstance(mod, (nn.Conv2d, nn.BatchNorm2d)):
                 fully_shard(mod)
