@@ -1,32 +1,33 @@
 #!/usr/bin/env bash
-# One GPU validation run, sized for a short machine loan: build the extension for this GPU's
-# architecture only, run the CUDA and Triton tests, the op and step benchmarks, and a memory
-# check of the CUDA ops. Run from the repository root on a machine with a CUDA torch, nvcc of
-# the same CUDA major, pytest (pytest-xdist and pytest-timeout if present) and, for the last
-# stage, compute-sanitizer:
+# One GPU validation run that finishes in a few minutes: build the extension for this GPU's
+# architecture only, run the CUDA and Triton tests, the op and step benchmarks, a profile of
+# the step and a memory check of the CUDA ops. Run from the repository root on a machine with
+# a CUDA torch, nvcc of the same CUDA major, pytest (pytest-xdist and pytest-timeout if
+# present) and, for the last stage, compute-sanitizer:
 #
 #   OUT=/tmp/gpu_out MTLSAM_COMMIT=$(git rev-parse HEAD) bash bench/gpu_run.sh [stages]
 #
-# stages: any of build,tests,ops,steps,sanitize (default: all, in that order; build always runs
-# when the extension is not built yet). Every stage has its own time limit, so a hang in one
-# still leaves the others' results. What it writes under $OUT (at most eight files):
-#   run.log (versions, nvidia-smi, info, the summary of every stage), build.log, tests.log,
-#   junit.xml, ops_cuda.jsonl, step_cuda.jsonl, bench.log, sanitizer.log
+# stages: any of build,tests,ops,steps,profile,sanitize (default: all, in that order; build
+# also runs when no extension is built yet). Every stage has its own time limit, so a hang in
+# one still leaves the others' results. What it writes under $OUT (at most eight files):
+#   run.log (versions, nvidia-smi, info, the summary of every stage), build.log, tests.log (the
+#   sanitizer's output too), junit.xml, ops_cuda.jsonl, step_cuda.jsonl, profile_cuda.jsonl,
+#   bench.log (the benchmarks' tables and the profile)
 set -u
 PY=${PY:-python3}
 export PATH=$PATH:/usr/local/cuda/bin
 OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
-STAGES=${1:-build,tests,ops,steps,sanitize}
+STAGES=${1:-build,tests,ops,steps,profile,sanitize}
 exec > >(tee -a "$OUT/run.log") 2>&1
 t0=$(date +%s); lap() { echo "== $1 at +$(( $(date +%s) - t0 )) s"; }
 has() { [[ ",$STAGES," == *",$1,"* ]]; }
-export MTLSAM_COMMIT=${MTLSAM_COMMIT:-unknown} PYTHONUNBUFFERED=1
+export MTLSAM_COMMIT=${MTLSAM_COMMIT:-} PYTHONUNBUFFERED=1
 
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv
 "$PY" -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__,
 'cuda', torch.version.cuda, torch.cuda.get_device_name(), torch.cuda.get_device_capability())"
 "$PY" -c "import triton; print('triton', triton.__version__)" || echo "no triton"
-echo "commit $MTLSAM_COMMIT"
+echo "commit ${MTLSAM_COMMIT:-(git)}"
 cap=$("$PY" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")
 export TORCH_CUDA_ARCH_LIST="$cap" MAX_JOBS=${MAX_JOBS:-16}
 
@@ -70,6 +71,12 @@ if has steps; then
         --methods "$methods" --no-progress --out "$OUT/step_cuda.jsonl" >> "$OUT/bench.log" 2>&1
     echo "step_bench rc $?"; tail -45 "$OUT/bench.log"
 fi
+if has profile; then
+    lap "profile of the step"
+    timeout 90 "$PY" -m bench.profile_step --device cuda --model resnet18 --tasks 10 \
+        --methods erm,fmtl,gl-lagged --out "$OUT/profile_cuda.jsonl" >> "$OUT/bench.log" 2>&1
+    echo "profile_step rc $?"; grep -E "^== |syncs|copies" "$OUT/bench.log" | tail -9
+fi
 if has sanitize && command -v compute-sanitizer > /dev/null; then
     # the cases most likely to read or write out of bounds: ragged and one-element segments,
     # misaligned rows, unsorted sampled tables, segments spanning many blocks, empty inputs
@@ -77,7 +84,7 @@ if has sanitize && command -v compute-sanitizer > /dev/null; then
     timeout 75 compute-sanitizer --tool memcheck --error-exitcode 3 "$PY" -m pytest -q -x \
         -p no:cacheprovider tests/test_ops_cuda.py \
         -k "ragged or one_element or misaligned or unsorted or shuffled or alignment or spanning or empty" \
-        > "$OUT/sanitizer.log" 2>&1
-    echo "memcheck rc $?"; grep -E "ERROR SUMMARY|Invalid|passed|failed" "$OUT/sanitizer.log" | head
+        >> "$OUT/tests.log" 2>&1
+    echo "memcheck rc $?"; grep -E "ERROR SUMMARY|Invalid|passed|failed" "$OUT/tests.log" | tail -4
 fi
 lap "done"

@@ -65,7 +65,10 @@ def profile_method(name: str, model_name: str, k: int, args: argparse.Namespace,
     per = {e.key: e for e in events}
     # the device-side events (kernels, memsets, copies): a host op's device time is theirs
     # again, so only these are summed
-    kernels = [e for e in events if str(getattr(e, "device_type", "")).endswith("CUDA")]
+    # (not the device-side span of the profiler's annotation of Optimizer.step, which covers
+    # the whole step again)
+    kernels = [e for e in events if str(getattr(e, "device_type", "")).endswith("CUDA")
+               and not e.key.startswith(("Optimizer.", "ProfilerStep"))]
     busy = sum(_self_device_us(e) for e in kernels) / n / 1e6
     syncs = {s: per[s].count / n for s in SYNCS if s in per}
     copies = {s: per[s].count / n for s in COPIES if s in per}

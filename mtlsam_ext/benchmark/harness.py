@@ -292,16 +292,20 @@ def limit_blas_threads(n: int | None) -> str:
 # -- environment and records ---------------------------------------------------------------------
 def git_commit(repo: Path = REPO) -> str:
     """``git rev-parse HEAD``, with ``+dirty`` when tracked or untracked-unignored files differ.
-    Read-only: ``--no-optional-locks`` keeps ``git status`` from refreshing the index."""
+    Read-only: ``--no-optional-locks`` keeps ``git status`` from refreshing the index.
+
+    ``MTLSAM_COMMIT`` overrides it: a copy of the tree made for another machine may carry a
+    stale ``.git`` (one such copy reported the checkout's first commit, "+dirty"), or none."""
+    named = os.environ.get("MTLSAM_COMMIT", "").strip()
+    if named:
+        return named
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True,
                               text=True, timeout=10, check=True).stdout.strip()
         st = subprocess.run(["git", "--no-optional-locks", "status", "--porcelain"], cwd=repo,
                             capture_output=True, text=True, timeout=30, check=True).stdout
     except (OSError, subprocess.SubprocessError):
-        # a copy of the tree without .git (a GPU machine gets the files only): the caller names
-        # the commit it copied
-        return os.environ.get("MTLSAM_COMMIT", "unknown")
+        return "unknown"
     return head + ("+dirty" if st.strip() else "")
 
 
