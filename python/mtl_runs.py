@@ -380,11 +380,11 @@ def main(problem: Problem, problem_module: str, args, quick_sizes: str) -> list[
             "python": platform.python_version(), "machine": platform.machine(),
             "cpus": os.cpu_count(), "jobs": args.jobs, "threads_per_run": args.threads,
             "args": vars(args)}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)  # before the runs, not after them
     t0 = time.time()
     runs = run_all(problem, problem_module, specs, args.jobs, args.threads)
     meta["wall_s"] = round(time.time() - t0, 1)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     with open(out.with_suffix(".jsonl"), "w") as f:
         f.write(json.dumps({"meta": meta}) + "\n")
         for r in runs:

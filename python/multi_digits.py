@@ -10,7 +10,7 @@ Compares ERM, F-MTL and global-local SAM (each local-gradient estimator) with ev
 aggregator, plus an alpha / sampled-layer sweep, over seeds; see mtl_runs.py for the protocol
 and the outputs (.jsonl, .md table, .png of test accuracy against wall time).
 
-    python python/multi_digits.py --quick --out /tmp/md          # ~1 minute, CI smoke size
+    python python/multi_digits.py --quick --out /tmp/md          # CI smoke size, ~12 s on 2 cores
     python python/multi_digits.py --out python/results/multi_digits   # the full comparison
 """
 

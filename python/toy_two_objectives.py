@@ -16,6 +16,7 @@ front; writes a PNG and prints the final points and objective values.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import torch
 
@@ -70,6 +71,8 @@ def main() -> None:
     ap.add_argument("--rho", type=float, default=0.3)
     ap.add_argument("--out", default="toy_two_objectives.png")
     args = ap.parse_args()
+    # the output's folder before the runs, not after them
+    Path(args.out).resolve().parent.mkdir(parents=True, exist_ok=True)
 
     paths = {key: run(cfg, args.steps, args.lr, args.rho) for key, cfg in RUNS.items()}
     print(f"{'aggregator':11}{'method':17}{'x1':>9}{'x2':>9}{'f1':>9}{'f2':>9}")
