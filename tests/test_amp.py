@@ -17,14 +17,6 @@ METHODS = [dict(method="gl"), dict(method="gl", local_grad="lagged"),
 IDS = ["gl", "gl-lagged", "gl-zo", "fmtl", "fmtl-direct", "sam", "erm"]
 
 
-@pytest.fixture(autouse=True)
-def _quiet():
-    # torch 2.13 announces that it will stop passing grad_scaler= (FutureWarning).
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=FutureWarning)
-        yield
-
-
 def _opt(m, cfg, agg="mgda", **kw):
     return MTLSAM(m.body, torch.optim.Adam, heads=list(m.heads), aggregator=agg, lr=1e-2,
                   backend="torch", generator=torch.Generator().manual_seed(0), **cfg, **kw)
@@ -207,3 +199,39 @@ def test_batched_points_under_a_scaler_and_autocast(cfg):
         tol = ELEMENTWISE[torch.bfloat16 if autocast else torch.float32]
         for a, b in zip(*runs):
             torch.testing.assert_close(b, a, **tol)
+
+
+@pytest.mark.parametrize("at_construction", [True, False])
+def test_scaler_step_without_warnings_reports_the_overflow(at_construction):
+    """scaler.step(opt, closure) uses the attribute form (no FutureWarning about passing
+    grad_scaler=), reads the scale from it, and an overflow inside the step reaches
+    scaler.update(): with the scaler given at construction, and without it (found as the
+    caller), once the scaler has a scale."""
+    m = TwoTask(k=2)
+    scaler = _scaler(init_scale=2.0**10, growth_interval=1)
+    kw = dict(grad_scaler=scaler) if at_construction else {}
+    opt = _opt(m, dict(method="fmtl"), **kw)
+    if not at_construction:
+        scaler.scale(torch.zeros(()))  # torch checks the scale before the step
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        scaler.step(opt, m.losses)
+        scaler.update()
+        assert scaler.get_scale() == 2.0**11  # finite: grew
+        before = m.snapshot()
+        grads = [p.grad.clone() for p in m.parameters()]
+        scaler.step(opt, lambda: [x * float("inf") for x in m.losses()])
+        scaler.update()
+    assert scaler.get_scale() == 2.0**10  # the overflow backed it off
+    assert all(torch.equal(a, b) for a, b in zip(before, m.parameters()))
+    assert all(torch.equal(g, p.grad) for g, p in zip(grads, m.parameters()))  # skipped: same
+    assert not [w for w in seen if issubclass(w.category, FutureWarning)], \
+        [str(w.message) for w in seen]
+    assert not hasattr(opt, "grad_scale") and not hasattr(opt, "found_inf")
+
+
+def test_step_refuses_unknown_keywords():
+    m = TwoTask(k=2)
+    opt = _opt(m, dict(method="gl"))
+    with pytest.raises(ValueError, match="grad_scaler"):
+        opt.step(m.losses, scaler=None)

@@ -28,13 +28,17 @@ def _make(cfg=None, agg="pcgrad", **kw):
 def _state(m, opt):
     return (m.snapshot(), copy.deepcopy(opt.base_optimizer.state_dict()),
             opt.generator.get_state().clone(),
-            [t.clone() for t in opt._buffers.get("lag", [])], opt._step_count)
+            [t.clone() for t in opt._buffers.get("lag", [])], opt._step_count,
+            [p.grad.clone() for p in m.parameters()])
 
 
 def _assert_unchanged(before, m, opt):
-    params, base, gen, lag, steps = before
+    params, base, gen, lag, steps, grads = before
     for a, b in zip(params, m.parameters()):
         assert torch.equal(a, b)
+    for g, p in zip(grads, m.parameters()):  # .grad too (the step's passes overwrite it)
+        assert p.grad is not None and torch.equal(g, p.grad)
+    assert any(bool(g.abs().sum() > 0) for g in grads)  # (a step left real gradients)
     now = opt.base_optimizer.state_dict()
     for pid, st in base["state"].items():
         for key, val in st.items():
@@ -81,6 +85,28 @@ def test_bad_closure_changes_nothing(cfg, bad, call):
         opt.step(_calls(m, call, make_bad))
     _assert_unchanged(before, m, opt)
     opt.step(m.losses)  # and the optimizer still works afterwards
+
+
+@pytest.mark.parametrize("cfg", METHODS, ids=IDS)
+def test_closure_calling_backward_leaves_the_gradients(cfg):
+    """A closure that runs backward() itself is refused on the first step (where the check
+    runs: it zeroes the gradients to see whether the closure wrote any); the gradients the
+    user had before the step are back afterwards, as are the parameters."""
+    m = TwoTask(k=2)
+    opt = MTLSAM(m.body, torch.optim.Adam, heads=list(m.heads), aggregator="pcgrad", lr=1e-2,
+                 generator=torch.Generator().manual_seed(3), backend="torch", **cfg)
+    sum(m.losses()).backward()  # gradients from the user's own code, before the first step
+    before = _state(m, opt)
+
+    def closure():
+        losses = m.losses()
+        losses[0].backward(retain_graph=True)
+        return losses
+
+    with pytest.raises(ValueError, match="backward"):
+        opt.step(closure)
+    _assert_unchanged(before, m, opt)
+    opt.step(m.losses)
 
 
 def test_nonfinite_gradient_with_finite_loss():

@@ -61,9 +61,9 @@ def test_named_losses_fixed_by_the_first_step():
     # The same names in another order are taken in the fixed order.
     out = opt.step(lambda: dict(reversed(list(zip(NAMES, m.losses())))))
     assert list(out) == NAMES
-    with pytest.raises(ValueError, match="fixed by the first step"):
+    with pytest.raises(ValueError, match="the first step"):
         opt.step(lambda: dict(zip(["a", "b", "c"], m.losses())))
-    with pytest.raises(ValueError, match="dict of named losses"):
+    with pytest.raises(ValueError, match="return a dict"):
         opt.step(m.losses)
     with pytest.raises(ValueError, match="task names"):
         opt.step(lambda: {1: m.losses()[0]})
@@ -78,7 +78,7 @@ def test_named_losses_survive_state_dict():
     opt2.load_state_dict(state)
     assert opt2.info()["task_names"] == NAMES
     m.losses()
-    with pytest.raises(ValueError, match="dict of named losses"):
+    with pytest.raises(ValueError, match="return a dict"):
         opt2.step(m.losses)
 
 
@@ -173,3 +173,34 @@ def test_task_keyword_found_through_wrappers():
         def again(task=None):
             return task
         assert accepts_task(again)
+
+
+@pytest.mark.parametrize("cfg", METHODS, ids=IDS)
+def test_heads_as_a_module_dict_name_the_tasks(cfg):
+    """heads=nn.ModuleDict: its names are the task names, the closure's dict is matched to
+    the heads by name (in any order), and the step equals the one with a list of heads."""
+    m1, m2 = TwoTask(k=3), TwoTask(k=3)
+    heads = torch.nn.ModuleDict(zip(NAMES, m2.heads))
+    opt1 = _opt(m1, cfg)
+    opt2 = MTLSAM(m2.body, torch.optim.Adam, heads=heads, aggregator="mgda", lr=1e-2,
+                  backend="torch", generator=torch.Generator().manual_seed(0), **cfg)
+    assert opt2.task_names == NAMES
+    for _ in range(2):
+        out1 = opt1.step(m1.losses)
+        # reversed order: matched by name, not by position
+        out2 = opt2.step(lambda: dict(reversed(list(zip(NAMES, m2.losses())))))
+        assert list(out2) == NAMES
+        torch.testing.assert_close(torch.stack(list(out2.values())), out1, rtol=0, atol=0)
+    for a, b in zip(list(m1.body.parameters()) + list(m1.heads.parameters()),
+                    list(m2.body.parameters()) + list(m2.heads.parameters())):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="return a dict"):
+        opt2.step(m2.losses)  # a list: which loss belongs to which named head?
+
+
+def test_heads_given_as_one_module_are_refused():
+    m = TwoTask(k=2)
+    with pytest.raises(ValueError, match="ModuleDict"):
+        MTLSAM(m.body, torch.optim.SGD, heads=m.heads[0], lr=0.1)
+    opt = MTLSAM(m.body, torch.optim.SGD, heads=m.heads, lr=0.1)  # an nn.ModuleList is K heads
+    assert opt.num_tasks == 2

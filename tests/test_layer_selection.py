@@ -164,3 +164,14 @@ def test_adaptive_needs_two_tasks():
                  layers="adaptive")
     with pytest.raises(ValueError, match="at least 2 tasks"):
         opt.step(m.losses)
+
+
+@pytest.mark.parametrize("mode", ["adaptive", "random"])
+def test_default_n_sampled_fits_a_small_backbone(mode):
+    """The default number of sampled layers is at most the backbone's: a two-layer backbone
+    takes both; only an explicit n_sampled out of range is refused."""
+    body = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 4))
+    opt = MTLSAM(body, torch.optim.SGD, lr=0.1, method="gl", layers=mode)
+    assert opt.layer_selector.n_sampled == 2
+    with pytest.raises(ValueError, match="n_sampled"):
+        MTLSAM(body, torch.optim.SGD, lr=0.1, method="gl", layers=mode, n_sampled=3)

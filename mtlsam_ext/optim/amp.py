@@ -13,17 +13,22 @@ pass; ``1/S`` is folded into coefficients the step applies anyway:
 A non-finite value anywhere (losses, Gram, weights, combined update) marks ``found_inf``: the
 step is skipped with parameters and state unchanged, and ``scaler.update()`` backs off.
 
-Protocol (torch 2.13 ``GradScaler.step``): an optimizer with ``_step_supports_amp_scaling``
-whose ``step`` takes a ``grad_scaler`` keyword gets the scaler itself, and the overflow found
-inside the step is recorded in the scaler's per-optimizer state, which ``update()`` reads. In
-the attribute form (``optimizer.grad_scale`` / ``optimizer.found_inf`` set by the scaler) the
-scaler computed ``found_inf`` before the step from the gradients present then and hands over a
-fresh tensor, so the step writes its result into that tensor in place and, where it can reach
-the scaler's per-device record, there too.
+Protocol (``GradScaler.step`` with an optimizer that has ``_step_supports_amp_scaling``): a
+``step`` whose signature names ``grad_scaler`` would be handed the scaler itself, which torch
+(2.x) deprecates with a FutureWarning on every step. MTLSAM's ``step`` takes ``grad_scaler``
+only through ``**kwargs``, so the scaler uses the attribute form torch is moving to: it sets
+``optimizer.grad_scale`` (its scale) and ``optimizer.found_inf`` before calling ``step`` and
+deletes them after. The step reads the scale from there and writes the overflow it finds into
+``found_inf`` in place. But today's ``update()`` reads the scaler's per-optimizer record, which
+the scaler filled *before* the step from the gradients present then (a closure optimizer has
+none yet), so the step also writes its result into that record: the scaler given at
+construction, or else the one calling ``step`` (found on the call stack, see
+:func:`calling_scaler`).
 """
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Any
 
@@ -88,7 +93,7 @@ def scaling_for(scaler: Any, grad_scale: Tensor | None, found_inf: Tensor | None
         # A copy: update() changes the scaler's scale in place, and the lagged gradients
         # remember the scale of the step that computed them.
         scale = scaler._scale.detach().to(device, torch.float32).reshape(()).clone()
-        return Scaling(scale=scale, scaler=scaler)
+        return Scaling(scale=scale, scaler=scaler, found_inf_out=found_inf)
     if grad_scale is not None:
         scale = torch.as_tensor(grad_scale).detach().to(device, torch.float32).reshape(())
         return Scaling(scale=scale.clone(), found_inf_out=found_inf)
@@ -107,3 +112,25 @@ def report_found_inf(scaling: Scaling, optimizer: object, finite: Tensor) -> Non
     if scaling.found_inf_out is not None:
         out = scaling.found_inf_out
         out.copy_(torch.maximum(out, flag.to(out.device, out.dtype)))
+
+
+def calling_scaler(optimizer: object, depth: int = 6) -> Any:
+    """The ``GradScaler`` whose ``step(optimizer, ...)`` is running, from the call stack (the
+    attribute form gives the optimizer the scale but no handle on the scaler, whose
+    ``update()`` still reads its own record of the overflow); ``None`` if there is none within
+    ``depth`` frames (``Optimizer``'s step hooks add wrapper frames in between)."""
+    frame = inspect.currentframe()
+    try:
+        f = frame.f_back if frame is not None else None
+        for _ in range(depth):
+            if f is None:
+                break
+            cand = f.f_locals.get("self")
+            states = getattr(cand, "_per_optimizer_states", None)
+            if cand is not optimizer and isinstance(states, dict) and id(optimizer) in states \
+                    and hasattr(cand, "update"):
+                return cand
+            f = f.f_back
+    finally:
+        del frame
+    return None

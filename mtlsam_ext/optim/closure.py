@@ -80,16 +80,17 @@ def parse_all(out: object, k: int | None, names: Sequence[str] | None, fixed: bo
                 out = {n: out[n] for n in names}
             else:
                 raise ValueError(f"the closure returned losses for tasks {keys}, but the task "
-                                 f"names were fixed by the first step as {list(names)}")
+                                 f"names are {list(names)} (the named heads', or the first "
+                                 "step's)")
         elif names is None and fixed:
             raise ValueError("the closure returned a dict of named losses, but earlier steps "
                              "returned unnamed ones; return the same form every time")
         losses = as_loss_list(list(out.values()), k, graph, only)
         return losses, list(out.keys())
     if fixed and names is not None:
-        raise ValueError(f"the closure returned {type(out).__name__}, but the first step "
-                         f"returned a dict of named losses {list(names)}; return the same form "
-                         "every time")
+        raise ValueError(f"the closure returned {type(out).__name__}, but the tasks are named "
+                         f"{list(names)} (by named heads, or by the first step's dict of "
+                         "losses): return a dict {name: loss} every time")
     return as_loss_list(out, k, graph, only), None
 
 

@@ -27,6 +27,9 @@ import torch
 from torch import Tensor
 
 LAYER_MODES = ("adaptive", "random")
+# Layers sampled by the modes unless n_sampled says otherwise (capped at the backbone's layers):
+# as many as the default fixed selection (first, middle, last).
+DEFAULT_N_SAMPLED = 3
 
 
 def default_layers(n_layers: int, n: int = 3) -> list[int]:

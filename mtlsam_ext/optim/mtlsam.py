@@ -8,7 +8,7 @@ optimizer step. The per-method passes live in :mod:`mtlsam_ext.optim.methods`.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -18,13 +18,18 @@ from mtlsam_ext.aggregators import check_weights, get_aggregator
 from mtlsam_ext.flat import FlatParams
 from mtlsam_ext.ops.dispatch import check_backend_name, resolve_backend
 from mtlsam_ext.optim import methods
-from mtlsam_ext.optim.amp import init_scaler, report_found_inf, scaling_for
+from mtlsam_ext.optim.amp import calling_scaler, init_scaler, report_found_inf, scaling_for
 from mtlsam_ext.optim.batched import BatchedPolicy, unsupported_reason
 from mtlsam_ext.optim.batchnorm import BN_STATS, RunningStats, batchnorm_modules
 from mtlsam_ext.optim.checks import reachable_leaves
 from mtlsam_ext.optim.closure import CONTRACT, parse_all, parse_one
 from mtlsam_ext.optim.distributed import BUCKET_CAP_MB, check_sharded, resolve_sync, unwrap_ddp
-from mtlsam_ext.optim.layer_selection import LAYER_MODES, LayerSelector, default_layers
+from mtlsam_ext.optim.layer_selection import (
+    DEFAULT_N_SAMPLED,
+    LAYER_MODES,
+    LayerSelector,
+    default_layers,
+)
 
 METHODS = ("gl", "fmtl", "sam", "erm")
 LOCAL_GRADS = ("autograd", "lagged", "zo")
@@ -45,8 +50,10 @@ class MTLSAM(torch.optim.Optimizer):
             all-reduces only partial sums (README, "Multi-GPU and multi-node").
         base_optimizer: a ``torch.optim.Optimizer`` class, built over all parameters with
             ``**base_kwargs``; its ``param_groups`` are this optimizer's, so LR schedulers work.
-        heads: optional list of K modules / iterables of task-specific parameters; head i may
-            only influence loss i. Heads get plain SAM with radius ``rho_heads``. For ``gl``
+        heads: optional list (or ``nn.ModuleList``) of K modules / iterables of task-specific
+            parameters, head i for loss i; or an ``nn.ModuleDict`` / dict ``{task name: head}``,
+            whose names are then the tasks' (the closure returns ``{name: loss}``). A head may
+            only influence its own loss. Heads get plain SAM with radius ``rho_heads``. For ``gl``
             and ``sam`` the head direction is taken from the one backward of ``l_0``, i.e.
             ``w_i * grad l_i``: the same direction for ``w_i > 0``, and no head perturbation
             for a task whose weight is 0.
@@ -62,8 +69,9 @@ class MTLSAM(torch.optim.Optimizer):
             ``n_sampled`` layers whose task cosine similarities change most, re-selected every
             ``resample_every`` steps; report §V) or ``"random"`` (``n_sampled`` layers drawn
             each step from ``generator``). See :mod:`mtlsam_ext.optim.layer_selection`.
-        n_sampled, resample_every, layer_ema: the modes' number of layers, the adaptive
-            re-selection interval (steps) and the smoothing of its score (EMA factor).
+        n_sampled, resample_every, layer_ema: the modes' number of layers (default: 3, or
+            every layer of a backbone with fewer), the adaptive re-selection interval (steps)
+            and the smoothing of its score (EMA factor).
         norm: ``"match"`` or ``"global"`` (see :func:`~mtlsam_ext.optim.perturbation.
             global_local_coefs`).
         local_grad: ``"autograd"`` (exact task gradients on the sampled layers),
@@ -93,8 +101,8 @@ class MTLSAM(torch.optim.Optimizer):
         grad_scaler: a ``torch.amp.GradScaler`` to use on every ``step`` (as if passed to
             ``step``); it is given its scale right away, so ``scaler.step(opt, closure)`` also
             works from the first step. Without it, ``scaler.step(opt, closure)`` works once the
-            scaler has a scale (``scaler.scale(...)`` called once), and
-            ``opt.step(closure, grad_scaler=scaler)`` always.
+            scaler has a scale (``scaler.scale(...)`` called once; torch checks it before the
+            step), and ``opt.step(closure, grad_scaler=scaler)`` always.
         process_group: data parallelism (DESIGN.md §4). ``None``: the default group when
             ``torch.distributed`` is initialised (else a single process); a process group
             selects another; ``False`` turns synchronisation off. Each rank's closure returns
@@ -138,8 +146,9 @@ class MTLSAM(torch.optim.Optimizer):
             chunks cap that memory at the cost of more, smaller passes.
     """
 
-    # GradScaler hands itself to step() (grad_scaler=) instead of unscaling the gradients: the
-    # step runs its own backward passes on the scaled losses and folds 1/S into coefficients.
+    # GradScaler hands its scale to step() (the grad_scale attribute) instead of unscaling the
+    # gradients: the step runs its own backward passes on the scaled losses and folds 1/S into
+    # coefficients (mtlsam_ext.optim.amp).
     _step_supports_amp_scaling = True
 
     def __init__(self, shared: Params, base_optimizer: type[torch.optim.Optimizer], *,
@@ -156,7 +165,7 @@ class MTLSAM(torch.optim.Optimizer):
                  max_grad_norm: float | None = None, grad_scaler: Any = None,
                  process_group: Any = None, perturb_sync: str = "global",
                  bucket_cap_mb: float = BUCKET_CAP_MB,
-                 n_sampled: int = 3, resample_every: int = 10, layer_ema: float = 0.9,
+                 n_sampled: int | None = None, resample_every: int = 10, layer_ema: float = 0.9,
                  batched_grads: bool = False, batched: bool | str = False,
                  task_chunk: int | None = None, **base_kwargs: Any) -> None:
         if method not in METHODS:
@@ -198,6 +207,14 @@ class MTLSAM(torch.optim.Optimizer):
         self.sync = resolve_sync(process_group, perturb_sync, bucket_cap_mb)
         shared, ddp = unwrap_ddp(shared)
         self._ddp = [ddp] if ddp is not None else []
+        head_names: list[str] | None = None
+        if isinstance(heads, (Mapping, nn.ModuleDict)):  # names: the tasks' names
+            head_names = [str(key) for key in heads.keys()]
+            heads = list(heads.values())
+        elif isinstance(heads, (str, nn.Module)) and not isinstance(heads, nn.ModuleList):
+            raise ValueError(f"heads must be a list of K heads (modules or parameter lists), an "
+                             f"nn.ModuleList, or an nn.ModuleDict / dict {{task name: head}}; "
+                             f"got {type(heads).__name__}")
         if heads is not None:
             unwrapped = [unwrap_ddp(h) for h in heads]
             heads = [h for h, _ in unwrapped]
@@ -209,7 +226,8 @@ class MTLSAM(torch.optim.Optimizer):
             heads = list(heads)
             if not heads:
                 raise ValueError("heads must be a non-empty list (one entry per task) or None")
-            named = {f"head{i}": h for i, h in enumerate(heads)}
+            named = dict(zip(head_names, heads)) if head_names is not None else \
+                {f"head{i}": h for i, h in enumerate(heads)}
             self.heads = FlatParams(named, "heads")
             if len(self.heads.layers) != len(heads):
                 have = {la.name for la in self.heads.layers}
@@ -223,8 +241,10 @@ class MTLSAM(torch.optim.Optimizer):
             if overlap:
                 raise ValueError("a parameter appears in both shared and heads")
         self.num_tasks: int | None = len(heads) if heads is not None else None
-        self.task_names: list[str] | None = None
-        self._form_fixed = False  # whether a first closure call fixed named/unnamed losses
+        # named heads fix the task names: the closure returns {name: loss}, in any order
+        self.task_names: list[str] | None = head_names
+        # whether named/unnamed losses are fixed (by named heads, or by a first closure call)
+        self._form_fixed = head_names is not None
 
         roots: list[object] = [shared]
         if isinstance(shared, dict):
@@ -288,6 +308,8 @@ class MTLSAM(torch.optim.Optimizer):
             picked = sorted({self.shared.layer_index(s) for s in layers})
             if not picked:
                 raise ValueError("layers must name at least one layer (or be None)")
+        if n_sampled is None:  # the default fits any backbone; an explicit value is checked
+            n_sampled = min(DEFAULT_N_SAMPLED, n_layers)
         layer_args = (layer_mode, picked, n_layers, n_sampled, resample_every, layer_ema)
 
         self._task_weights_arg = task_weights
@@ -341,7 +363,7 @@ class MTLSAM(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[..., Any] | None = None,  # type: ignore[override]
-             grad_scaler: Any = None) -> Tensor | dict[str, Tensor]:
+             **kwargs: Any) -> Tensor | dict[str, Tensor]:
         """One optimisation step; returns the K task losses at the unperturbed point (a 1-D
         tensor, or a dict ``{task name: loss}`` when the closure returns named losses).
 
@@ -351,17 +373,27 @@ class MTLSAM(torch.optim.Optimizer):
         ``closure(task=None)`` for all K losses and ``closure(task=i)`` (``i`` the index, or
         the name for named losses) for task i's loss alone at its perturbed point.
 
-        ``grad_scaler``: a ``torch.amp.GradScaler`` (``scaler.step(opt, closure)`` passes
-        itself here). Every backward then runs on the scaled losses, ``1/S`` is folded into the
-        step's coefficients, and a non-finite value skips the step (parameters and state
-        unchanged) and is reported to the scaler, whose ``update()`` then backs off.
+        ``grad_scaler=``: a ``torch.amp.GradScaler`` for this step (keyword only; the one given
+        at construction otherwise; ``scaler.step(opt, closure)`` hands over its scale as the
+        ``grad_scale`` attribute, see :mod:`mtlsam_ext.optim.amp`). Every backward then runs
+        on the scaled losses, ``1/S`` is folded into the step's coefficients, and a non-finite
+        value skips the step (parameters and state unchanged) and is reported to the scaler,
+        whose ``update()`` then backs off.
 
-        On any error the parameters, BatchNorm statistics, the base optimizer and this
-        optimizer's state are left as they were before the step.
+        On any error the parameters, their ``.grad``, BatchNorm statistics, the base optimizer
+        and this optimizer's state are left as they were before the step.
         """
         if closure is None or not callable(closure):
             raise ValueError("MTLSAM.step needs a closure that returns the K task losses")
+        # grad_scaler only by keyword and not in the signature: a signature naming it would make
+        # GradScaler.step hand itself over with a FutureWarning on every step (torch 2.x)
+        grad_scaler = kwargs.pop("grad_scaler", None)
+        if kwargs:
+            raise ValueError(f"MTLSAM.step takes a closure and optionally grad_scaler=, got "
+                             f"{sorted(kwargs)}")
         scaler = grad_scaler if grad_scaler is not None else self.grad_scaler
+        if scaler is None and getattr(self, "grad_scale", None) is not None:
+            scaler = calling_scaler(self)  # GradScaler.step's attribute form
         scaling = scaling_for(scaler, getattr(self, "grad_scale", None),
                               getattr(self, "found_inf", None), self.shared.device)
         gen_state = self.generator.get_state()
@@ -370,6 +402,7 @@ class MTLSAM(torch.optim.Optimizer):
         self.shared.pull()  # sharded: the shards the base optimizer (or the user) last wrote
         if self.heads is not None:
             self.heads.attach_grads()
+        grads = self._save_grads()
         if self.sync is not None:
             scaling.world = self.sync.world_tensor(self.shared.device)
             self.sync.begin_step()
@@ -386,7 +419,7 @@ class MTLSAM(torch.optim.Optimizer):
                     ok, losses = self.sync.all_ok_and_mean(ok, losses)
                 finite = bool(ok)
             except BaseException as err:
-                self._undo(run, gen_state, form)
+                self._undo(run, gen_state, form, grads)
                 nonfinite = (isinstance(err, (ValueError, RuntimeError)) and bool(run.checks)
                              and not bool(run.all_finite()))
                 if nonfinite and scaling.active:
@@ -402,7 +435,7 @@ class MTLSAM(torch.optim.Optimizer):
         if scaling.active:
             report_found_inf(scaling, self, ok)
         if not finite:
-            self._undo(run, gen_state, form)
+            self._undo(run, gen_state, form, grads)
             if scaling.active:
                 return self._named(losses)
             raise ValueError(run.nonfinite_message())
@@ -412,9 +445,29 @@ class MTLSAM(torch.optim.Optimizer):
         self._step_count += 1
         return self._named(losses)
 
-    def _undo(self, run: methods.Run, gen_state: Tensor, form: tuple) -> None:
+    def _save_grads(self) -> list[tuple[Tensor, Tensor]]:
+        """``(flat gradient buffer, copy)`` pairs of the gradients before the step, which the
+        step overwrites with its own: a failed or skipped step puts them back (one copy of the
+        gradients per step, in buffers reused from step to step). Sharded backbones have no
+        flat gradient of their own (FSDP2 leaves its shards in ``p.grad``); their heads do."""
+        bufs = [] if self.shared.sharded else [b.grad for b in self.shared.buckets]
+        if self.heads is not None:
+            bufs += [b.grad for b in self.heads.buckets]
+        saved = self.scratch("grads_before_step", [(tuple(b.shape), b.dtype) for b in bufs])
+        if bufs:
+            torch._foreach_copy_(saved, bufs)
+        return list(zip(bufs, saved))
+
+    def _undo(self, run: methods.Run, gen_state: Tensor, form: tuple,
+              grads: list[tuple[Tensor, Tensor]]) -> None:
         """Put back what a failed or skipped step changed."""
         run.settle()
+        if grads:
+            torch._foreach_copy_([g for g, _ in grads], [s for _, s in grads])
+        # p.grad the flat views again (a closure may have reset them, model.zero_grad())
+        self.shared.attach_grads()
+        if self.heads is not None:
+            self.heads.attach_grads()
         run.restore_all()
         self.layer_selector.discard()
         if run.bn:
