@@ -1,0 +1,117 @@
+"""Every code block of README.md is checked, so a snippet cannot drift from the package:
+
+- a ``python`` block runs as it stands (in a fresh namespace; it must define everything it
+  uses), with no FutureWarning;
+- a ``python`` block after ``<!-- excerpt: PATH -->`` is an excerpt of that program (which the
+  program tests run): its lines appear there in order, ``...`` marking left-out lines;
+- every ``python PATH.py`` / ``python -m MODULE`` / ``torchrun ... PATH.py`` command in the
+  other blocks, and in the prose's inline code, names a program that exists and accepts
+  every ``--option`` the command gives (checked against its ``--help``).
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+import subprocess
+import sys
+import textwrap
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+BLOCK = re.compile(r"(?:<!-- excerpt: (?P<src>\S+) -->\n)?```(?P<lang>\w*)\n(?P<body>.*?)```",
+                   re.S)
+
+
+def _blocks() -> list[tuple[int, str, str | None, str]]:
+    text = (ROOT / "README.md").read_text()
+    out = []
+    for m in BLOCK.finditer(text):
+        line = text[:m.start("body")].count("\n") + 1
+        out.append((line, m.group("lang"), m.group("src"), m.group("body")))
+    return out
+
+
+BLOCKS = _blocks()
+PYTHON = [(ln, body) for ln, lang, src, body in BLOCKS if lang == "python" and src is None]
+EXCERPTS = [(ln, src, body) for ln, lang, src, body in BLOCKS if lang == "python" and src]
+SHELL = [(ln, body) for ln, lang, src, body in BLOCKS if lang in ("", "bash", "sh")]
+
+
+def test_readme_has_the_blocks_this_test_checks():
+    assert len(PYTHON) >= 2 and len(EXCERPTS) >= 2 and len(SHELL) >= 5
+
+
+@pytest.mark.parametrize("line,code", PYTHON, ids=[f"README.md:{ln}" for ln, _ in PYTHON])
+def test_python_block_runs(line, code):
+    torch.manual_seed(0)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        exec(compile(code, f"README.md:{line}", "exec"), {"__name__": "readme"})
+    future = [str(w.message) for w in seen if issubclass(w.category, FutureWarning)]
+    assert not future, future
+
+
+@pytest.mark.parametrize("line,src,code", EXCERPTS, ids=[f"README.md:{ln}" for ln, _, _ in
+                                                          EXCERPTS])
+def test_excerpt_matches_its_program(line, src, code):
+    program = [ln.strip() for ln in (ROOT / src).read_text().splitlines()]
+    at = 0
+    for want in textwrap.dedent(code).splitlines():
+        want = want.strip()
+        if not want or want == "...":
+            continue
+        try:
+            at = program.index(want, at) + 1
+        except ValueError:
+            pytest.fail(f"README.md:{line}: {want!r} is not in {src} (after line {at})")
+
+
+def _commands(body: str) -> list[list[str]]:
+    """The program invocations of a shell block: ``python X.py``, ``python -m M``,
+    ``torchrun ... X.py`` (each line, or each ``&&``-joined part of one)."""
+    cmds = []
+    for raw in body.splitlines():
+        for part in raw.split("#", 1)[0].split("&&"):
+            words = shlex.split(part)
+            if not words:
+                continue
+            if words[0] == "torchrun":
+                script = next((i for i, w in enumerate(words) if w.endswith(".py")), None)
+                if script is not None:
+                    cmds.append(["python", *words[script:]])
+            elif words[0] in ("python", "python3"):
+                cmds.append(words)
+    return cmds
+
+
+def _inline() -> list[tuple[int, str]]:
+    """Commands written inline in the prose (`python ...`, `torchrun ...`)."""
+    text = (ROOT / "README.md").read_text()
+    return [(text[:m.start()].count("\n") + 1, m.group(1))
+            for m in re.finditer(r"(?<!`)`((?:python3?|torchrun) [^`]+)`(?!`)",
+                                 text.replace("\n", " "))]
+
+
+SHELL_COMMANDS = [(ln, cmd) for ln, body in SHELL + _inline() for cmd in _commands(body)
+                  if cmd[1] != "-c" and (cmd[1] != "-m" or cmd[2] not in ("venv", "pytest", "pip"))]
+
+
+@pytest.mark.parametrize("line,cmd", SHELL_COMMANDS,
+                         ids=[f"README.md:{ln}:{' '.join(c[1:3])}" for ln, c in SHELL_COMMANDS])
+def test_shell_command_names_a_program_and_its_options(line, cmd):
+    target = cmd[1:3] if cmd[1] == "-m" else cmd[1:2]
+    if target[0] != "-m":
+        assert (ROOT / target[0]).exists(), f"README.md:{line}: no {target[0]}"
+    options = [w.split("=", 1)[0] for w in cmd if w.startswith("--")]
+    if not options:
+        return
+    done = subprocess.run([sys.executable, *target, "--help"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-1000:]
+    missing = [o for o in options if o not in done.stdout]
+    assert not missing, f"README.md:{line}: {' '.join(target)} has no option {missing}"
