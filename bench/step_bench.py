@@ -8,4 +8,4 @@ from the repository root with every option (see ``--help``).
 from mtlsam_ext.benchmark.step import main
 
 if __name__ == "__main__":
-    main()
+    main(prog="python -m bench.step_bench")

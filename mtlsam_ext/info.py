@@ -3,6 +3,7 @@ not loaded), and which op backend each device would use."""
 
 from __future__ import annotations
 
+import importlib.metadata
 import platform
 
 import torch
@@ -19,6 +20,15 @@ def _kernel_keys() -> list[str]:
     """Dispatch keys with a registered kernel of the compiled ops (checked on one op)."""
     return [k for k in _KEYS
             if torch._C._dispatch_has_kernel_for_dispatch_key("mtlsam::segment_sumsq", k)]
+
+
+def installed_version() -> str:
+    """The installed distribution's full version (``0.1.0+cpu`` for the CPU wheel: the local
+    label says which wheel it is), or the source tree's when the package is not installed."""
+    try:
+        return importlib.metadata.version("mtlsam_ext")
+    except importlib.metadata.PackageNotFoundError:
+        return __version__
 
 
 def describe() -> dict[str, object]:
@@ -43,7 +53,7 @@ def describe() -> dict[str, object]:
     if status.module is not None and hasattr(status.module, "cpu_isa"):
         ext["cpu_isa"] = status.module.cpu_isa()
     return {
-        "mtlsam_ext": __version__,
+        "mtlsam_ext": installed_version(),
         "torch": torch.__version__,
         "torch_cuda": torch.version.cuda,
         "python": platform.python_version(),

@@ -2,9 +2,13 @@
 each wheel in another fresh venv with its own torch.
 
     python python/build_wheels.py --plan                     # what would run, nothing built
-    python python/build_wheels.py --only cpu                 # one entry
-    python python/build_wheels.py --only cu130-torch2.14,cpu
-    python python/build_wheels.py                            # the whole matrix
+    python python/build_wheels.py --only cpu                 # one entry: build and smoke test
+    python python/build_wheels.py --only cu130-torch2.14,cpu --cross --results
+    python python/build_wheels.py                            # the whole matrix, cross checks,
+                                                             # results
+
+Before anything is fetched it prints, per venv, how many bytes pip will install and how much of
+that is not in the download cache yet (a CUDA entry's torch and toolkit are gigabytes).
 
 Per entry: a venv with the entry's torch (through a download cache,
 ``~/.cache/mtlsam-wheels/downloads``), a CUDA toolkit that matches it (a local one, or NVIDIA's
@@ -40,6 +44,8 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
+import urllib.request
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -252,8 +258,15 @@ def smoke(wheel: Path, torch_req: str, expect: str, work: Path, log: Path,
     venv = work / f"smoke-{wheel.stem[:40]}"
     py = make_venv(venv, log, progress)
     try:
-        # One resolution: the wheel's own "torch>=2.1" alone would pull the newest torch.
-        pip(py, [torch_req, str(wheel)], log, progress, f"smoke venv: {torch_req} + wheel")
+        # torch first (the wheel's own "torch>=2.1" alone would pull the newest torch), then
+        # the wheel exactly as README says: by version from a folder of wheels, its
+        # dependencies from the package index.
+        pip(py, [torch_req], log, progress, f"smoke venv: {torch_req}")
+        version = wheel.name.split("-")[1]
+        run_logged([str(py), "-m", "pip", "install", "-q", "--find-links", str(wheel.parent),
+                    f"mtlsam_ext=={version}"], log, progress,
+                   f"smoke venv: pip install --find-links {wheel.parent.name} "
+                   f"mtlsam_ext=={version}")
         with tempfile.TemporaryDirectory() as cwd:
             script = Path(cwd) / "smoke_wheel.py"
             shutil.copy2(ROOT / "python" / "smoke_wheel.py", script)
@@ -430,7 +443,58 @@ def write_results(merged: list[dict]) -> str:
     return text
 
 
-def plan(entries: list[Entry], out: Path, work: Path) -> None:
+def download_bytes(reqs: list[str]) -> tuple[int, int]:
+    """``(total, still to fetch)`` bytes of the files pip would install for ``reqs`` into an
+    empty venv (``pip install --dry-run --report``; sizes of local files, or the index's
+    Content-Length), files already in the download cache counted in ``total`` only. ``(-1,
+    -1)`` when pip cannot resolve them."""
+    with tempfile.TemporaryDirectory() as tmp:
+        report = Path(tmp) / "report.json"
+        done = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "-q",
+                               "--ignore-installed", "--report", str(report), *reqs],
+                              capture_output=True, text=True)
+        if done.returncode != 0 or not report.exists():
+            return -1, -1
+        items = json.loads(report.read_text()).get("install", [])
+    total = fetch = 0
+    for it in items:
+        url = it.get("download_info", {}).get("url", "")
+        name = urllib.parse.unquote(url.rsplit("/", 1)[-1])
+        size = 0
+        if url.startswith("file://"):
+            path = urllib.request.url2pathname(urllib.parse.urlparse(url).path)
+            size = os.path.getsize(path) if os.path.exists(path) else 0
+        elif url.startswith("http"):
+            try:
+                req = urllib.request.Request(url, method="HEAD")
+                with urllib.request.urlopen(req, timeout=30) as resp:
+                    size = int(resp.headers.get("Content-Length", 0))
+            except OSError:
+                size = 0
+        total += size
+        if not (DOWNLOADS / name).exists():
+            fetch += size
+    return total, fetch
+
+
+def print_downloads(entries: list[Entry], crosses: list[tuple[str, str, str]]) -> None:
+    """What each venv will install, and how much of it is not in the download cache yet:
+    printed before anything is fetched (a CUDA entry's torch and toolkit are gigabytes)."""
+    sets = [(f"{e.name} (build, then smoke)", [e.torch, *BUILD_TOOLS, *e.toolkit])
+            for e in entries]
+    sets += [(f"cross: {name} under {req}", [req]) for name, req, _ in crosses]
+    print("downloads (resolved by pip, before anything is fetched):")
+    for what, reqs in sets:
+        total, fetch = download_bytes(reqs)
+        if total < 0:
+            print(f"  {what}: pip could not resolve {' '.join(reqs)}")
+        else:
+            print(f"  {what}: {total / 1e9:.2f} GB, {fetch / 1e9:.2f} GB not in {DOWNLOADS}")
+    print(flush=True)
+
+
+def plan(entries: list[Entry], out: Path, work: Path, crosses: list[tuple[str, str, str]],
+         results: bool) -> None:
     print(f"output: {out}\nwork dir (venvs, logs): {work}\ndownload cache: {DOWNLOADS}\n")
     for e in entries:
         home = e.cuda_home or ("assembled from " + ", ".join(e.toolkit) if e.toolkit else "-")
@@ -442,11 +506,12 @@ def plan(entries: list[Entry], out: Path, work: Path) -> None:
               f"{' MTLSAM_FORCE_CUDA=1' if e.cuda else ''} pip wheel --no-build-isolation "
               "--no-deps <copy of the sources>")
         print(f"    auditwheel repair --exclude {' '.join(EXCLUDE)}")
-        print(f"    fresh venv: pip install {e.torch} <wheel>; python -I smoke_wheel.py "
+        print(f"    fresh venv: pip install {e.torch}; pip install --find-links {out} "
+              f"mtlsam_ext==<version>+{e.label}; python -I smoke_wheel.py "
               "--expect loads")
-    for name, req, expect in CROSS:
-        if any(e.name == name for e in entries):
-            print(f"cross: {name} wheel under {req}: smoke_wheel.py --expect {expect}")
+    for name, req, expect in crosses:
+        print(f"cross: {name} wheel under {req}: smoke_wheel.py --expect {expect}")
+    print(f"results: {'rewrites' if results else 'leaves'} {RESULTS}/matrix.{{jsonl,md}}\n")
 
 
 def main() -> None:
@@ -460,23 +525,33 @@ def main() -> None:
                     help="where repaired wheels go (default: dist/wheels)")
     ap.add_argument("--work", type=Path, default=CACHE / "work",
                     help="venvs and logs (default: ~/.cache/mtlsam-wheels/work)")
+    ap.add_argument("--cross", action="store_true",
+                    help="with --only: also the cross-torch checks of those entries (the whole "
+                         "matrix runs them unless --no-cross)")
+    ap.add_argument("--results", action="store_true",
+                    help="with --only: also rewrite python/results/wheels/matrix.{jsonl,md} "
+                         "(the whole matrix does unless --no-results)")
     ap.add_argument("--no-cross", action="store_true", help="skip the cross-torch checks")
     ap.add_argument("--no-results", action="store_true",
                     help="do not write python/results/wheels/matrix.{jsonl,md}")
     args = ap.parse_args()
+    # --only builds and smoke-tests the entries named, nothing else unless asked
+    do_cross = (args.cross or not args.only) and not args.no_cross
+    do_results = (args.results or not args.only) and not args.no_results
     names = [n.strip() for n in args.only.split(",")] if args.only else [e.name for e in MATRIX]
     unknown = sorted(set(names) - {e.name for e in MATRIX})
     if unknown:
         ap.error(f"unknown entries {unknown}; the matrix has "
                  f"{', '.join(e.name for e in MATRIX)}")
     entries = [e for e in MATRIX if e.name in names]
+    crosses = [c for c in CROSS if c[0] in names] if do_cross else []
     if args.plan:
-        plan(entries, args.out, args.work)
+        plan(entries, args.out, args.work, crosses, do_results)
         return
+    print_downloads(entries, crosses)
     args.out.mkdir(parents=True, exist_ok=True)
     args.work.mkdir(parents=True, exist_ok=True)
     commit = source_commit()
-    crosses = [] if args.no_cross else [c for c in CROSS if c[0] in names]
     progress = Progress(len(entries) + len(crosses))
     rows, cross_rows = [], []
     for e in entries:
@@ -494,7 +569,7 @@ def main() -> None:
               "commit": commit, "date": datetime.date.today().isoformat(),
               "python": platform.python_version(),
               "machine": f"{os.cpu_count()} cores, {platform.machine()}, no GPU"}
-    if not args.no_results:
+    if do_results:
         print("\n" + write_results(merge_results(header, rows, cross_rows)))
     failed = [r["entry"] for r in rows if not r["ok"]] + [c["cross"] for c in cross_rows
                                                           if not c["ok"]]

@@ -22,6 +22,7 @@ Uses only the installed package and torch (nothing from tests/).
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import os
 import subprocess
@@ -145,6 +146,9 @@ def check_loads() -> dict:
     oks.append(_check("python -m mtlsam_ext.info", info.returncode == 0 and
                       "built_against_torch" in info.stdout, info.stderr[-500:]))
     print("\n".join("    " + ln for ln in info.stdout.splitlines()))
+    installed = importlib.metadata.version("mtlsam_ext")
+    oks.append(_check("info shows the wheel's full version (its local label)",
+                      f"mtlsam_ext: {installed}\n" in info.stdout and "+" in installed, installed))
     oks.append(_check("auto on cpu is ext", resolve_backend("auto", "cpu") == "ext",
                       str(available_backends("cpu"))))
     ok, worst = _close(_ops_outputs("ext"), _ops_outputs("torch"))

@@ -22,3 +22,32 @@ def test_cpu_records_carry_no_gpu_fields():
     env = harness.env_info("cpu")
     assert env["device"] == "cpu" and "gpu_driver" not in env
     assert {"commit", "torch", "python", "device_name"} <= set(env)
+
+
+def test_main_job_help_names_the_program_its_defaults_and_columns(capsys):
+    import pytest
+
+    from mtlsam_ext import bench
+
+    with pytest.raises(SystemExit):
+        bench.main(["--help"])
+    text = capsys.readouterr().out
+    assert text.startswith("usage: python -m mtlsam_ext.bench")
+    assert "(default: 10)" in text and "(default: ls)" in text
+    for column in ("full", "eff", "own ms", "outside", "/naive"):
+        assert f"\n  {column}" in text, column
+
+
+def test_info_shows_the_installed_distributions_version(monkeypatch):
+    import importlib.metadata
+
+    from mtlsam_ext import __version__, info
+
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "0.1.0+cpu")
+    assert info.describe()["mtlsam_ext"] == "0.1.0+cpu"
+
+    def missing(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", missing)
+    assert info.describe()["mtlsam_ext"] == __version__

@@ -402,38 +402,63 @@ def print_table(rows: list[dict[str, Any]]) -> None:
               f"{100 * r['outside_share']:>8.1f}%{1e3 * r['outside_s']:>8.2f}{vs_n:>8}{vs_f:>7}")
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--tasks", default="2,3,10,40", help="comma-separated task counts K")
+COLUMNS = """columns of the table:
+  step ms [IQR]  median time of one optimizer step over --steps timed steps (interquartile range)
+  peak MiB       memory the optimizer and its steps take above what existed before it (CPU:
+                 the process's resident peak; CUDA: the allocator's peak)
+  fwd, bwd       backbone forwards and backwards per step, counted with hooks
+  full           backwards that reach the first shared parameter (through the whole backbone)
+  eff            step time / (fwd x one forward + bwd x one backward, each timed alone): about
+                 1 when the step costs its passes, above 1 for time spent elsewhere
+  outside        share of an instrumented step spent outside the closure and the backwards
+                 (perturbations, aggregation, the base optimizer, bookkeeping)
+  own ms         that time in milliseconds
+  /naive, /fmtl  step time over naive-fmtl's and over fmtl's in the same run"""
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter,
+                     argparse.ArgumentDefaultsHelpFormatter):
+    """The column legend as written, and every option's default."""
+
+
+def parse_args(argv: list[str] | None, prog: str | None = None,
+               tasks: str = "2,3,10,40") -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
+                                 epilog=COLUMNS,
+                                 formatter_class=_HelpFormatter)
+    ap.add_argument("--tasks", default=tasks, help="comma-separated task counts K")
     ap.add_argument("--model", default="auto",
                     help=f"comma-separated from {list(MODELS)}; auto = mlp on CPU, "
                          "mlp,resnet18 on CUDA")
     ap.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
-    ap.add_argument("--methods", default=",".join(ALL_METHODS))
-    ap.add_argument("--aggregator", default="ls")
+    ap.add_argument("--methods", default=",".join(ALL_METHODS),
+                    help="comma-separated methods, from "
+                    + ", ".join(list(OURS) + list(TASK_AWARE) + list(NAIVE)))
+    ap.add_argument("--aggregator", default="ls", help="MTLSAM aggregator")
     ap.add_argument("--backend", default="auto", help="MTLSAM backend for the fused ops")
     ap.add_argument("--steps", type=int, default=10, help="timed steps per method")
-    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--warmup", type=int, default=2, help="untimed steps per method first")
     ap.add_argument("--instr-steps", type=int, default=1,
                     help="instrumented (counting) steps per method, after the timed ones")
     ap.add_argument("--batch", type=int, default=None, help="override the model's batch")
     ap.add_argument("--task-chunk", type=int, default=None,
                     help="points per batched pass of the -vmap/-auto methods (default: all K)")
-    ap.add_argument("--rho", type=float, default=0.05)
-    ap.add_argument("--lr", type=float, default=0.01)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--rho", type=float, default=0.05, help="SAM radius")
+    ap.add_argument("--lr", type=float, default=0.01, help="SGD learning rate")
+    ap.add_argument("--seed", type=int, default=0, help="model, data and generator seed")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     ap.add_argument("--blas-threads", type=int, default=None,
                     help="cap NumPy/SciPy BLAS threads (threadpoolctl); default: untouched")
     ap.add_argument("--out", help="append JSON lines (harness.record) to this file")
-    ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     return ap.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+def main(argv: list[str] | None = None, prog: str | None = None,
+         tasks: str = "2,3,10,40") -> list[dict[str, Any]]:
     from tqdm import tqdm
 
-    args = parse_args(argv)
+    args = parse_args(argv, prog, tasks)
     cpu_allocator_setup()  # before any tensor exists, so CPU peak-RSS numbers are meaningful
     if args.threads:
         torch.set_num_threads(args.threads)
