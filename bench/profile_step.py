@@ -26,7 +26,13 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from mtlsam_ext.benchmark.harness import record, sync, time_fn
-from mtlsam_ext.benchmark.step import MODELS, TASK_AWARE, _closure_for, make_optimizer
+from mtlsam_ext.benchmark.step import (
+    MODELS,
+    TASK_AWARE,
+    _closure_for,
+    make_optimizer,
+    make_problem,
+)
 from mtlsam_ext.benchmark.step import parse_args as step_args
 
 SYNCS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize",
@@ -41,13 +47,7 @@ def _self_device_us(evt: Any) -> float:
 
 def profile_method(name: str, model_name: str, k: int, args: argparse.Namespace,
                    device: torch.device, top: int) -> dict[str, Any]:
-    factory, default_batch = MODELS[model_name]
-    batch = args.batch or default_batch
-    torch.manual_seed(args.seed)
-    model = factory(k).to(device)
-    g = torch.Generator().manual_seed(args.seed)
-    x = torch.randn(batch, *model.input_shape, generator=g).to(device)
-    y = torch.randint(0, 10, (batch, k), generator=g).to(device)
+    model, x, y, batch = make_problem(model_name, k, args, device)
     closure = _closure_for(model, x, y, name in TASK_AWARE)
     opt = make_optimizer(name, model, args)
     plain = time_fn(lambda: opt.step(closure), device=device, warmup=args.warmup,

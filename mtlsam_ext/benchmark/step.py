@@ -308,15 +308,22 @@ def single_pass_times(model: nn.Module, closure: Callable[[], list], device: tor
     return t_f, Stats.of(samples)
 
 
-def bench_group(model_name: str, k: int, methods: list[str], args: argparse.Namespace,
-                device: torch.device, bar: Any) -> list[dict[str, Any]]:
+def make_problem(model_name: str, k: int, args: argparse.Namespace, device: torch.device
+                 ) -> tuple[nn.Module, torch.Tensor, torch.Tensor, int]:
+    """The benchmark's model with K heads, one seeded batch ``(x, y)`` and its size."""
     factory, default_batch = MODELS[model_name]
     batch = args.batch or default_batch
     torch.manual_seed(args.seed)
-    template = factory(k).to(device)
+    model = factory(k).to(device)
     g = torch.Generator().manual_seed(args.seed)
-    x = torch.randn(batch, *template.input_shape, generator=g).to(device)
+    x = torch.randn(batch, *model.input_shape, generator=g).to(device)
     y = torch.randint(0, 10, (batch, k), generator=g).to(device)
+    return model, x, y, batch
+
+
+def bench_group(model_name: str, k: int, methods: list[str], args: argparse.Namespace,
+                device: torch.device, bar: Any) -> list[dict[str, Any]]:
+    template, x, y, batch = make_problem(model_name, k, args, device)
     shared_params = sum(p.numel() for p in template.body.parameters())
 
     probe = copy.deepcopy(template)
