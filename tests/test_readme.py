@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import ast
 import re
 import shlex
 import subprocess
@@ -115,3 +116,26 @@ def test_shell_command_names_a_program_and_its_options(line, cmd):
     assert done.returncode == 0, done.stderr[-1000:]
     missing = [o for o in options if o not in done.stdout]
     assert not missing, f"README.md:{line}: {' '.join(target)} has no option {missing}"
+
+
+def test_api_signature_lists_every_argument_with_its_default():
+    """README's ``MTLSAM(...)`` signature names every constructor argument, in order, with
+    the default the code has."""
+    import inspect
+
+    from mtlsam_ext import MTLSAM
+
+    text = " ".join((ROOT / "README.md").read_text().split())
+    m = re.search(r"`MTLSAM\((shared, base_optimizer, \*, .*?\*\*base_kwargs)\)`", text)
+    assert m, "README has no MTLSAM(...) signature"
+    written = [a.strip() for a in m.group(1).split(",")]
+    params = list(inspect.signature(MTLSAM.__init__).parameters.values())[1:]
+    names = [w.split("=", 1)[0] for w in written if w != "*"]
+    want = [("**" if p.kind is p.VAR_KEYWORD else "") + p.name for p in params]
+    assert names == want
+    assert written.index("*") == next(i for i, p in enumerate(params) if p.kind is p.KEYWORD_ONLY)
+    for w in written:
+        if "=" in w:
+            name, value = w.split("=", 1)
+            default = inspect.signature(MTLSAM.__init__).parameters[name].default
+            assert ast.literal_eval(value) == default, (name, value, default)
