@@ -204,3 +204,5 @@ def test_heads_given_as_one_module_are_refused():
         MTLSAM(m.body, torch.optim.SGD, heads=m.heads[0], lr=0.1)
     opt = MTLSAM(m.body, torch.optim.SGD, heads=m.heads, lr=0.1)  # an nn.ModuleList is K heads
     assert opt.num_tasks == 2
+    opt = MTLSAM(m.body, torch.optim.SGD, heads=torch.nn.Sequential(*m.heads), lr=0.1)
+    assert opt.num_tasks == 2

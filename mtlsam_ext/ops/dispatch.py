@@ -97,12 +97,11 @@ def resolve_backend(requested: str, device: torch.device | str) -> str:
         requested = env
     device = torch.device(device)
     usable = available_backends(device)
+    mixed = device.type == "cuda" and "ext" in usable and "triton" in usable
     if requested == "auto":
-        if device.type == "cuda" and "ext" in usable and "triton" in usable:
-            return MIXED
-        return usable[0]
+        return MIXED if mixed else usable[0]
     if requested == MIXED:
-        if device.type == "cuda" and "ext" in usable and "triton" in usable:
+        if mixed:
             return MIXED
         raise RuntimeError(f"backend={MIXED!r} is not available on {device}: it needs CUDA "
                            f"tensors, the compiled extension and Triton (available: {usable})")

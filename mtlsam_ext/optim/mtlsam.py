@@ -211,7 +211,9 @@ class MTLSAM(torch.optim.Optimizer):
         if isinstance(heads, (Mapping, nn.ModuleDict)):  # names: the tasks' names
             head_names = [str(key) for key in heads.keys()]
             heads = list(heads.values())
-        elif isinstance(heads, (str, nn.Module)) and not isinstance(heads, nn.ModuleList):
+        elif isinstance(heads, str) or (isinstance(heads, nn.Module)
+                                        and not hasattr(type(heads), "__iter__")):
+            # one module (an nn.Linear) is not K heads; containers (ModuleList, Sequential) are
             raise ValueError(f"heads must be a list of K heads (modules or parameter lists), an "
                              f"nn.ModuleList, or an nn.ModuleDict / dict {{task name: head}}; "
                              f"got {type(heads).__name__}")
