@@ -36,6 +36,8 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
+import shlex
+import statistics
 import sys
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -54,9 +56,11 @@ from mtlsam_ext.benchmark.harness import (
     limit_blas_threads,
     record,
     sync,
-    time_fn,
 )
 from mtlsam_ext.benchmark.naive_fmtl import NAIVE_AGGREGATORS, NaiveFMTL, NaiveSAMPerTask
+from mtlsam_ext.benchmark.rounds import CI, RoundsResult, median_ci, run_rounds, time_once
+
+CI_METHOD = "median over rounds, 95% CI from order statistics (binomial, distribution-free)"
 
 
 # ================================================================================================
@@ -285,29 +289,6 @@ def _closure_for(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
     return closure_task if task_aware else closure
 
 
-def single_pass_times(model: nn.Module, closure: Callable[[], list], device: torch.device,
-                      warmup: int, repeats: int) -> tuple[Stats, Stats]:
-    """Median time of one forward (the closure, K losses) and of one backward of one task
-    loss through the whole backbone (from a fresh forward each time)."""
-    def fwd() -> None:
-        with torch.enable_grad():
-            closure()
-
-    t_f = time_fn(fwd, device=device, warmup=warmup, repeats=repeats)
-    samples = []
-    for it in range(warmup + repeats):
-        model.zero_grad(set_to_none=True)
-        with torch.enable_grad():
-            losses = closure()
-        sync(device)
-        with Timer(device) as tm:
-            losses[0].backward()
-        if it >= warmup:
-            samples.append(tm.total)
-    model.zero_grad(set_to_none=True)
-    return t_f, Stats.of(samples)
-
-
 def make_problem(model_name: str, k: int, args: argparse.Namespace, device: torch.device
                  ) -> tuple[nn.Module, torch.Tensor, torch.Tensor, int]:
     """The benchmark's model with K heads, one seeded batch ``(x, y)`` and its size."""
@@ -321,15 +302,119 @@ def make_problem(model_name: str, k: int, args: argparse.Namespace, device: torc
     return model, x, y, batch
 
 
+# The two bare passes timed in every round next to the methods (names no method can take).
+BARE_FWD, BARE_BWD = "(forward)", "(backward)"
+
+
+def measure_alone(name: str, template: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                  args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """Peak memory and pass counts of one method with no other method's model or optimizer
+    alive: the peak over building the optimizer and ``max(2, --warmup)`` steps (its state
+    exists from the first step on), then ``--instr-steps`` instrumented steps."""
+    model = copy.deepcopy(template)
+    closure = _closure_for(model, x, y, name in TASK_AWARE)
+    gc.collect()
+    with PeakMemory(device) as mem:
+        opt = make_optimizer(name, model, args)
+        for _ in range(max(2, args.warmup)):
+            opt.step(closure)
+    counter = PassCounter(model.body, device)
+    step_timer = Timer(device)
+    with counter.installed():
+        timed_closure = counter.wrap_closure(closure, name in TASK_AWARE)
+        for _ in range(args.instr_steps):
+            with step_timer:
+                opt.step(timed_closure)
+    n = args.instr_steps
+    step_i = step_timer.total / n
+    inside = (counter.fwd_timer.total + counter.bwd_timer.total) / n
+    out = {
+        "backend": getattr(opt, "backend", None),
+        "peak_bytes": mem.peak_bytes, "mem_method": mem.method,
+        "forwards": counter.forwards / n, "backwards": counter.backwards / n,
+        "backwards_full": counter.backwards_full / n,
+        "autograd_calls": counter.autograd_calls / n,
+        "instr_step_s": step_i, "instr_fwd_s": counter.fwd_timer.total / n,
+        "instr_bwd_s": counter.bwd_timer.total / n,
+        "outside_share": max(0.0, 1.0 - inside / step_i) if step_i > 0 else None,
+        # the step's own time: outside the closure and the backward passes (bookkeeping,
+        # perturbations, aggregation, the base optimizer), in the instrumented steps
+        "outside_s": max(0.0, step_i - inside),
+    }
+    del opt, model, closure
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return out
+
+
+def _bare_passes(template: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device
+                 ) -> dict[str, Callable[[], float]]:
+    """Round participants timing one forward of the closure (K losses) and one backward of
+    one task loss through the whole backbone (after an untimed fresh forward)."""
+    probe = copy.deepcopy(template)
+    closure = _closure_for(probe, x, y)
+
+    def fwd() -> float:
+        with torch.enable_grad():
+            return time_once(closure, device)
+
+    def bwd() -> float:
+        probe.zero_grad(set_to_none=True)
+        with torch.enable_grad():
+            losses = closure()
+        sync(device)
+        return time_once(losses[0].backward, device)
+
+    return {BARE_FWD: fwd, BARE_BWD: bwd}
+
+
+def headline_pairs(methods: list[str]) -> list[tuple[str, str]]:
+    """The ratios the rounds must pin down: gl-lagged and our fmtl against naive F-MTL, and
+    gl-lagged against our fmtl (those present); without them, every method against the
+    first."""
+    pairs = [(a, b) for a, b in (("gl-lagged", "fmtl"), ("gl-lagged", "naive-fmtl"),
+                                 ("fmtl", "naive-fmtl")) if a in methods and b in methods]
+    return pairs or [(m, methods[0]) for m in methods[1:]]
+
+
+def time_in_rounds(template: nn.Module, x: torch.Tensor, y: torch.Tensor, methods: list[str],
+                   args: argparse.Namespace, device: torch.device, bar: Any) -> RoundsResult:
+    """Every method's own model (the same initial weights) and optimizer, warmed up, then
+    interleaved rounds with the bare passes (see :mod:`mtlsam_ext.benchmark.rounds`)."""
+    participants: dict[str, Callable[[], float]] = {}
+    for name in methods:
+        model = copy.deepcopy(template)
+        opt = make_optimizer(name, model, args)
+        closure = _closure_for(model, x, y, name in TASK_AWARE)
+        for _ in range(args.warmup):
+            opt.step(closure)
+
+        def step(opt: Any = opt, closure: Callable[..., Any] = closure) -> float:
+            return time_once(lambda: opt.step(closure), device)
+
+        participants[name] = step
+    participants.update(_bare_passes(template, x, y, device))
+    sync(device)
+    pairs = headline_pairs(methods)
+
+    def converged(res: RoundsResult) -> bool:
+        return all(median_ci(res.ratio(a, b)).rel_half_width <= args.ci_target
+                   for a, b in pairs)
+
+    def on_round(res: RoundsResult) -> None:
+        bar.update(1)
+        bar.set_postfix_str(f"{res.elapsed_s:.0f}/{args.budget_s:g} s")
+
+    return run_rounds(participants, min_rounds=args.steps, max_rounds=args.max_rounds,
+                      budget_s=args.budget_s, seed=args.seed, converged=converged,
+                      on_round=on_round)
+
+
 def bench_group(model_name: str, k: int, methods: list[str], args: argparse.Namespace,
                 device: torch.device, bar: Any) -> list[dict[str, Any]]:
     template, x, y, batch = make_problem(model_name, k, args, device)
     shared_params = sum(p.numel() for p in template.body.parameters())
-
-    probe = copy.deepcopy(template)
-    t_f, t_b = single_pass_times(probe, _closure_for(probe, x, y), device, args.warmup,
-                                 max(args.steps, 5))
-    del probe
 
     if not getattr(args, "_process_warm", False):
         # First use of every code path (thread pools, kernels, lazy imports, allocator
@@ -341,86 +426,91 @@ def bench_group(model_name: str, k: int, methods: list[str], args: argparse.Name
         del model
         args._process_warm = True
 
+    alone = {name: measure_alone(name, template, x, y, args, device) for name in methods}
+    res = time_in_rounds(template, x, y, methods, args, device, bar)
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+    t_f, t_b = res.times[BARE_FWD], res.times[BARE_BWD]
     rows = []
     for name in methods:
-        model = copy.deepcopy(template)
-        closure = _closure_for(model, x, y, name in TASK_AWARE)
-        gc.collect()
-        with PeakMemory(device) as mem:
-            opt = make_optimizer(name, model, args)
-            stats = time_fn(lambda opt=opt, closure=closure: opt.step(closure), device=device,
-                            warmup=args.warmup, repeats=args.steps, on_sample=bar.update)
-        counter = PassCounter(model.body, device)
-        step_timer = Timer(device)
-        with counter.installed():
-            timed_closure = counter.wrap_closure(closure, name in TASK_AWARE)
-            for _ in range(args.instr_steps):
-                with step_timer:
-                    opt.step(timed_closure)
-        n = args.instr_steps
-        fw, bw, bw_full = counter.forwards / n, counter.backwards / n, counter.backwards_full / n
-        step_i = step_timer.total / n
-        inside = (counter.fwd_timer.total + counter.bwd_timer.total) / n
-        expected = fw * t_f.median + bw * t_b.median
-        rows.append({
+        a = alone[name]
+        ts = res.times[name]
+        # per round: this step over what its passes cost in the same round
+        eff = [t / (a["forwards"] * f + a["backwards"] * b) for t, f, b in zip(ts, t_f, t_b)]
+        row = {
             "bench": "step", "model": model_name, "tasks": k, "method": name,
             "aggregator": args.aggregator, "batch": batch, "shared_params": shared_params,
-            "backend": getattr(opt, "backend", None), "rho": args.rho,
-            **stats.as_dict("step_"),
-            "peak_bytes": mem.peak_bytes, "mem_method": mem.method,
-            "forwards": fw, "backwards": bw, "backwards_full": bw_full,
-            "autograd_calls": counter.autograd_calls / n,
-            "t_fwd_single": t_f.median, "t_bwd_single": t_b.median,
-            "pass_cost_s": expected, "pass_cost_efficiency": stats.median / expected,
-            "instr_step_s": step_i, "instr_fwd_s": counter.fwd_timer.total / n,
-            "instr_bwd_s": counter.bwd_timer.total / n,
-            "outside_share": max(0.0, 1.0 - inside / step_i) if step_i > 0 else None,
-            # the step's own time: outside the closure and the backward passes (bookkeeping,
-            # perturbations, aggregation, the base optimizer), in the instrumented steps
-            "outside_s": max(0.0, step_i - inside),
-        })
-        del opt, model, closure
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    by = {r["method"]: r["step_median"] for r in rows}
-    for r in rows:
-        r["vs_naive_fmtl"] = r["step_median"] / by["naive-fmtl"] if "naive-fmtl" in by else None
-        r["vs_fmtl"] = r["step_median"] / by["fmtl"] if "fmtl" in by else None
+            "rho": args.rho, "timing": "interleaved rounds", "ci": CI_METHOD,
+            "rounds": res.rounds, "stop_reason": res.stop_reason,
+            "timing_s": res.elapsed_s, "budget_s": args.budget_s, "ci_target": args.ci_target,
+            **Stats.of(ts).as_dict("step_"),
+            **median_ci(ts).as_dict("step_ci"),
+            **a,
+            "t_fwd_single": statistics.median(t_f), "t_bwd_single": statistics.median(t_b),
+            "pass_cost_s": a["forwards"] * statistics.median(t_f)
+            + a["backwards"] * statistics.median(t_b),
+            **median_ci(eff).as_dict("pass_cost_efficiency"),
+        }
+        for ref, key in (("naive-fmtl", "vs_naive_fmtl"), ("fmtl", "vs_fmtl")):
+            if ref in res.times:
+                row.update(median_ci(res.ratio(name, ref)).as_dict(key))
+            else:
+                row.update({key: None, f"{key}_lo": None, f"{key}_hi": None})
+        rows.append(row)
     return rows
+
+
+def _ci(r: dict[str, Any], key: str, digits: int = 2, scale: float = 1.0) -> str:
+    if r.get(key) is None:
+        return "-"
+    return CI(r[key], r[f"{key}_lo"], r[f"{key}_hi"], r["rounds"]).fmt(digits, scale)
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:
     r0 = rows[0]
     print(f"\n== model={r0['model']} K={r0['tasks']} aggregator={r0['aggregator']} "
-          f"batch={r0['batch']} shared params={r0['shared_params']:,}  single pass: "
+          f"batch={r0['batch']} shared params={r0['shared_params']:,}  bare passes: "
           f"fwd {1e3 * r0['t_fwd_single']:.2f} ms, bwd {1e3 * r0['t_bwd_single']:.2f} ms")
-    head = (f"{'method':<20}{'step ms [IQR]':>28}{'peak MiB':>10}{'fwd':>6}{'bwd':>6}"
-            f"{'full':>6}{'eff':>6}{'outside':>9}{'own ms':>8}{'/naive':>8}{'/fmtl':>7}")
+    print(f"   {r0['rounds']} interleaved rounds in {r0['timing_s']:.0f} s, ended by "
+          f"{r0['stop_reason']} (target: headline ratios' CI half-width <= "
+          f"{100 * r0['ci_target']:g}%, budget {r0['budget_s']:g} s); medians over rounds with "
+          f"95% CIs [lo-hi] from order statistics; peak memory and pass counts from each "
+          f"method's own steps with no other method alive")
+    head = (f"{'method':<20}{'step ms [CI]':>24}{'peak MiB':>10}{'fwd':>5}{'bwd':>5}"
+            f"{'full':>5}{'eff [CI]':>18}{'outside':>9}{'own ms':>8}{'/naive [CI]':>19}"
+            f"{'/fmtl [CI]':>19}")
     print(head)
     for r in rows:
-        step = (f"{1e3 * r['step_median']:.2f} [{1e3 * r['step_q1']:.2f}-"
-                f"{1e3 * r['step_q3']:.2f}]")
         mem = f"{r['peak_bytes'] / 2**20:.1f}" if r["peak_bytes"] is not None else "-"
-        vs_n = f"{r['vs_naive_fmtl']:.2f}" if r["vs_naive_fmtl"] is not None else "-"
-        vs_f = f"{r['vs_fmtl']:.2f}" if r["vs_fmtl"] is not None else "-"
-        print(f"{r['method']:<20}{step:>28}{mem:>10}{r['forwards']:>6g}{r['backwards']:>6g}"
-              f"{r['backwards_full']:>6g}{r['pass_cost_efficiency']:>6.2f}"
-              f"{100 * r['outside_share']:>8.1f}%{1e3 * r['outside_s']:>8.2f}{vs_n:>8}{vs_f:>7}")
+        print(f"{r['method']:<20}{_ci(r, 'step_ci', 2, 1e3):>24}{mem:>10}"
+              f"{r['forwards']:>5g}{r['backwards']:>5g}{r['backwards_full']:>5g}"
+              f"{_ci(r, 'pass_cost_efficiency'):>18}"
+              f"{100 * r['outside_share']:>8.1f}%{1e3 * r['outside_s']:>8.2f}"
+              f"{_ci(r, 'vs_naive_fmtl'):>19}{_ci(r, 'vs_fmtl'):>19}")
 
 
-COLUMNS = """columns of the table:
-  step ms [IQR]  median time of one optimizer step over --steps timed steps (interquartile range)
-  peak MiB       memory the optimizer and its steps take above what existed before it (CPU:
-                 the process's resident peak; CUDA: the allocator's peak)
+COLUMNS = """how it times: every method gets its own copy of the model (same weights, same batch)
+and optimizer, warmed up; then rounds in which each method takes one step, and a bare forward
+and a bare one-loss backward run once, in a fresh random order per round. Ratios are formed
+within each round; every figure is the median over rounds with its 95% confidence interval
+[lo-hi] (order statistics). Rounds go on until the headline ratios (gl-lagged / fmtl,
+gl-lagged / naive-fmtl, fmtl / naive-fmtl) are known to --ci-target, or --budget-s runs out.
+
+columns of the table:
+  step ms [CI]   median time of one optimizer step over the rounds
+  peak MiB       memory the optimizer and its steps take above what existed before it, measured
+                 with no other method alive (CPU: the process's resident peak; CUDA: the
+                 allocator's peak)
   fwd, bwd       backbone forwards and backwards per step, counted with hooks
   full           backwards that reach the first shared parameter (through the whole backbone)
-  eff            step time / (fwd x one forward + bwd x one backward, each timed alone): about
+  eff [CI]       step time / (fwd x bare forward + bwd x bare backward of the same round): about
                  1 when the step costs its passes, above 1 for time spent elsewhere
   outside        share of an instrumented step spent outside the closure and the backwards
                  (perturbations, aggregation, the base optimizer, bookkeeping)
   own ms         that time in milliseconds
-  /naive, /fmtl  step time over naive-fmtl's and over fmtl's in the same run"""
+  /naive, /fmtl  step time over naive-fmtl's and over fmtl's in the same round"""
 
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter,
@@ -443,8 +533,16 @@ def parse_args(argv: list[str] | None, prog: str | None = None,
                     + ", ".join(list(OURS) + list(TASK_AWARE) + list(NAIVE)))
     ap.add_argument("--aggregator", default="ls", help="MTLSAM aggregator")
     ap.add_argument("--backend", default="auto", help="MTLSAM backend for the fused ops")
-    ap.add_argument("--steps", type=int, default=10, help="timed steps per method")
-    ap.add_argument("--warmup", type=int, default=2, help="untimed steps per method first")
+    ap.add_argument("--steps", type=int, default=10,
+                    help="minimum number of timed rounds (one step per method in each)")
+    ap.add_argument("--max-rounds", type=int, default=500, help="at most this many rounds")
+    ap.add_argument("--budget-s", type=float, default=40.0,
+                    help="time budget for the timed rounds of each model and K, in seconds")
+    ap.add_argument("--ci-target", type=float, default=0.03,
+                    help="stop once every headline ratio's 95%% CI half-width is at most "
+                    "this fraction of the ratio")
+    ap.add_argument("--warmup", type=int, default=2,
+                    help="untimed steps per method before the rounds")
     ap.add_argument("--instr-steps", type=int, default=1,
                     help="instrumented (counting) steps per method, after the timed ones")
     ap.add_argument("--batch", type=int, default=None, help="override the model's batch")
@@ -457,6 +555,9 @@ def parse_args(argv: list[str] | None, prog: str | None = None,
     ap.add_argument("--blas-threads", type=int, default=None,
                     help="cap NumPy/SciPy BLAS threads (threadpoolctl); default: untouched")
     ap.add_argument("--out", help="append JSON lines (harness.record) to this file")
+    ap.add_argument("--plot", metavar="FILE.png",
+                    help="draw step time per method with its CI (and against K, for several "
+                    "K) into this PNG (needs matplotlib: the bench extra)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     return ap.parse_args(argv)
 
@@ -490,22 +591,36 @@ def main(argv: list[str] | None = None, prog: str | None = None,
                   f"{skipped}", file=sys.stderr)
         methods = [m for m in methods if m not in NAIVE]
     tasks = [int(t) for t in args.tasks.split(",") if t]
-    total = len(models) * len(tasks) * len(methods) * (args.steps + args.warmup)
-    bar = tqdm(total=total, disable=args.no_progress, desc="steps", file=sys.stderr)
+    bad_opts = [f"{k} {v}" for k, v in (("--steps", args.steps), ("--max-rounds",
+                args.max_rounds), ("--instr-steps", args.instr_steps)) if v < 1]
+    bad_opts += [f"{k} {v}" for k, v in (("--budget-s", args.budget_s),
+                 ("--ci-target", args.ci_target)) if not v > 0]
+    if bad_opts or args.max_rounds < args.steps:
+        sys.exit(f"need --steps, --max-rounds, --instr-steps >= 1, --max-rounds >= --steps, "
+                 f"--budget-s and --ci-target > 0; got {bad_opts or args.max_rounds}")
+    given = list(sys.argv[1:] if argv is None else argv)
+    command = " ".join([prog or "python -m mtlsam_ext.benchmark.step", shlex.join(given)])
+    bar = tqdm(disable=args.no_progress, desc="rounds", unit="round", file=sys.stderr)
     all_rows = []
     for model_name in models:
         for k in tasks:
-            bar.set_postfix_str(f"{model_name} K={k}")
+            bar.set_description(f"{model_name} K={k} rounds")
             rows = bench_group(model_name, k, methods, args, device, bar)
-            rows = record(args.out, rows, device=device,
-                          command="python -m mtlsam_ext.benchmark.step "
-                          + " ".join(argv or sys.argv[1:]))
+            rows = record(args.out, rows, device=device, command=command.strip())
             all_rows.extend(rows)
             bar.clear()
             print_table(rows)
     bar.close()
-    return all_rows
+    r0 = all_rows[0]
+    print(f"\nmtlsam_ext {r0['mtlsam_ext']}, torch {r0['torch']}, commit {r0['commit']}, "
+          f"{r0['device_name']} ({r0['threads']} threads), {r0['timestamp']}")
+    print(f"reproduce: {command.strip()}")
+    if args.plot:
+        from mtlsam_ext.benchmark.plot_steps import plot_steps
 
+        plot_steps(all_rows, args.plot)
+        print(f"plot: {args.plot}")
+    return all_rows
 
 if __name__ == "__main__":
     main()
