@@ -1,90 +1,129 @@
 // gram: G = M M^T of a [K, N] matrix in the accumulation dtype, exactly symmetric (CUDA).
 //
-// One read of the matrix: the columns are cut into tiles of TC columns; a block loads a K x TC
-// tile (all K rows) into shared memory, converted to the accumulation type, and accumulates all
-// K (K + 1) / 2 pairs i <= j from it. Work items are (pair, lane) with L = max(1, 256 / pairs)
-// lanes per pair; lane l of pair q accumulates columns l, l + L, ... of every tile of the block
-// with fma, in order. At the end the L lanes of each pair are summed in lane order and the
-// block's partial goes to ws[q][block]; a second kernel sums the blocks of each pair in block
-// order and writes the value to both G[i, j] and G[j, i], so G is exactly symmetric.
-// The tile width TC (about 24 KiB of shared memory), the tiles per block (at most ~1024 blocks)
-// and hence the whole summation order are functions of (K, N, dtype) only.
+// The rows are cut into blocks of RB rows (RB = 4, or 8 for fp32/fp16/bf16 with K > 4) and the
+// columns into chunks of `chunk` columns. One CUDA block computes one (row-block pair, chunk):
+// each of its 256 threads walks the chunk's columns with a stride of 256 (coalesced loads, two
+// columns in flight per iteration), keeps the RB x RB products of its columns in registers
+// (fma, in column order) and the block then reduces them (warp butterflies, then the 8 warps in
+// order) into one partial per (pair, chunk) in a workspace; a second kernel sums a pair's
+// partials in chunk order and writes G[i, j] and G[j, i] (exactly symmetric).
+//
+// Why this shape: the first kernel (a shared-memory tile of all K rows, one (pair, lane) item
+// per thread) ran at 0.13 of a device-to-device copy on an H200 (471 GB/s, K = 4, ResNet-18's
+// 11.2 M columns): two barriers per tile and one 4-byte shared load per multiply-add left too
+// few bytes in flight. Here every thread issues 2 RB independent global loads per iteration and
+// does RB^2 multiply-adds per column from registers. The blocks of one chunk are consecutive
+// in the grid (row-block pair fastest), so the rows a chunk needs are read from memory once
+// and from L2 by the other pairs of the same chunk.
+//
+// Determinism: the chunk width is a function of N only, the assignment of columns to threads
+// and every reduction order are fixed, and no atomics are used: the result is a function of
+// (K, N, dtype) and the data, never of the GPU or the launch.
 #include "common.cuh"
 
 namespace mtlsam_cuda {
 namespace {
 
-// Items (pair, lane) per thread: supports K (K + 1) / 2 <= kMaxItems * kBlock, i.e. K <= 67.
-constexpr int kMaxItems = 9;
-constexpr int64_t kMaxGramBlocks = 1024;
-constexpr int64_t kTileBytes = 24 * 1024;
+// Chunks: at most kMaxGramChunks, each at least kMinGramChunk columns (a multiple of the 512
+// columns one iteration of a block covers), so a 11.2 M-column matrix gets 1024 chunks of
+// ~11 k columns (44 per thread) and the per-block reduction stays a small part of the work.
+constexpr int64_t kMaxGramChunks = 1024;
+constexpr int64_t kMinGramChunk = 4096;
+constexpr int kColsPerIter = 2 * kBlock;
 
-template <typename T>
-__global__ void __launch_bounds__(kBlock)
-    gram_blocks(const T* __restrict__ rows, int64_t K, int64_t n, int64_t tc,
-                int64_t tiles_per_block, int64_t num_tiles, int pairs, int lanes,
-                acc_t<T>* __restrict__ ws) {
+// Row-block pairs (bi, bj), bi <= bj, in row-major order of the upper triangle.
+__device__ __forceinline__ void block_pair(int p, int nb, int* bi, int* bj) {
+  int i = 0;
+  while (p >= nb - i) {
+    p -= nb - i;
+    ++i;
+  }
+  *bi = i;
+  *bj = i + p;
+}
+
+// Index of pair (i, j), i <= j, in row-major order of the upper triangle of a K x K matrix.
+__device__ __forceinline__ int64_t pair_index(int64_t i, int64_t j, int64_t K) {
+  return i * K - i * (i - 1) / 2 + (j - i);
+}
+
+// Two blocks per SM at least: caps the RB = 8 kernels at 128 registers (126-138 uncapped with
+// nvcc 13.0 for sm_90, no spills either way), so 16 warps per SM hide the loads' latency.
+template <typename T, int RB>
+__global__ void __launch_bounds__(kBlock, 2)
+    gram_pairs(const T* __restrict__ rows, int64_t K, int64_t n, int64_t chunk,
+               int64_t num_chunks, int num_block_pairs, acc_t<T>* __restrict__ ws) {
   using A = acc_t<T>;
-  extern __shared__ unsigned char smem_raw[];
-  A* tile = reinterpret_cast<A*>(smem_raw);
-  const int items = pairs * lanes;
-  // Decode this thread's items: (i, j, lane).
-  int it_i[kMaxItems], it_j[kMaxItems], it_l[kMaxItems];
-  A acc[kMaxItems];
+  __shared__ A red[kWarps][RB * RB];
+  const int nb = static_cast<int>((K + RB - 1) / RB);
+  const int p = static_cast<int>(blockIdx.x % num_block_pairs);
+  const int64_t c = static_cast<int64_t>(blockIdx.x / num_block_pairs);
+  int bi, bj;
+  block_pair(p, nb, &bi, &bj);
+  const int64_t r0 = static_cast<int64_t>(bi) * RB;
+  const int64_t s0 = static_cast<int64_t>(bj) * RB;
+  const bool diag = bi == bj;
+  // Rows past K read row K - 1 (in bounds, results discarded), so the loops need no branches.
+  const T* pi[RB];
+  const T* pj[RB];
 #pragma unroll
-  for (int t = 0; t < kMaxItems; ++t) {
-    acc[t] = A(0);
-    it_i[t] = it_j[t] = it_l[t] = 0;
-    const int w = static_cast<int>(threadIdx.x) + t * kBlock;
-    if (w < items) {
-      int q = w / lanes;
-      it_l[t] = w % lanes;
-      int i = 0;
-      while (q >= static_cast<int>(K) - i) {  // row i holds pairs (i, i..K-1)
-        q -= static_cast<int>(K) - i;
-        ++i;
-      }
-      it_i[t] = i;
-      it_j[t] = i + q;
-    }
+  for (int a = 0; a < RB; ++a) {
+    pi[a] = rows + (r0 + a < K ? r0 + a : K - 1) * n;
+    pj[a] = rows + (s0 + a < K ? s0 + a : K - 1) * n;
   }
-  const int64_t t0 = static_cast<int64_t>(blockIdx.x) * tiles_per_block;
-  const int64_t t1 = t0 + tiles_per_block < num_tiles ? t0 + tiles_per_block : num_tiles;
-  for (int64_t tt = t0; tt < t1; ++tt) {
-    const int64_t c0 = tt * tc;
-    const int64_t valid = n - c0 < tc ? n - c0 : tc;
-    __syncthreads();  // previous tile fully consumed
-    for (int64_t idx = threadIdx.x; idx < K * tc; idx += kBlock) {
-      const int64_t r = idx / tc;
-      const int64_t col = idx % tc;
-      tile[idx] = col < valid ? to_acc(rows[r * n + c0 + col]) : A(0);
-    }
-    __syncthreads();
+  A acc[RB][RB];
 #pragma unroll
-    for (int t = 0; t < kMaxItems; ++t) {
-      const int w = static_cast<int>(threadIdx.x) + t * kBlock;
-      if (w < items) {
-        const A* ri = tile + it_i[t] * tc;
-        const A* rj = tile + it_j[t] * tc;
-        A a = acc[t];
-        for (int64_t col = it_l[t]; col < valid; col += lanes) a = fma_(ri[col], rj[col], a);
-        acc[t] = a;
+  for (int a = 0; a < RB; ++a)
+#pragma unroll
+    for (int b = 0; b < RB; ++b) acc[a][b] = A(0);
+
+  const int64_t c0 = c * chunk;
+  const int64_t c1 = c0 + chunk < n ? c0 + chunk : n;
+  for (int64_t col = c0 + threadIdx.x; col < c1; col += kColsPerIter) {
+    const int64_t col2 = col + kBlock;
+    const bool two = col2 < c1;
+    A xi[RB], yi[RB], xj[RB], yj[RB];
+#pragma unroll
+    for (int a = 0; a < RB; ++a) {
+      xi[a] = to_acc(pi[a][col]);
+      yi[a] = two ? to_acc(pi[a][col2]) : A(0);
+      if (!diag) {
+        xj[a] = to_acc(pj[a][col]);
+        yj[a] = two ? to_acc(pj[a][col2]) : A(0);
+      } else {
+        xj[a] = xi[a];
+        yj[a] = yi[a];
       }
     }
-  }
-  // Sum the lanes of each pair in lane order.
-  __syncthreads();
-  A* red = tile;  // shared memory holds max(K * tc, pairs * lanes) values (see the host code)
 #pragma unroll
-  for (int t = 0; t < kMaxItems; ++t) {
-    const int w = static_cast<int>(threadIdx.x) + t * kBlock;
-    if (w < items) red[w] = acc[t];
+    for (int a = 0; a < RB; ++a)
+#pragma unroll
+      for (int b = 0; b < RB; ++b) acc[a][b] = fma_(xi[a], xj[b], acc[a][b]);
+#pragma unroll
+    for (int a = 0; a < RB; ++a)
+#pragma unroll
+      for (int b = 0; b < RB; ++b) acc[a][b] = fma_(yi[a], yj[b], acc[a][b]);
   }
+
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+#pragma unroll
+  for (int a = 0; a < RB; ++a)
+#pragma unroll
+    for (int b = 0; b < RB; ++b) {
+      const A v = warp_sum(acc[a][b]);
+      if (lane == 0) red[warp][a * RB + b] = v;
+    }
   __syncthreads();
-  for (int q = threadIdx.x; q < pairs; q += kBlock) {
+  for (int e = threadIdx.x; e < RB * RB; e += kBlock) {
+    const int a = e / RB;
+    const int b = e % RB;
+    const int64_t i = r0 + a;
+    const int64_t j = s0 + b;
+    if (i >= K || j >= K || (diag && b < a)) continue;
     A v = A(0);
-    for (int l = 0; l < lanes; ++l) v += red[q * lanes + l];
-    ws[static_cast<int64_t>(q) * gridDim.x + blockIdx.x] = v;
+    for (int w = 0; w < kWarps; ++w) v += red[w][e];
+    ws[pair_index(i, j, K) * num_chunks + c] = v;
   }
 }
 
@@ -120,40 +159,44 @@ Tensor gram(const Tensor& rows) {
                "shape ", shape_str(rows));
   const int64_t K = rows.size(0);
   const int64_t n = rows.size(1);
-  const int64_t pairs64 = K * (K + 1) / 2;
-  MTLSAM_CHECK(pairs64 <= static_cast<int64_t>(kMaxItems) * kBlock,
-               "mtlsam::gram (CUDA): at most 67 rows are supported, got ", K);
+  // The pair index of the workspace and of gram_finish is an int.
+  MTLSAM_CHECK(K <= 8192, "mtlsam::gram (CUDA): at most 8192 rows are supported, got ", K);
   const DeviceGuard guard(dev);
   const auto acc = acc_scalar_type(rows.scalar_type());
-  auto out = zeros_like_device(rows, {K, K}, acc);
-  if (K == 0 || n == 0) return out;
-  const int pairs = static_cast<int>(pairs64);
-  const int lanes = pairs >= kBlock ? 1 : kBlock / pairs;
+  auto out = empty_like_device(rows, {K, K}, acc);
+  if (K == 0) return out;
+  if (n == 0) return zeros_like_device(rows, {K, K}, acc);
+  const int pairs = static_cast<int>(K * (K + 1) / 2);
+  int64_t chunk = (n + kMaxGramChunks - 1) / kMaxGramChunks;
+  chunk = chunk < kMinGramChunk ? kMinGramChunk : chunk;
+  chunk = (chunk + kColsPerIter - 1) / kColsPerIter * kColsPerIter;
+  const int64_t num_chunks = (n + chunk - 1) / chunk;
   const cudaStream_t stream = current_stream(dev);
   MTLSAM_DISPATCH_FLOATING(rows.scalar_type(), "mtlsam_gram", [&] {
     using A = acc_t<scalar_t>;
-    const int64_t elem = static_cast<int64_t>(sizeof(A));
-    // Tile width: a multiple of 32 columns, ~kTileBytes of shared memory, 32..1024 columns.
-    int64_t tc = kTileBytes / (K * elem) / 32 * 32;
-    tc = tc < 32 ? 32 : (tc > 1024 ? 1024 : tc);
-    const int64_t num_tiles = (n + tc - 1) / tc;
-    const int64_t tiles_per_block = (num_tiles + kMaxGramBlocks - 1) / kMaxGramBlocks;
-    const int64_t num_blocks = (num_tiles + tiles_per_block - 1) / tiles_per_block;
-    const int64_t red_items = static_cast<int64_t>(pairs) * lanes;
-    const int64_t smem_elems = K * tc > red_items ? K * tc : red_items;
-    const size_t smem = static_cast<size_t>(smem_elems * elem);
-    if (smem > 48 * 1024) {
-      MTLSAM_CUDA_CHECK(cudaFuncSetAttribute(gram_blocks<scalar_t>,
-                                             cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                             static_cast<int>(smem)));
+    auto ws = empty_like_device(rows, {static_cast<int64_t>(pairs) * num_chunks}, acc);
+    // RB = 8 halves the re-reads of the rows for K > 4 at 64 accumulators per thread; with
+    // double accumulators that would be 128 registers, so fp64 keeps RB = 4.
+    auto launch = [&](auto rb_tag) {
+      constexpr int RB = decltype(rb_tag)::value;
+      const int64_t nb = (K + RB - 1) / RB;
+      const int block_pairs = static_cast<int>(nb * (nb + 1) / 2);
+      const int64_t grid = static_cast<int64_t>(block_pairs) * num_chunks;
+      MTLSAM_CHECK(grid < (int64_t{1} << 31), "mtlsam::gram (CUDA): too many rows for one "
+                   "launch (", K, " rows x ", num_chunks, " column chunks)");
+      gram_pairs<scalar_t, RB><<<static_cast<unsigned int>(grid), kBlock, 0, stream>>>(
+          rows.const_data_ptr<scalar_t>(), K, n, chunk, num_chunks, block_pairs,
+          ws.mutable_data_ptr<A>());
+    };
+    constexpr int kWideRB = sizeof(A) == 4 ? 8 : 4;
+    if (K > 4) {
+      launch(std::integral_constant<int, kWideRB>{});
+    } else {
+      launch(std::integral_constant<int, 4>{});
     }
-    auto ws = empty_like_device(rows, {static_cast<int64_t>(pairs) * num_blocks}, acc);
-    gram_blocks<scalar_t><<<static_cast<unsigned int>(num_blocks), kBlock, smem, stream>>>(
-        rows.const_data_ptr<scalar_t>(), K, n, tc, tiles_per_block, num_tiles, pairs, lanes,
-        ws.mutable_data_ptr<A>());
     MTLSAM_CUDA_LAUNCH_CHECK();
     gram_finish<A><<<static_cast<unsigned int>((pairs + kWarps - 1) / kWarps), kBlock, 0,
-                     stream>>>(ws.const_data_ptr<A>(), num_blocks, K, pairs,
+                     stream>>>(ws.const_data_ptr<A>(), num_chunks, K, pairs,
                                out.mutable_data_ptr<A>());
     MTLSAM_CUDA_LAUNCH_CHECK();
   });
