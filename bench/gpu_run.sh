@@ -64,12 +64,15 @@ if has ops; then
 fi
 if has steps; then
     lap "step benchmark"
-    # every method of the main job plus the batched perturbed passes (batched="points")
-    methods=erm,naive-fmtl,naive-fmtl-2k,naive-sam-per-task,fmtl,fmtl-task,gl-autograd,gl-lagged
-    methods=$methods,gl-lagged-task,gl-zo,sam,fmtl-vmap,gl-lagged-vmap
-    timeout 110 "$PY" -m bench.step_bench --device cuda --model mlp,resnet18 --tasks 10 \
-        --methods "$methods" --no-progress --out "$OUT/step_cuda.jsonl" >> "$OUT/bench.log" 2>&1
-    echo "step_bench rc $?"; tail -45 "$OUT/bench.log"
+    # the main job as a user runs it on a GPU (MLP and ResNet-18, K = 10, interleaved rounds),
+    # then the batched perturbed passes (batched="points") against the sequential ones
+    timeout 150 "$PY" -m mtlsam_ext.bench --device cuda --budget-s 30 --no-progress \
+        --out "$OUT/step_cuda.jsonl" >> "$OUT/bench.log" 2>&1
+    echo "main job rc $?"; tail -32 "$OUT/bench.log"
+    timeout 90 "$PY" -m bench.step_bench --device cuda --model resnet18 --tasks 10 \
+        --methods fmtl,fmtl-vmap,gl-lagged,gl-lagged-vmap --budget-s 25 --no-progress \
+        --out "$OUT/step_cuda.jsonl" >> "$OUT/bench.log" 2>&1
+    echo "batched passes rc $?"; tail -8 "$OUT/bench.log"
 fi
 if has profile; then
     lap "profile of the step"
