@@ -51,3 +51,25 @@ def test_info_shows_the_installed_distributions_version(monkeypatch):
 
     monkeypatch.setattr(importlib.metadata, "version", missing)
     assert info.describe()["mtlsam_ext"] == __version__
+
+
+def test_results_files_do_not_make_the_commit_dirty(monkeypatch, tmp_path):
+    import subprocess
+
+    monkeypatch.delenv("MTLSAM_COMMIT", raising=False)
+
+    def git(*a):
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *a], cwd=tmp_path,
+                       check=True, capture_output=True)
+
+    git("init", "-q")
+    (tmp_path / "a.py").write_text("x = 1\n")
+    git("add", "a.py")
+    git("commit", "-qm", "a")
+    clean = harness.git_commit(tmp_path)
+    assert len(clean) == 40 and not clean.endswith("+dirty")
+    (tmp_path / "bench" / "results").mkdir(parents=True)
+    (tmp_path / "bench" / "results" / "step.jsonl").write_text("{}\n")
+    assert harness.git_commit(tmp_path) == clean  # a run's own records
+    (tmp_path / "a.py").write_text("x = 2\n")
+    assert harness.git_commit(tmp_path) == clean + "+dirty"

@@ -89,6 +89,9 @@ def test_rounds_stop_at_the_budget_or_the_round_cap(monkeypatch):
     assert res.stop_reason == "budget" and res.rounds == 10 and res.elapsed_s <= 10.5
     res = run_rounds({"a": step}, min_rounds=2, max_rounds=5, budget_s=1e9, seed=0)
     assert res.stop_reason == "max rounds" and res.rounds == 5
+    # the minimum number of rounds runs even past the budget (a stalling machine)
+    res = run_rounds({"a": step}, min_rounds=6, max_rounds=100, budget_s=2.5, seed=0)
+    assert res.stop_reason == "budget" and res.rounds == 6
     with pytest.raises(ValueError, match="min_rounds"):
         run_rounds({"a": step}, min_rounds=3, max_rounds=2, budget_s=1, seed=0)
 

@@ -291,8 +291,10 @@ def limit_blas_threads(n: int | None) -> str:
 
 # -- environment and records ---------------------------------------------------------------------
 def git_commit(repo: Path = REPO) -> str:
-    """``git rev-parse HEAD``, with ``+dirty`` when tracked or untracked-unignored files differ.
-    Read-only: ``--no-optional-locks`` keeps ``git status`` from refreshing the index.
+    """``git rev-parse HEAD``, with ``+dirty`` when tracked or untracked-unignored files differ,
+    results (``bench/results/``, ``python/results/``) aside: a program appending to its own
+    records file must not call the next run's code dirty. Read-only: ``--no-optional-locks``
+    keeps ``git status`` from refreshing the index.
 
     ``MTLSAM_COMMIT`` overrides it: a copy of the tree made for another machine may carry a
     stale ``.git`` (one such copy reported the checkout's first commit, "+dirty"), or none."""
@@ -302,11 +304,17 @@ def git_commit(repo: Path = REPO) -> str:
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True,
                               text=True, timeout=10, check=True).stdout.strip()
-        st = subprocess.run(["git", "--no-optional-locks", "status", "--porcelain"], cwd=repo,
+        st = subprocess.run(["git", "--no-optional-locks", "status", "--porcelain",
+                             "--untracked-files=all"], cwd=repo,
                             capture_output=True, text=True, timeout=30, check=True).stdout
     except (OSError, subprocess.SubprocessError):
         return "unknown"
-    return head + ("+dirty" if st.strip() else "")
+    changed = [line[3:] for line in st.splitlines() if line.strip()]
+    code = [p for p in changed if not p.startswith(RESULTS_DIRS)]
+    return head + ("+dirty" if code else "")
+
+
+RESULTS_DIRS = ("bench/results/", "python/results/")
 
 
 def _cpu_name() -> str:

@@ -132,10 +132,12 @@ def run_rounds(participants: dict[str, Callable[[], float]], *, min_rounds: int,
 
     Each participant is a callable that runs its unit of work once and returns the seconds
     it took (see :func:`time_once`; it may do untimed preparation, e.g. a forward before a
-    timed backward). Rounds go on until ``converged(result)`` holds after at least
-    ``min_rounds``, or ``max_rounds`` are done, or the next round would probably not finish
-    within ``budget_s`` (measured from the first round, predicted from the mean round so far);
-    ``stop_reason`` says which ("converged", "max rounds", "budget").
+    timed backward). ``min_rounds`` always run (a machine that stalls for seconds at a time,
+    as this class of machine sometimes does, must still yield a median with an interval);
+    after them, rounds go on until ``converged(result)`` holds, or ``max_rounds`` are done, or
+    the next round would probably not finish within ``budget_s`` (measured from the first
+    round, predicted from the mean round so far); ``stop_reason`` says which ("converged",
+    "max rounds", "budget").
     """
     if not participants:
         raise ValueError("run_rounds: no participants")
@@ -156,7 +158,9 @@ def run_rounds(participants: dict[str, Callable[[], float]], *, min_rounds: int,
         res.elapsed_s = time.perf_counter() - t0
         if on_round:
             on_round(res)
-        if res.rounds >= min_rounds and converged is not None and converged(res):
+        if res.rounds < min_rounds:
+            continue
+        if converged is not None and converged(res):
             res.stop_reason = "converged"
             break
         if res.rounds >= max_rounds:

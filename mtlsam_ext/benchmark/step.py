@@ -1,9 +1,12 @@
 """End-to-end optimizer-step benchmark: MTLSAM's methods against naive F-MTL baselines.
 
-For every model and task count K, each method runs ``--warmup`` untimed and ``--steps``
-timed optimizer steps on its own copy of the same model and data (timing and peak memory
-from :mod:`mtlsam_ext.benchmark.harness`), then ``--instr-steps`` *instrumented* steps that
-count and time the passes (kept separate so the hooks and device syncs never touch the timed steps):
+For every model and task count K, each method gets its own copy of the same model and data
+and first runs alone: peak memory over building its optimizer and its first steps, then
+``--instr-steps`` *instrumented* steps that count and time the passes (the hooks and device
+syncs never touch the timed steps). Then all methods are timed together in interleaved rounds
+(:mod:`mtlsam_ext.benchmark.rounds`): in each round every method takes one step and a bare
+forward and a bare one-loss backward run once, in a fresh seeded order; ratios are formed within
+rounds and reported as medians with 95% confidence intervals. Counted in the instrumented steps:
 
 * forwards: calls of the shared backbone (a forward pre-hook);
 * backwards: backward passes that reach the backbone's output (a tensor hook installed on
@@ -15,10 +18,10 @@ count and time the passes (kept separate so the hooks and device syncs never tou
   step spent outside them and its time ("own ms": bookkeeping, perturbations, norms,
   aggregation, the base optimizer).
 
-Single-pass times (one forward of the closure; one backward of one task loss from a fresh
-forward) are measured in the same run, and each method's time is reported against
-``forwards * t_fwd + backwards * t_bwd`` ("pass-cost efficiency" > 1 means overhead beyond
-the passes).
+The bare passes (one forward of the closure; one backward of one task loss from a fresh
+forward) of each round give each method's "pass-cost efficiency": its step over
+``forwards * t_fwd + backwards * t_bwd`` of the same round (> 1 means overhead beyond the
+passes).
 
 Methods: ``erm``, ``fmtl``, ``sam``, ``gl-autograd``, ``gl-lagged``, ``gl-zo`` (one
 direction) (MTLSAM), ``fmtl-task`` and ``gl-lagged-task`` (the same with a task-aware closure:
@@ -318,24 +321,29 @@ def measure_alone(name: str, template: nn.Module, x: torch.Tensor, y: torch.Tens
         opt = make_optimizer(name, model, args)
         for _ in range(max(2, args.warmup)):
             opt.step(closure)
+    # Per instrumented step: its time and the time inside the closure and the backwards; the
+    # step with the median time is reported (one step alone caught a 0.5 s stall of a busy
+    # machine once and showed erm's own time as 28 ms instead of 1).
     counter = PassCounter(model.body, device)
-    step_timer = Timer(device)
+    per_step: list[tuple[float, float, float]] = []
     with counter.installed():
         timed_closure = counter.wrap_closure(closure, name in TASK_AWARE)
         for _ in range(args.instr_steps):
-            with step_timer:
+            f0, b0 = counter.fwd_timer.total, counter.bwd_timer.total
+            with Timer(device) as step_timer:
                 opt.step(timed_closure)
+            per_step.append((step_timer.total, counter.fwd_timer.total - f0,
+                             counter.bwd_timer.total - b0))
     n = args.instr_steps
-    step_i = step_timer.total / n
-    inside = (counter.fwd_timer.total + counter.bwd_timer.total) / n
+    step_i, fwd_i, bwd_i = sorted(per_step)[(n - 1) // 2]
+    inside = fwd_i + bwd_i
     out = {
         "backend": getattr(opt, "backend", None),
         "peak_bytes": mem.peak_bytes, "mem_method": mem.method,
         "forwards": counter.forwards / n, "backwards": counter.backwards / n,
         "backwards_full": counter.backwards_full / n,
         "autograd_calls": counter.autograd_calls / n,
-        "instr_step_s": step_i, "instr_fwd_s": counter.fwd_timer.total / n,
-        "instr_bwd_s": counter.bwd_timer.total / n,
+        "instr_step_s": step_i, "instr_fwd_s": fwd_i, "instr_bwd_s": bwd_i,
         "outside_share": max(0.0, 1.0 - inside / step_i) if step_i > 0 else None,
         # the step's own time: outside the closure and the backward passes (bookkeeping,
         # perturbations, aggregation, the base optimizer), in the instrumented steps
@@ -534,7 +542,8 @@ def parse_args(argv: list[str] | None, prog: str | None = None,
     ap.add_argument("--aggregator", default="ls", help="MTLSAM aggregator")
     ap.add_argument("--backend", default="auto", help="MTLSAM backend for the fused ops")
     ap.add_argument("--steps", type=int, default=10,
-                    help="minimum number of timed rounds (one step per method in each)")
+                    help="timed rounds that always run (one step per method in each); more follow "
+                    "until --ci-target or --budget-s")
     ap.add_argument("--max-rounds", type=int, default=500, help="at most this many rounds")
     ap.add_argument("--budget-s", type=float, default=40.0,
                     help="time budget for the timed rounds of each model and K, in seconds")
@@ -543,8 +552,9 @@ def parse_args(argv: list[str] | None, prog: str | None = None,
                     "this fraction of the ratio")
     ap.add_argument("--warmup", type=int, default=2,
                     help="untimed steps per method before the rounds")
-    ap.add_argument("--instr-steps", type=int, default=1,
-                    help="instrumented (counting) steps per method, after the timed ones")
+    ap.add_argument("--instr-steps", type=int, default=3,
+                    help="instrumented steps per method (pass counts; the outside share of "
+                    "the median one), before the rounds")
     ap.add_argument("--batch", type=int, default=None, help="override the model's batch")
     ap.add_argument("--task-chunk", type=int, default=None,
                     help="points per batched pass of the -vmap/-auto methods (default: all K)")
