@@ -25,16 +25,16 @@ BACKENDS = ("auto", "torch", "ext", "triton", MIXED)
 # tensors; every other op runs on the extension. Keys are ops_bench's op names ("_local": the
 # global-local form, with the sampled layers' task-gradient rows). Chosen from
 # `python -m bench.ops_bench --device cuda` on an H200 (torch 2.11.0+cu130, triton 3.6.0,
-# bench/results/ops_cuda.jsonl): ext vs triton GB/s on ResNet-18's layout, fp32 and bf16, and
-# on 2,000 tiny tensors (fp32). The extension wins every other op there (e.g. mix_perturb_
-# 3128 vs 2307, segment_sumsq 1118 vs 867, combine_ 3834 vs 2945; gl_layer_stats is even:
-# 1317 vs 1420, 806 vs 803, and 97 vs 59 on the tiny tensors).
+# bench/results/ops_cuda.jsonl, the run at 2cf2a30): ext vs triton GB/s on ResNet-18's layout,
+# fp32 and bf16, and on 2,000 tiny tensors (fp32). The extension wins every other op there:
+# gram 2732 vs 727, 1720 vs 484, tiny 473 vs 60 (since its row-block kernel; the first CUDA
+# gram ran at 471 GB/s and Triton had these two), flat_gram_ 2691 vs 1444, 2180 vs 1206, tiny
+# 760 vs 184; mix_perturb_ 2701 vs 1524; segment_sumsq 789 vs 339; combine_ 3494 vs 2491;
+# gl_layer_stats 1017 vs 849, 628 vs 535, tiny 91 vs 55.
 CUDA_AUTO: dict[str, str] = {
-    "mix_perturb_local": "triton",     # 1450 vs 2358, 768 vs 1344; tiny 47 vs 128
-    "perturb_points_local": "triton",  # 832 vs 2084, 430 vs 1259; tiny 79 vs 184
-    "gram": "triton",                  # 471 vs 810, 235 vs 549; tiny 237 vs 95 (ext: ~50 us)
-    "flat_gram_": "triton",            # 1056 vs 1585, 603 vs 1239; tiny 538 vs 220
-    "segment_gram": "triton",          # no CUDA kernel in ext (its torch fallback: 49 vs 784)
+    "mix_perturb_local": "triton",     # 1250 vs 1584, 728 vs 920; tiny 47 vs 88
+    "perturb_points_local": "triton",  # 805 vs 1654, 417 vs 970; tiny 78 vs 130
+    "segment_gram": "triton",          # no CUDA kernel in ext (its torch fallback: 34 vs 674)
 }
 
 
