@@ -215,3 +215,17 @@ def test_math_is_written_for_the_math_hook(page):
     unconverted ``\\(...\\)`` forms that would show as raw text."""
     text = (DOCS / page).read_text()
     assert "$" in text and "\\(" not in text and "\\[" not in text
+
+
+def test_every_named_aggregator_has_its_section_and_api_entry():
+    """An aggregator MTLSAM accepts by name has a section on the Aggregators page (formula,
+    options, cost) and its function on the API page."""
+    from mtlsam_ext.aggregators import AGGREGATORS
+
+    page = (DOCS / "aggregators.md").read_text()
+    api = (DOCS / "api" / "aggregators.md").read_text()
+    headed = {name for heading in re.findall(r"^## (.*)", page, re.M)
+              for name in re.findall(r"`(\w+)`", heading.split(":")[0])}
+    for name, fn in AGGREGATORS.items():
+        assert name in headed, f"docs/aggregators.md has no section for {name!r}"
+        assert f"::: {fn.__module__}.{fn.__name__}\n" in api, f"no API entry for {name!r}"
