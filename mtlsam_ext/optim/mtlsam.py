@@ -16,7 +16,8 @@ from torch import Tensor, nn
 
 from mtlsam_ext.aggregators import check_weights, get_aggregator
 from mtlsam_ext.flat import FlatParams
-from mtlsam_ext.ops.dispatch import check_backend_name, resolve_backend
+from mtlsam_ext.ops import selfcheck
+from mtlsam_ext.ops.dispatch import check_backend_name, pin
 from mtlsam_ext.optim import methods
 from mtlsam_ext.optim.amp import calling_scaler, init_scaler, report_found_inf, scaling_for
 from mtlsam_ext.optim.batched import BatchedPolicy, unsupported_reason
@@ -292,7 +293,14 @@ class MTLSAM(torch.optim.Optimizer):
         self.adaptive = bool(adaptive)
         self.decompose = bool(decompose)
         self.backend_request = backend
-        self.backend = resolve_backend(backend, self.shared.device)
+        # the ops get the resolved backend ("auto" pinned to it), so a step's op calls read
+        # no environment variable; the compiled kernels check themselves here, before any step
+        # (explicit backend: ValueError; auto: failing ops run on the reference, one warning)
+        self.backend, self.ops_backend = pin(backend, self.shared.device)
+        self._selfcheck_dtypes = tuple(dict.fromkeys(
+            b.dtype for f in (self.shared, self.heads) if f is not None for b in f.buckets))
+        selfcheck.prepare(self.backend, self.shared.device, self._selfcheck_dtypes,
+                          fallback=self.ops_backend != self.backend, requested=backend)
         if self.shared.sharded:
             check_sharded(self.shared, self.sync, method=method, local_grad=local_grad,
                           batched=batched, batched_grads=batched_grads)
@@ -771,5 +779,9 @@ class MTLSAM(torch.optim.Optimizer):
             "bucket_cap_mb": None if self.sync is None else self.sync.cap_bytes / 2**20,
             "sharded": self.shared.sharded,
             "communication": None if self.sync is None else dict(self.sync.last_step),
+            # ops whose compiled kernel failed its first-use check here (auto runs them on the
+            # reference), with the op, backend, device, dtype and error
+            "selfcheck_fallbacks": selfcheck.fell_back(self.shared.device,
+                                                       self._selfcheck_dtypes),
         }
 
