@@ -152,8 +152,10 @@ def fall_back(v: Verdict) -> None:
 def refusal(bad: list[Verdict], requested: str) -> ValueError:
     """The error an explicit backend raises for ops that failed their check."""
     lines = "; ".join(v.reason() for v in bad)
+    if requested == "auto":  # made explicit by the environment
+        requested = f"auto' with MTLSAM_BACKEND='{os.environ.get('MTLSAM_BACKEND')}"
     return ValueError(
-        f"backend={requested!r}: the compiled kernel failed its first-use self-check "
+        f"backend='{requested}': the compiled kernel failed its first-use self-check "
         f"against the pure-torch reference: {lines}. Nothing was run or changed. "
         f"backend='auto' would run the failing op on the reference instead; "
         f"`python -m mtlsam_ext.info --selfcheck` shows every op's verdict ({ENV}=0 skips the "

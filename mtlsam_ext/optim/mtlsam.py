@@ -84,7 +84,11 @@ class MTLSAM(torch.optim.Optimizer):
         task_weights: weights of the average loss ``l_0 = sum_i w_i l_i`` (default 1/K).
         backend: ``"auto"``, ``"torch"``, ``"ext"``, ``"triton"`` or ``"ext+triton"`` for the
             fused ops (``"auto"`` on CUDA: ``"ext+triton"``, each op on the backend measured
-            fastest for it, where both are installed).
+            fastest for it, where both are installed). Compiled kernels are checked against
+            the pure-torch reference here, once per process, device and dtype
+            (:mod:`mtlsam_ext.ops.selfcheck`): under ``"auto"`` an op that fails runs on the
+            reference (one warning; ``info()["selfcheck_fallbacks"]``), an explicit backend
+            raises ``ValueError``.
         generator: ``torch.Generator`` for random aggregators (PCGrad); default: one seeded
             from the global RNG at construction.
         aggregator_options: keyword options of a named aggregator, e.g. ``{"c": 0.5}`` for
