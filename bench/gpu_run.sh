@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One GPU validation run that finishes in a few minutes: build the extension for this GPU's
-# architecture only, run the CUDA and Triton tests, the op and step benchmarks, a profile of
-# the step and a memory check of the CUDA ops. Run from the repository root on a machine with
+# architecture only, check every compiled op against the reference, run the CUDA and Triton
+# tests, the op and step benchmarks, a profile of the step and a memory check of the CUDA ops.
+# Run from the repository root on a machine with
 # a CUDA torch, nvcc of the same CUDA major, pytest (pytest-xdist and pytest-timeout if
 # present) and, for the last stage, compute-sanitizer:
 #
@@ -10,9 +11,9 @@
 # stages: any of build,tests,ops,steps,profile,sanitize (default: all, in that order; build
 # also runs when no extension is built yet). Every stage has its own time limit, so a hang in
 # one still leaves the others' results. What it writes under $OUT (at most eight files):
-#   run.log (versions, nvidia-smi, info, the summary of every stage), build.log, tests.log (the
-#   sanitizer's output too), junit.xml, ops_cuda.jsonl, step_cuda.jsonl, profile_cuda.jsonl,
-#   bench.log (the benchmarks' tables and the profile)
+#   run.log (versions, nvidia-smi, info with the kernels' self-check verdicts, the summary of
+#   every stage), build.log, tests.log (the sanitizer's output too), junit.xml, ops_cuda.jsonl,
+#   step_cuda.jsonl, profile_cuda.jsonl, bench.log (the benchmarks' tables and the profile)
 set -u
 PY=${PY:-python3}
 export PATH=$PATH:/usr/local/cuda/bin
@@ -42,7 +43,11 @@ if has build || ! ls mtlsam_ext/_C*.so > /dev/null 2>&1; then
     grep -E "warning|error|libstdc" "$OUT/build.log" | head -20
 fi
 readelf -d mtlsam_ext/_C*.so 2> /dev/null | grep NEEDED
-"$PY" -m mtlsam_ext.info
+# the first thing on a new GPU: every compiled op on every device, backend and dtype against
+# the pure-torch reference (the check MTLSAM otherwise runs on first use); verdicts in run.log
+lap "self-check of the compiled kernels"
+timeout 150 "$PY" -m mtlsam_ext.info --selfcheck
+echo "selfcheck rc $?"
 
 xdist=(); "$PY" -c "import xdist" 2> /dev/null && xdist=(-n 8)
 per_test=(); "$PY" -c "import pytest_timeout" 2> /dev/null && per_test=(--timeout 120)
@@ -51,7 +56,7 @@ if has tests; then
     timeout 170 "$PY" -m pytest -q -rfE "${xdist[@]}" "${per_test[@]}" -p no:cacheprovider \
         tests/test_ops_cuda.py tests/test_steps_cuda.py tests/test_triton.py \
         tests/test_triton_steps.py tests/test_aggregators.py::test_cuda_matches_cpu \
-        tests/test_build_record.py tests/test_dispatch_auto.py \
+        tests/test_build_record.py tests/test_dispatch_auto.py tests/test_selfcheck.py \
         --junitxml "$OUT/junit.xml" > "$OUT/tests.log" 2>&1
     echo "pytest rc $?"; grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -40
     tail -3 "$OUT/tests.log"

@@ -34,6 +34,8 @@ def fake_cuda(monkeypatch):
     monkeypatch.setattr(core, "kernels", module)
     monkeypatch.setattr(core, "_RESOLVED", {})
     monkeypatch.delenv("MTLSAM_BACKEND", raising=False)
+    # the recording stand-ins compute nothing: the kernels' self-check would fail them all
+    monkeypatch.setenv("MTLSAM_SELFCHECK", "0")
     return calls
 
 

@@ -24,6 +24,7 @@ pytest.importorskip("triton")
 from mtlsam_ext.kernels import torch_ref  # noqa: E402
 from mtlsam_ext.kernels import triton_kernels as tk  # noqa: E402
 from mtlsam_ext.kernels.triton import config, tables  # noqa: E402
+from mtlsam_ext.ops import selfcheck  # noqa: E402
 from tests.layouts import LAYOUTS, offsets_of, sampled_of  # noqa: E402
 from tests.oracles import ops as oracle  # noqa: E402
 from tests.tolerances import DTYPES, ELEMENTWISE, REDUCE, assert_reduction_close  # noqa: E402
@@ -291,6 +292,8 @@ def test_perturb_points(layout, dtype, adaptive, shape, k, monkeypatch):
     from mtlsam_ext import ops
 
     theta, dirs, coefs, offs, kw = _points_case(LAYOUTS_T[layout], dtype, k, shape)
+    # the kernels' first-use self-check (once per dtype) before the launches are counted
+    selfcheck.verdicts("triton", theta.device, dtype)
     launches, single = _fused_only(monkeypatch)
     before = theta.clone()
     got = torch.full((k, theta.numel()), 7.0, dtype=dtype, device=DEV)

@@ -1,43 +1,16 @@
-"""Per-dtype tolerances, kept in one place for every backend-vs-reference comparison.
-
-``rtol``/``atol`` bound the difference between an op computed from ``dtype`` inputs and the
-float64 oracle evaluated on the same (rounded) inputs. Reductions accumulate in float32 for
-16/32-bit inputs, so their error is that of float32 summation; element-wise results are
-rounded back to the storage dtype, so their error is half an ulp of that dtype.
-"""
+"""Per-dtype tolerances for the tests: the package's one table
+(:mod:`mtlsam_ext.ops.tolerances`, which the compiled kernels' first-use self-check reads too)
+and the reduction assertion built on it."""
 
 import torch
 
-# Reductions (sums of squares, Gram entries, stats), accumulated in fp32 or fp64.
-REDUCE = {
-    torch.float64: dict(rtol=1e-12, atol=1e-12),
-    torch.float32: dict(rtol=2e-5, atol=1e-5),
-    torch.float16: dict(rtol=2e-5, atol=1e-5),
-    torch.bfloat16: dict(rtol=2e-5, atol=1e-5),
-}
-
-# Element-wise results stored in the parameter dtype (perturb, combine).
-ELEMENTWISE = {
-    torch.float64: dict(rtol=1e-12, atol=1e-12),
-    torch.float32: dict(rtol=1e-5, atol=1e-6),
-    torch.float16: dict(rtol=1e-3, atol=1e-3),
-    torch.bfloat16: dict(rtol=8e-3, atol=8e-3),
-}
-
-DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
-
-# A compiled kernel is held to the pure-torch reference's own error (against the float64 oracle)
-# times two, plus this many ulps of the accumulation dtype at the result's magnitude: where the
-# reference happens to be correctly rounded (on a GPU torch sums fp16/bf16 Gram entries of 257
-# columns exactly to half an fp32 ulp), "twice its error" alone would demand better than one ulp
-# of any other summation order. Seen on an H200: fp16 Gram entries of ~270 off by 6.6e-5 (2.2
-# ulps) against the reference's 1.5e-5; fp16 sums of squares of ~4300 off by 3.7e-4 (0.8 ulp).
-REFERENCE_ULPS = 4
-
-
-def accumulation_eps(dtype: torch.dtype) -> float:
-    """Machine epsilon of the dtype reductions accumulate in for ``dtype`` inputs."""
-    return torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).eps
+from mtlsam_ext.ops.tolerances import (  # noqa: F401  (re-exported for the tests)
+    DTYPES,
+    ELEMENTWISE,
+    REDUCE,
+    REFERENCE_ULPS,
+    accumulation_eps,
+)
 
 
 def assert_reduction_close(got: torch.Tensor, want: torch.Tensor, bound: torch.Tensor,

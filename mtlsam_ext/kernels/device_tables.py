@@ -32,3 +32,11 @@ def on_device(t: Tensor | None, device: torch.device) -> Tensor | None:
     _COPIES[key] = (weakref.ref(t, lambda _, key=key: _COPIES.pop(key, None)), t._version,
                     copy)
     return copy
+
+
+def keep(t: Tensor, copy: Tensor) -> None:
+    """Make ``copy`` (already on its device, made by the caller, e.g. in one non-blocking
+    transfer of several tables) the kept device copy of the CPU table ``t``."""
+    key = (id(t), copy.device)
+    _COPIES[key] = (weakref.ref(t, lambda _, key=key: _COPIES.pop(key, None)), t._version,
+                    copy)

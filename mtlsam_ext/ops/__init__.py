@@ -1,7 +1,8 @@
 """Ops: validated, backend-dispatched entry points over flat buffers.
 
 Each op has one pure-torch reference in :mod:`mtlsam_ext.kernels.torch_ref`; ``backend``
-selects who runs it (see :mod:`mtlsam_ext.ops.dispatch`).
+selects who runs it (see :mod:`mtlsam_ext.ops.dispatch`); a compiled kernel is checked against
+the reference on its first use per device and dtype (:mod:`mtlsam_ext.ops.selfcheck`).
 """
 
 from mtlsam_ext.ops.core import (
@@ -17,9 +18,11 @@ from mtlsam_ext.ops.core import (
     sub_,
 )
 from mtlsam_ext.ops.dispatch import BACKENDS, available_backends, resolve_backend
+from mtlsam_ext.ops.selfcheck import SelfCheckWarning
 
 __all__ = [
     "BACKENDS",
+    "SelfCheckWarning",
     "available_backends",
     "combine_",
     "flat_gram_",

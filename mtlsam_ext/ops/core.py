@@ -6,14 +6,16 @@ import os
 
 from torch import Tensor
 
-from mtlsam_ext.ops import validate
-from mtlsam_ext.ops.dispatch import kernels, op_backend, resolve_backend
+from mtlsam_ext.ops import selfcheck, validate
+from mtlsam_ext.ops.dispatch import kernels, op_backend, request_policy, resolve_backend
+from mtlsam_ext.ops.points import perturb_points
 
-# Resolved kernel modules per (backend asked for, device, the environment variable that can
-# change the answer: MTLSAM_BACKEND for "auto", TRITON_INTERPRET for "triton"): a step makes
-# ~30 op calls, and resolving each one anew (environment, device object, backend list, module
-# lookup) cost ~5 us per call on the 2-core CPU. The optimizer passes its resolved backend, so
-# its calls read no environment variable at all.
+# Resolved kernel modules per (backend asked for, device, dtype, the environment variable that
+# can change the answer: MTLSAM_BACKEND for "auto", TRITON_INTERPRET for "triton", op): a step
+# makes ~30 op calls, and resolving each one anew (environment, device object, backend list,
+# module lookup) cost ~5 us per call on the 2-core CPU. The optimizer passes its resolved
+# backend, so its calls read no environment variable at all. A miss also runs the compiled
+# kernels' self-check for that device and dtype (once per process, see ops.selfcheck).
 _RESOLVED: dict[tuple, object] = {}
 _ENV = {"auto": "MTLSAM_BACKEND", "triton": "TRITON_INTERPRET"}
 
@@ -23,11 +25,30 @@ def _k(backend: str, like: Tensor, op: str):
     # is an error, never a silent fallback (errors are raised again on every call, not cached).
     # `op` matters only where the backend resolves to a per-op choice (ext+triton on CUDA).
     var = _ENV.get(backend)
-    key = (backend, like.device, None if var is None else os.environ.get(var), op)
+    key = (backend, like.device, like.dtype, None if var is None else os.environ.get(var), op)
     mod = _RESOLVED.get(key)
     if mod is None:
-        mod = _RESOLVED[key] = kernels(op_backend(resolve_backend(backend, like.device), op))
+        mod = _RESOLVED[key] = _choose(backend, like.device, like.dtype, op)
     return mod
+
+
+def _choose(backend: str, device, dtype, op: str):
+    """The kernel module that runs ``op`` on ``device`` and ``dtype``: the backend's, once its
+    kernel passed the self-check there; else the reference (auto, with a warning) or an error
+    (an explicit backend)."""
+    requested, fallback = request_policy(backend)
+    resolved = resolve_backend(requested, device)
+    name = op_backend(resolved, op)
+    mod = kernels(name)
+    if name == "torch" or not selfcheck.enabled():
+        return mod
+    verdict = selfcheck.verdicts(resolved, device, dtype, kernels=kernels)[op]
+    if verdict.ok:
+        return mod
+    if not fallback:
+        raise selfcheck.refusal([verdict], backend)
+    selfcheck.fall_back(verdict)
+    return kernels("torch")
 
 
 def segment_sumsq(x: Tensor, offsets: Tensor, scale: Tensor | None = None, *,
@@ -117,18 +138,9 @@ def perturb_points_(out: Tensor, theta: Tensor, directions: Tensor, coefs: Tenso
         if local_coefs.shape != (k, starts.numel()):
             raise ValueError(f"local_coefs must be [{k}, {starts.numel()}] (task x sampled "
                              f"segment), got {tuple(local_coefs.shape)}")
-    mod = _k(backend, out, "perturb_points_" if local is None else "perturb_points_local")
-    fused = getattr(mod, "perturb_points_", None)
-    if fused is not None:
-        fused(out, theta, directions, coefs, offsets, local, local_coefs, starts, lengths,
-              local_starts, adaptive)
-        return
-    # No fused kernel in this backend: its single-point kernel once per row (same bits).
-    for i in range(k):
-        mod.mix_perturb_(out[i], theta, directions[0 if directions.shape[0] == 1 else i],
-                         coefs[i], offsets, None if local is None else local[i],
-                         None if local_coefs is None else local_coefs[i], starts, lengths,
-                         local_starts, adaptive, False)
+    op = "perturb_points_" if local is None else "perturb_points_local"
+    perturb_points(_k(backend, out, op), out, theta, directions, coefs, offsets, local,
+                   local_coefs, starts, lengths, local_starts, adaptive)
 
 
 def restore_(param: Tensor, backup: Tensor, *, backend: str = "auto") -> None:

@@ -121,6 +121,30 @@ def resolve_backend(requested: str, device: torch.device | str) -> str:
     return requested
 
 
+# What an optimizer built with backend="auto" passes to the ops: "auto:" + the backend "auto"
+# resolved to at its construction (so its op calls read no environment variable), keeping
+# auto's answer to a kernel that fails its self-check: run that op on the reference.
+AUTO_PINNED = "auto:"
+
+
+def pin(requested: str, device: torch.device | str) -> tuple[str, str]:
+    """``(resolved backend, the name to pass to the ops)`` for a backend asked for by name:
+    ``auto`` (with ``MTLSAM_BACKEND`` unset or ``auto``) is pinned to what it resolves to now,
+    other requests are passed as resolved."""
+    resolved = resolve_backend(requested, device)
+    auto = requested == "auto" and os.environ.get("MTLSAM_BACKEND", "auto") == "auto"
+    return resolved, AUTO_PINNED + resolved if auto else resolved
+
+
+def request_policy(backend: str) -> tuple[str, bool]:
+    """``(the backend to resolve, whether a compiled op that fails its self-check falls back to
+    the reference)``: it does for ``auto`` (and a pinned auto), never for a backend asked for
+    by name (``ext``, ``triton``, ``ext+triton``, or ``MTLSAM_BACKEND`` naming one)."""
+    if backend.startswith(AUTO_PINNED):
+        return backend[len(AUTO_PINNED):], True
+    return backend, backend == "auto" and os.environ.get("MTLSAM_BACKEND", "auto") == "auto"
+
+
 def _interpreted_triton() -> bool:
     """``TRITON_INTERPRET=1`` and the Triton kernels import."""
     if os.environ.get("TRITON_INTERPRET", "0").strip().lower() not in ("1", "true", "on", "yes"):

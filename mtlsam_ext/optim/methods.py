@@ -89,7 +89,7 @@ class Run:
         self.closure = closure
         self.task_aware = accepts_task(closure)
         self.scaling = scaling or Scaling()
-        self.be = opt.backend
+        self.be = opt.ops_backend
         self.shared = opt.shared
         self.heads = opt.heads
         self.bn = opt.bn_running_stats

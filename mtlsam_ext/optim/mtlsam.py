@@ -16,7 +16,8 @@ from torch import Tensor, nn
 
 from mtlsam_ext.aggregators import check_weights, get_aggregator
 from mtlsam_ext.flat import FlatParams
-from mtlsam_ext.ops.dispatch import check_backend_name, resolve_backend
+from mtlsam_ext.ops import selfcheck
+from mtlsam_ext.ops.dispatch import check_backend_name, pin
 from mtlsam_ext.optim import methods
 from mtlsam_ext.optim.amp import calling_scaler, init_scaler, report_found_inf, scaling_for
 from mtlsam_ext.optim.batched import BatchedPolicy, unsupported_reason
@@ -83,7 +84,11 @@ class MTLSAM(torch.optim.Optimizer):
         task_weights: weights of the average loss ``l_0 = sum_i w_i l_i`` (default 1/K).
         backend: ``"auto"``, ``"torch"``, ``"ext"``, ``"triton"`` or ``"ext+triton"`` for the
             fused ops (``"auto"`` on CUDA: ``"ext+triton"``, each op on the backend measured
-            fastest for it, where both are installed).
+            fastest for it, where both are installed). Compiled kernels are checked against
+            the pure-torch reference here, once per process, device and dtype
+            (:mod:`mtlsam_ext.ops.selfcheck`): under ``"auto"`` an op that fails runs on the
+            reference (one warning; ``info()["selfcheck_fallbacks"]``), an explicit backend
+            raises ``ValueError``.
         generator: ``torch.Generator`` for random aggregators (PCGrad); default: one seeded
             from the global RNG at construction.
         aggregator_options: keyword options of a named aggregator, e.g. ``{"c": 0.5}`` for
@@ -299,7 +304,14 @@ class MTLSAM(torch.optim.Optimizer):
         self.adaptive = bool(adaptive)
         self.decompose = bool(decompose)
         self.backend_request = backend
-        self.backend = resolve_backend(backend, self.shared.device)
+        # the ops get the resolved backend ("auto" pinned to it), so a step's op calls read
+        # no environment variable; the compiled kernels check themselves here, before any step
+        # (explicit backend: ValueError; auto: failing ops run on the reference, one warning)
+        self.backend, self.ops_backend = pin(backend, self.shared.device)
+        self._selfcheck_dtypes = tuple(dict.fromkeys(
+            b.dtype for f in (self.shared, self.heads) if f is not None for b in f.buckets))
+        selfcheck.prepare(self.backend, self.shared.device, self._selfcheck_dtypes,
+                          fallback=self.ops_backend != self.backend, requested=backend)
         if self.shared.sharded:
             check_sharded(self.shared, self.sync, method=method, local_grad=local_grad,
                           batched=batched, batched_grads=batched_grads)
@@ -778,5 +790,9 @@ class MTLSAM(torch.optim.Optimizer):
             "bucket_cap_mb": None if self.sync is None else self.sync.cap_bytes / 2**20,
             "sharded": self.shared.sharded,
             "communication": None if self.sync is None else dict(self.sync.last_step),
+            # ops whose compiled kernel failed its first-use check here (auto runs them on the
+            # reference), with the op, backend, device, dtype and error
+            "selfcheck_fallbacks": selfcheck.fell_back(self.shared.device,
+                                                       self._selfcheck_dtypes),
         }
 
