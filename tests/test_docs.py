@@ -1,7 +1,8 @@
 """The documentation site cannot go stale against the code:
 
-- every ``ValueError`` message a user can get from MTLSAM, its aggregators, its flat buffers
-  and its backend choice is on the Troubleshooting page (read from the source with ``ast``:
+- every error message a user can get from MTLSAM, its aggregators, its flat buffers, its
+  backend choice and the kernels' self-check (``ValueError``, and the few ``RuntimeError``s)
+  is on the Troubleshooting page (read from the source with ``ast``:
   the message's text with each interpolated value as ``…``), and every message the page lists
   still exists;
 - every argument of ``MTLSAM.__init__`` has its own entry, with a description, in the
@@ -28,12 +29,13 @@ TROUBLESHOOTING = DOCS / "troubleshooting.md"
 
 # Where the user-facing errors are raised.
 SOURCES = sorted([*ROOT.glob("mtlsam_ext/optim/*.py"), *ROOT.glob("mtlsam_ext/aggregators/*.py"),
-                  ROOT / "mtlsam_ext/flat.py", ROOT / "mtlsam_ext/ops/dispatch.py"])
+                  ROOT / "mtlsam_ext/flat.py", ROOT / "mtlsam_ext/ops/dispatch.py",
+                  ROOT / "mtlsam_ext/ops/selfcheck.py"])
 # Functions whose returned strings become (part of) an error message, and local helpers whose
 # string argument is one: their text is listed like a raise's.
-BUILDERS = {"nonfinite_message", "unsupported_reason", "finite_report"}
+BUILDERS = {"nonfinite_message", "unsupported_reason", "finite_report", "refusal"}
 RAISERS = {"refuse"}
-ERRORS = {"ValueError", "BatchedError"}  # BatchedError is a ValueError
+ERRORS = {"ValueError", "BatchedError", "RuntimeError"}  # BatchedError is a ValueError
 # Internal consistency checks no public call can reach (they guard the package's own calls).
 INTERNAL = {
     "unresolved backend …",                                    # resolve_backend's own result
@@ -67,7 +69,8 @@ def _text(node: ast.AST, consts: dict[str, str]) -> str | None:
             if isinstance(v, ast.Constant):
                 parts.append(v.value)
             elif isinstance(v.value, ast.Name) and v.value.id in consts:
-                parts.append(consts[v.value.id])
+                value = consts[v.value.id]
+                parts.append(repr(value) if v.conversion == ord("r") else value)
             else:
                 parts.append(HOLE)
         return "".join(parts)
@@ -94,7 +97,7 @@ def _outer_strings(node: ast.AST, consts: dict[str, str]) -> list[ast.AST]:
 
 
 def error_messages() -> dict[str, str]:
-    """``{message pattern: "file:line"}`` of every ValueError in SOURCES."""
+    """``{message pattern: "file:line"}`` of every error raised in SOURCES."""
     consts = _constants()
     found: dict[str, str] = {}
 
