@@ -232,3 +232,20 @@ def test_every_named_aggregator_has_its_section_and_api_entry():
     for name, fn in AGGREGATORS.items():
         assert name in headed, f"docs/aggregators.md has no section for {name!r}"
         assert f"::: {fn.__module__}.{fn.__name__}\n" in api, f"no API entry for {name!r}"
+
+
+def test_readme_is_a_landing_page_whose_links_resolve():
+    """README stays short (everything else is on the site) and its links to the pages and
+    files of the repository point at files that exist."""
+    text = (ROOT / "README.md").read_text()
+    assert len(text.splitlines()) <= 200
+    prose = re.sub(r"`[^`]*`", "", re.sub(r"```.*?```", "", text, flags=re.S))
+    links = re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", prose)
+    local = [link for link in links if "://" not in link]
+    assert len(local) >= 10
+    missing = [link for link in local if not (ROOT / link).exists()]
+    assert not missing, missing
+    pages = {str(p.relative_to(ROOT)) for p in _pages()} - {"docs/index.md"}
+    unlinked = sorted(p for p in pages if p not in local and not p.startswith("docs/api/")
+                      and p != "docs/gpu-report.md")
+    assert not unlinked, f"README links to no {unlinked}"
