@@ -5,7 +5,7 @@ one device) and re-points every parameter to a view of it; gradients get the sam
 so autograd accumulates straight into the flat gradient buffer and the fused ops see one
 1-D tensor instead of a Python list.
 
-The layer rule (DESIGN.md §1: a layer is a contiguous segment of the flat shared buffer):
+The layer rule (docs/design.md §1: a layer is a contiguous segment of the flat shared buffer):
 
 * ``nn.Module``: every submodule that directly owns trainable parameters is one layer, in
   ``named_modules()`` registration order, its tensors in its own registration order
@@ -189,8 +189,8 @@ class FlatParams:
                            "MTLSAM supports FSDP2's fully_shard (dim-0 shards on a 1-D mesh) "
                            "for `shared`; ")
                         + "or train data-parallel: pass the plain module (replicated on every "
-                        "rank) and let MTLSAM synchronise it (process_group=; README, "
-                        "'Multi-GPU and multi-node')")
+                        "rank) and let MTLSAM synchronise it (process_group=; see "
+                        "docs/distributed.md)")
         self.sharded = kinds == {"dim0"}
         self.buckets: list[Bucket] = []
         by_dtype: dict[torch.dtype, Bucket] = {}

@@ -1,4 +1,4 @@
-"""DESIGN.md §3 invariants: rho = 0 is ERM exactly; perturb/restore leaves parameters
+"""docs/design.md §3 invariants: rho = 0 is ERM exactly; perturb/restore leaves parameters
 bit-identical; p.grad stays a view of the flat buffer; schedulers see the param groups."""
 
 import pytest

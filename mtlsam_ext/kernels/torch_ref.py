@@ -48,7 +48,7 @@ def _segment_ids(offsets: Tensor, n: int, device: torch.device) -> Tensor:
 def segment_sumsq(x: Tensor, offsets: Tensor, scale: Tensor | None = None) -> Tensor:
     """Per-segment sum of squares ``sum_{j in s} (T_j x_j)^2`` (T = |scale| or 1).
 
-    Gives the per-layer squared norms ``||g0_l||^2`` of DESIGN.md §1a step 3 and, summed, the
+    Gives the per-layer squared norms ``||g0_l||^2`` of docs/design.md §1a step 3 and, summed, the
     global ``||g||^2`` of the SAM perturbation ``eps = rho g / ||g||`` (Foret et al. 2021, eq. 2).
     Returns ``[S]`` in the accumulation dtype.
     """
@@ -68,7 +68,7 @@ def gl_layer_stats(g0: Tensor, local: Tensor, starts: Tensor, lengths: Tensor,
     """Per sampled layer and task: ``<T g0_l, T ghat_il>`` and ``||T ghat_il||^2``.
 
     These give ``||m_il||^2 = a^2 ||g0_l||^2 + 2a(1-a) <g0_l, ghat_il> + (1-a)^2 ||ghat_il||^2``
-    (DESIGN.md §1a step 3, global-local report eq. for eps_hat_{i,sh}) for every task from one
+    (docs/design.md §1a step 3, global-local report eq. for eps_hat_{i,sh}) for every task from one
     read of ``(g0, ghat_1..K)``. Returns ``(dots [K, P], sq [K, P])`` in the accumulation dtype.
     """
     acc = acc_dtype(g0.dtype)
@@ -149,7 +149,7 @@ def restore_(param: Tensor, backup: Tensor) -> None:
 
 
 def gram(rows: Tensor) -> Tensor:
-    """``G[i, j] = <m_i, m_j>`` of an ``[R, N]`` matrix (DESIGN.md §1c), in fp32/fp64."""
+    """``G[i, j] = <m_i, m_j>`` of an ``[R, N]`` matrix (docs/design.md §1c), in fp32/fp64."""
     m = rows.to(acc_dtype(rows.dtype))
     g = m @ m.T
     # BLAS need not give G[i, j] == G[j, i] bit for bit; mirror the upper triangle so the
@@ -173,7 +173,7 @@ def segment_gram(rows: Tensor, offsets: Tensor) -> Tensor:
 
 
 def combine_(out: Tensor, rows: Tensor, weights: Tensor) -> None:
-    """``out = sum_i w_i m_i`` (the aggregated update ``d = sum_i w_i g_i``, DESIGN.md §1c).
+    """``out = sum_i w_i m_i`` (the aggregated update ``d = sum_i w_i g_i``, docs/design.md §1c).
 
     Accumulated sequentially in row order, so that appending rows whose weight times value is
     exactly zero leaves the result bit-identical (F-MTL with rho = 0 equals ERM exactly).

@@ -1,6 +1,6 @@
 """Data-parallel synchronisation: one collective per gradient phase over the flat buffers.
 
-DESIGN.md §4: every quantity a step needs is a sum over parameter elements (norms, Gram
+docs/design.md §4: every quantity a step needs is a sum over parameter elements (norms, Gram
 entries, per-layer statistics) or a mean over examples (gradients). So each gradient phase
 (the per-task rows, g0, the sampled-layer local rows, the SAM rows, the heads' gradients) is
 summed over ranks once, and everything after it is computed identically on every rank. With

@@ -1044,7 +1044,7 @@ def step_fmtl(run: Run) -> Tensor:
 
 
 def step_gl(run: Run) -> Tensor:
-    """Global-local sampled SAM (report Alg. 1, DESIGN.md §1a): one average-loss gradient g0,
+    """Global-local sampled SAM (report Alg. 1, docs/design.md §1a): one average-loss gradient g0,
     task-local gradients on the sampled layers only, per-layer mixed and magnitude-matched
     perturbations, then K SAM gradients and ``d = M(g_1^SAM..g_K^SAM)``."""
     opt = run.opt

@@ -48,7 +48,7 @@ class MTLSAM(torch.optim.Optimizer):
             layers. May be sharded by FSDP2's ``fully_shard`` (every parameter; ``erm``,
             ``sam``, ``fmtl``, ``gl`` with ``local_grad`` ``"autograd"``/``"lagged"``,
             ``perturb_sync="global"``): the step then works on this rank's shards and
-            all-reduces only partial sums (README, "Multi-GPU and multi-node").
+            all-reduces only partial sums (docs/distributed.md).
         base_optimizer: a ``torch.optim.Optimizer`` class, built over all parameters with
             ``**base_kwargs``; its ``param_groups`` are this optimizer's, so LR schedulers work.
         heads: optional list (or ``nn.ModuleList``) of K modules / iterables of task-specific
@@ -63,18 +63,18 @@ class MTLSAM(torch.optim.Optimizer):
             no perturbation.
         aggregator: ``"ls"`` (sum), ``"mean"``, ``"mgda"``, ``"pcgrad"``, ``"cagrad"``,
             ``"imtl"``, ``"nash"``, or a callable ``G -> w`` on the K x K Gram matrix.
-        rho, rho_heads: perturbation radii of the shared part and of the heads.
+        rho: perturbation radius of the shared part (SAM's rho).
+        rho_heads: perturbation radius of the heads (``None``: ``rho``).
         alpha: global/local mixing weight of ``gl`` (1 = global only).
         layers: sampled layers of ``gl``: ``None`` = first, middle (``L // 2``) and last; a
             list of layer indices or names; one layer name; or a mode: ``"adaptive"`` (the
             ``n_sampled`` layers whose task cosine similarities change most, re-selected every
             ``resample_every`` steps; report §V) or ``"random"`` (``n_sampled`` layers drawn
             each step from ``generator``). See :mod:`mtlsam_ext.optim.layer_selection`.
-        n_sampled, resample_every, layer_ema: the modes' number of layers (default: 3, or
-            every layer of a backbone with fewer), the adaptive re-selection interval (steps)
-            and the smoothing of its score (EMA factor).
-        norm: ``"match"`` or ``"global"`` (see :func:`~mtlsam_ext.optim.perturbation.
-            global_local_coefs`).
+        norm: how ``gl`` sizes each task's perturbation: ``"match"`` gives every sampled
+            layer the magnitude the global perturbation has there (so ``||eps_i|| = rho``),
+            ``"global"`` normalises the mixed direction as a whole (see
+            :func:`~mtlsam_ext.optim.perturbation.global_local_coefs`).
         local_grad: ``"autograd"`` (exact task gradients on the sampled layers),
             ``"lagged"`` (previous step's SAM gradients there; the first step uses autograd)
             or ``"zo"`` (forward-only central differences along ``n_dirs`` seeded Gaussian
@@ -93,6 +93,8 @@ class MTLSAM(torch.optim.Optimizer):
             from the global RNG at construction.
         aggregator_options: keyword options of a named aggregator, e.g. ``{"c": 0.5}`` for
             CAGrad.
+        n_dirs: the number of random directions of ``local_grad="zo"``.
+        mu: the finite-difference step of ``local_grad="zo"``.
         bn_stats: ``"first"`` (default): BatchNorm running statistics (and
             ``num_batches_tracked``) change only in the first, unperturbed forward of a step, as
             in the F-MTL authors' scripts and the usual SAM code; later forwards still normalise
@@ -108,7 +110,7 @@ class MTLSAM(torch.optim.Optimizer):
             works from the first step. Without it, ``scaler.step(opt, closure)`` works once the
             scaler has a scale (``scaler.scale(...)`` called once; torch checks it before the
             step), and ``opt.step(closure, grad_scaler=scaler)`` always.
-        process_group: data parallelism (DESIGN.md §4). ``None``: the default group when
+        process_group: data parallelism (docs/design.md §4). ``None``: the default group when
             ``torch.distributed`` is initialised (else a single process); a process group
             selects another; ``False`` turns synchronisation off. Each rank's closure returns
             the K losses of its local batch; MTLSAM sums every gradient phase over the ranks
@@ -122,18 +124,22 @@ class MTLSAM(torch.optim.Optimizer):
             process on the concatenated batch (equal local batches, mean losses). ``"local"``:
             each rank perturbs with its own gradients (SAM's m-sharpness); only the gradients
             the aggregator combines are averaged.
-        bucket_cap_mb: the largest all-reduce, in MiB (as DDP's ``bucket_cap_mb``). The
-            ``[K, N]`` gradient rows of a phase are sent in buckets of whole rows up to this
-            size (a larger row in pieces), each as soon as its rows are written, so it
-            travels while the next task's pass runs; rows that fit in one bucket make one
-            collective per phase.
+        bucket_cap_mb: the largest all-reduce, in MiB (default 25, as DDP's
+            ``bucket_cap_mb``). The ``[K, N]`` gradient rows of a phase are sent in buckets of
+            whole rows up to this size (a larger row in pieces), each as soon as its rows are
+            written, so it travels while the next task's pass runs; rows that fit in one
+            bucket make one collective per phase.
+        n_sampled: the number of layers the ``"adaptive"`` and ``"random"`` modes sample
+            (``None``: 3, or every layer of a backbone with fewer).
+        resample_every: the ``"adaptive"`` mode's re-selection interval, in steps.
+        layer_ema: the smoothing (EMA factor) of the ``"adaptive"`` mode's layer scores.
         batched_grads: compute the K per-task gradients at one point (erm, fmtl's loss
             gradients, sam's gradients at the perturbed point) in one backward with K batched
             cotangents (``autograd.grad(..., is_grads_batched=True)``) instead of K backward
             passes. Equal to the sequential rows to rounding. If vmap cannot run the model's
             backward, one warning is given and the sequential passes are used from then on.
-            Off by default: on this project's CPU measurements it was not faster (README,
-            "Numbers").
+            Off by default: on this project's CPU measurements it was not faster
+            (docs/benchmarks.md).
         batched: run the K perturbed passes of ``gl`` and ``fmtl`` as one batched pass
             (:mod:`mtlsam_ext.optim.batched`): the K points written as ``[K, N]`` rows by one
             op, the closure run once under ``torch.func.vmap`` over them, one backward. ``True``
@@ -149,6 +155,7 @@ class MTLSAM(torch.optim.Optimizer):
         task_chunk: with ``batched``, the number of points per batched pass (``None``: all K).
             A batched pass holds the activations of ``task_chunk`` forwards at once; smaller
             chunks cap that memory at the cost of more, smaller passes.
+        **base_kwargs: keyword arguments of ``base_optimizer`` (``lr``, ``momentum``, ...).
     """
 
     # GradScaler hands its scale to step() (the grad_scale attribute) instead of unscaling the

@@ -22,7 +22,7 @@ def global_local_coefs(layer_sq: Tensor, dots: Tensor, local_sq: Tensor, sampled
     """Coefficients ``(A, B)``, both ``[K, L]``, of ``eps_il = A_il g0_l + B_il ghat_il``.
 
     Implements the global-local sampled perturbation (report, eq. for ``eps_hat_{i,sh}``;
-    DESIGN.md §1a step 3) with ``m_il = alpha g0_l + (1 - alpha) ghat_il`` on sampled layers:
+    docs/design.md §1a step 3) with ``m_il = alpha g0_l + (1 - alpha) ghat_il`` on sampled layers:
 
     * ``norm="match"``: ``eps_il = ||eps0_l|| m_il / ||m_il||`` on sampled layers and
       ``eps0_l = rho g0_l / ||g0||`` elsewhere, so ``||eps_i|| = rho``. A sampled layer whose

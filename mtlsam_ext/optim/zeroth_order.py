@@ -1,6 +1,6 @@
 """Forward-only task-local gradients on the sampled layers (``local_grad="zo"``).
 
-DESIGN.md §1a, after the global-local report's "two forward passes per task": for each of
+docs/design.md §1a, after the global-local report's "two forward passes per task": for each of
 ``n_dirs`` Gaussian directions z_j over the sampled layers, perturb those layers by ``+mu z_j``
 and ``-mu z_j`` in place (through the fused perturb/restore ops), run one forward each, and
 use every forward's K losses at once:
