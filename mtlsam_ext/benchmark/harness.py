@@ -70,6 +70,7 @@ __all__ = [
     "record",
     "sync",
     "time_fn",
+    "time_once",
 ]
 
 
@@ -125,6 +126,26 @@ def sync(device: torch.device | str | None) -> None:
         torch.cuda.synchronize(dev)
 
 
+def time_once(fn: Callable[[], Any], device: torch.device | str | None = None) -> float:
+    """Seconds of one call of ``fn``: CUDA events around it on the device's current stream (not
+    the current device's: cuda:1 while cuda:0 is current would time nothing) and a wait for the
+    end event -- the GPU time of everything it queued, host time included as far as it delays
+    the queue; ``perf_counter`` on the CPU."""
+    dev = _device(device)
+    if dev.type == "cuda":
+        stream = torch.cuda.current_stream(dev)
+        start = torch.cuda.Event(enable_timing=True)
+        end = torch.cuda.Event(enable_timing=True)
+        start.record(stream)
+        fn()
+        end.record(stream)
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
 def time_fn(fn: Callable[[], Any], *, device: torch.device | str | None = None,
             warmup: int = 2, repeats: int = 10,
             on_sample: Callable[[], None] | None = None) -> Stats:
@@ -139,27 +160,10 @@ def time_fn(fn: Callable[[], Any], *, device: torch.device | str | None = None,
             on_sample()
     sync(dev)
     samples: list[float] = []
-    if dev.type == "cuda":
-        # events on dev's current stream (not the current device's: cuda:1 while cuda:0 is
-        # current would time nothing)
-        stream = torch.cuda.current_stream(dev)
-        for _ in range(repeats):
-            start = torch.cuda.Event(enable_timing=True)
-            end = torch.cuda.Event(enable_timing=True)
-            start.record(stream)
-            fn()
-            end.record(stream)
-            end.synchronize()
-            samples.append(start.elapsed_time(end) / 1e3)
-            if on_sample:
-                on_sample()
-    else:
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            fn()
-            samples.append(time.perf_counter() - t0)
-            if on_sample:
-                on_sample()
+    for _ in range(repeats):
+        samples.append(time_once(fn, dev))
+        if on_sample:
+            on_sample()
     return Stats.of(samples)
 
 

@@ -25,9 +25,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-import torch
-
-__all__ = ["CI", "RoundsResult", "median_ci", "run_rounds", "time_once"]
+__all__ = ["CI", "RoundsResult", "median_ci", "run_rounds"]
 
 
 @dataclass(frozen=True)
@@ -91,24 +89,6 @@ def median_ci(samples: Sequence[float], level: float = 0.95) -> CI:
     return CI(med, xs[j - 1], xs[n - j], n, level)
 
 
-def time_once(fn: Callable[[], object], device: torch.device) -> float:
-    """Seconds of one call of ``fn``: CUDA events around it on the device's current stream
-    and a wait for the end event (the GPU time of everything it queued, host time included as
-    far as it delays the queue); ``perf_counter`` on the CPU."""
-    if device.type == "cuda":
-        stream = torch.cuda.current_stream(device)
-        start = torch.cuda.Event(enable_timing=True)
-        end = torch.cuda.Event(enable_timing=True)
-        start.record(stream)
-        fn()
-        end.record(stream)
-        end.synchronize()
-        return start.elapsed_time(end) / 1e3
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
-
-
 @dataclass
 class RoundsResult:
     """Per participant the time of its call in every round (same index = same round)."""
@@ -131,9 +111,10 @@ def run_rounds(participants: dict[str, Callable[[], float]], *, min_rounds: int,
     """Rounds in which every participant runs once, in a fresh random order per round.
 
     Each participant is a callable that runs its unit of work once and returns the seconds
-    it took (see :func:`time_once`; it may do untimed preparation, e.g. a forward before a
-    timed backward). ``min_rounds`` always run (a machine that stalls for seconds at a time,
-    as this class of machine sometimes does, must still yield a median with an interval);
+    it took (:func:`mtlsam_ext.benchmark.harness.time_once`; it may do untimed preparation,
+    e.g. a forward before a timed backward). ``min_rounds`` always run (a machine that stalls
+    for seconds at a time, as this class of machine sometimes does, must still yield a median
+    with an interval);
     after them, rounds go on until ``converged(result)`` holds, or ``max_rounds`` are done, or
     the next round would probably not finish within ``budget_s`` (measured from the first
     round, predicted from the mean round so far); ``stop_reason`` says which ("converged",

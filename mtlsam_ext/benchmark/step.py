@@ -59,9 +59,10 @@ from mtlsam_ext.benchmark.harness import (
     limit_blas_threads,
     record,
     sync,
+    time_once,
 )
 from mtlsam_ext.benchmark.naive_fmtl import NAIVE_AGGREGATORS, NaiveFMTL, NaiveSAMPerTask
-from mtlsam_ext.benchmark.rounds import CI, RoundsResult, median_ci, run_rounds, time_once
+from mtlsam_ext.benchmark.rounds import CI, RoundsResult, median_ci, run_rounds
 
 CI_METHOD = "median over rounds, 95% CI from order statistics (binomial, distribution-free)"
 
