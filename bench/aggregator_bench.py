@@ -18,7 +18,14 @@ Columns per (K, aggregator):
     (cvxpy >= 1.5 ships CLARABEL by default). Without cvxpy: ``scipy.optimize.minimize``
     (L-BFGS-B, bounds alpha > 0) on the convex ``1/2 a^T G a - sum log a`` (whose stationary
     point solves G a = 1/a), reported with ``ref_impl = scipy``;
-  - ls: ``stack().sum(0)``.
+  - ls: ``stack().sum(0)``;
+  - upgrad, dualproj, aligned_mtl, fairgrad (alpha = 2), gradvac, rlw: TorchJD 0.18's
+    weighting (``UPGradWeighting`` ... ``RandomWeighting``; UPGrad and DualProj solve their QPs
+    with quadprog on the CPU, FairGrad with SciPy's least_squares) on ``mat @ mat.T``, then
+    ``w @ mat``;
+* ``torchjd_solve`` (those six only): TorchJD's weighting on the same G as ``solve``, i.e. the
+  two solvers side by side (our weights for gradvac and rlw come from other random draws, so
+  their ``cos`` compares different directions);
 * ``cos`` / ``norm_ratio``: agreement of our update with the reference's. Below 1 by the
   references' own stopping rules (Frank-Wolfe's 1e-5 L1 change, SLSQP's absolute ftol, the
   20 convex approximations of Nash-MTL) and, for PCGrad, because the two sides draw
@@ -42,7 +49,7 @@ import numpy as np
 import torch
 
 from mtlsam_ext import ops
-from mtlsam_ext.aggregators import AGGREGATORS
+from mtlsam_ext.aggregators import AGGREGATORS, get_aggregator
 from mtlsam_ext.benchmark.harness import Stats, limit_blas_threads, record, sync, time_fn
 from mtlsam_ext.benchmark.naive_fmtl import agg_cagrad, agg_imtl, agg_ls, agg_mgda, agg_pcgrad
 
@@ -138,6 +145,19 @@ class NashMTLReference:
         return (a.view(-1, 1) * mat).sum(0)
 
 
+# -- TorchJD's weightings (the peers of the aggregators added after TorchJD 0.18) ----------------
+OPTIONS: dict[str, dict[str, Any]] = {"fairgrad": {"alpha": 2.0}}
+TORCHJD = {"upgrad": "UPGradWeighting", "dualproj": "DualProjWeighting",
+           "aligned_mtl": "AlignedMTLWeighting", "fairgrad": "FairGradWeighting",
+           "gradvac": "GradVacWeighting", "rlw": "RandomWeighting"}
+
+
+def torchjd_weighting(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    import torchjd.aggregation as tjd
+
+    return getattr(tjd, TORCHJD[name])(**OPTIONS.get(name, {}))
+
+
 # -- references on stacked vectors -----------------------------------------------------------------
 def _as_lists(mat: torch.Tensor) -> list[list[torch.Tensor]]:
     return [[mat[i]] for i in range(mat.shape[0])]
@@ -159,6 +179,9 @@ def reference(name: str, k: int, seed: int) -> tuple[Callable[[torch.Tensor], to
         ref = NashMTLReference(k)
         impl = "scipy-lbfgsb" if cp is None else f"cvxpy-{ref.solver.lower()}"
         return ref, impl
+    if name in TORCHJD:
+        weighting = torchjd_weighting(name)
+        return (lambda m: weighting(m @ m.T) @ m), "torchjd-0.18"
     raise KeyError(name)
 
 
@@ -188,17 +211,17 @@ def _adaptive_time(fn: Callable[[], Any], device: torch.device, repeats: int,
 
 def bench_cell(name: str, k: int, mat: torch.Tensor, args: argparse.Namespace,
                device: torch.device) -> dict[str, Any]:
-    agg = AGGREGATORS[name]
+    agg = get_aggregator(name, **OPTIONS.get(name, {}))  # (gradvac: the stateful object)
     gen = torch.Generator().manual_seed(args.seed)
     G = ops.gram(mat, backend=args.backend)
     out = torch.empty(mat.shape[1], dtype=mat.dtype, device=device)
 
     def solve() -> torch.Tensor:
-        return agg(G, generator=gen)
+        return agg(G, gen)
 
     def full() -> torch.Tensor:
         gg = ops.gram(mat, backend=args.backend)
-        w = agg(gg, generator=gen)
+        w = agg(gg, gen)
         ops.combine_(out, mat, w.to(mat.dtype), backend=args.backend)
         return out
 
@@ -208,6 +231,11 @@ def bench_cell(name: str, k: int, mat: torch.Tensor, args: argparse.Namespace,
                            "dim": mat.shape[1], "dtype": str(mat.dtype).replace("torch.", ""),
                            "backend": ops.resolve_backend(args.backend, device),
                            **t_solve.as_dict("solve_"), **t_full.as_dict("full_")}
+    if name in TORCHJD and not args.no_reference:
+        weighting = torchjd_weighting(name)
+        t_tjd = _adaptive_time(lambda: weighting(G), device, args.repeats, args.budget)
+        row.update({**t_tjd.as_dict("torchjd_solve_"),
+                    "torchjd_over_solve": t_tjd.median / t_solve.median})
     if not args.no_reference:
         ref, impl = reference(name, k, args.seed)
         t_ref = _adaptive_time(lambda: ref(mat), device, args.repeats, args.budget)
@@ -273,14 +301,16 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                 bar.update(1)
             del mat
     bar.close()
-    print(f"{'dev':<5}{'K':>4} {'aggregator':<8}{'solve ms':>10}{'full ms':>10}"
+    print(f"{'dev':<5}{'K':>4} {'aggregator':<12}{'solve ms':>10}{'tjd ms':>9}{'full ms':>10}"
           f"{'ref ms':>11} {'reference':<15}{'ref/full':>9}{'cos':>10}")
     for r in rows:
         ref = f"{1e3 * r['ref_median']:>11.3f} {r['ref_impl']:<15}{r['ref_over_full']:>9.1f}" \
               f"{r['cos']:>10.6f}" if "ref_median" in r else ""
+        tjd = f"{1e3 * r['torchjd_solve_median']:>9.3f}" if "torchjd_solve_median" in r \
+            else f"{'':>9}"
         dev = r["device"].split(":")[0]
-        print(f"{dev:<5}{r['tasks']:>4} {r['aggregator']:<8}{1e3 * r['solve_median']:>10.3f}"
-              f"{1e3 * r['full_median']:>10.3f}{ref}")
+        print(f"{dev:<5}{r['tasks']:>4} {r['aggregator']:<12}{1e3 * r['solve_median']:>10.3f}"
+              f"{tjd}{1e3 * r['full_median']:>10.3f}{ref}")
     if any(math.isfinite(r.get("cos", 1.0)) and r.get("cos", 1.0) < 0.99 for r in rows):
         print("note: cos < 0.99 means the reference stopped early or solves a different "
               "normalisation (see the module docstring)")

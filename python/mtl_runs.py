@@ -403,9 +403,13 @@ def report(jsonl: Path) -> str:
         import importlib
 
         meta["title"] = importlib.import_module(meta["program"]).PROBLEM.title
+    added = "".join(f" Added later under the same protocol: `{a['command']}` at commit "
+                    f"{a['commit']}, {a['jobs']} run(s) in parallel x {a['threads_per_run']} "
+                    f"thread(s), {a['wall_s']:.0f} s (times of runs made apart compare only "
+                    f"roughly)." for a in meta.get("added", []))
     text = (f"{meta['title']}\n\n`{meta['command']}` at commit {meta['commit']}, torch "
             f"{meta['torch']}, {meta['cpus']} CPUs, {meta['jobs']} runs in parallel x "
-            f"{meta['threads_per_run']} thread(s), {meta['wall_s']:.0f} s in all.\n\n"
+            f"{meta['threads_per_run']} thread(s), {meta['wall_s']:.0f} s in all.{added}\n\n"
             f"Test accuracy % (mean ± std over seeds; in brackets the mean paired difference to "
             f"F-MTL with the same aggregator and seed, in points) per aggregator; time and "
             f"passes per step averaged over aggregators:\n\n{matrix_markdown(rows)}\n\n"
@@ -414,6 +418,33 @@ def report(jsonl: Path) -> str:
     path.with_suffix(".md").write_text(text)
     plot(rows, meta["title"], path.with_suffix(".png"))
     return text
+
+
+def merge(base: Path, new: Path) -> str:
+    """Append the runs of ``new`` (a later sweep of other configurations or aggregators) to the
+    recorded ``base``, keep ``new``'s command, commit and timing under ``meta["added"]``, and
+    rewrite ``base``'s .md and .png. Refuses another protocol (sizes, epochs, batch, lr, rho)
+    or a (config, aggregator, seed) that ``base`` already has."""
+    base_lines = Path(base).read_text().splitlines()
+    new_lines = Path(new).read_text().splitlines()
+    meta, new_meta = json.loads(base_lines[0])["meta"], json.loads(new_lines[0])["meta"]
+    for key in ("sizes", "epochs", "batch", "lr", "rho"):
+        if meta["args"][key] != new_meta["args"][key]:
+            raise SystemExit(f"{new} was run with {key}={new_meta['args'][key]!r}, {base} "
+                             f"with {meta['args'][key]!r}: not the same protocol")
+    runs = [json.loads(line) for line in base_lines[1:]]
+    have = {(r["config"], r["aggregator"], r["seed"]) for r in runs}
+    added = [json.loads(line) for line in new_lines[1:]]
+    dup = [k for k in ((r["config"], r["aggregator"], r["seed"]) for r in added) if k in have]
+    if dup:
+        raise SystemExit(f"{base} already has {dup}")
+    meta.setdefault("added", []).append(
+        {k: new_meta[k] for k in ("command", "commit", "jobs", "threads_per_run", "wall_s")})
+    with open(base, "w") as f:
+        f.write(json.dumps({"meta": meta}) + "\n")
+        for r in runs + added:
+            f.write(json.dumps(r) + "\n")
+    return report(Path(base))
 
 
 def _cell(r: dict) -> str:
@@ -444,8 +475,16 @@ if __name__ == "__main__":
     import argparse
 
     ap = argparse.ArgumentParser(description="Rewrite the .md tables and the .png of recorded "
-                                 "runs (the .jsonl files the digit programs write).")
-    ap.add_argument("command", choices=["report"])
+                                 "runs (the .jsonl files the digit programs write): 'report "
+                                 "A.jsonl ...'; or add the runs of a later sweep to a record "
+                                 "and rewrite it: 'merge BASE.jsonl NEW.jsonl'.")
+    ap.add_argument("command", choices=["report", "merge"])
     ap.add_argument("jsonl", nargs="+")
-    for p in ap.parse_args().jsonl:
-        print(report(Path(p)))
+    a = ap.parse_args()
+    if a.command == "merge":
+        if len(a.jsonl) != 2:
+            raise SystemExit("merge takes BASE.jsonl NEW.jsonl")
+        print(merge(Path(a.jsonl[0]), Path(a.jsonl[1])))
+    else:
+        for p in a.jsonl:
+            print(report(Path(p)))

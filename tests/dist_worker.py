@@ -10,6 +10,7 @@ import torch.distributed as dist
 from torch import nn
 
 from mtlsam_ext import MTLSAM
+from mtlsam_ext.aggregators import aggregator_state
 from tests.models import TwoTask
 
 STEPS = 5
@@ -100,7 +101,8 @@ def train(rank: int, world: int, spec: dict) -> dict:
     finally:
         dist.all_reduce = real
     return {"params": [p.detach().clone() for p in m.parameters()], "losses": losses,
-            "info": opt.info(), "trace": trace, "failed": failed}
+            "info": opt.info(), "trace": trace, "failed": failed,
+            "agg_state": aggregator_state(opt._aggregate)}
 
 
 def nonfinite(rank: int, world: int, spec: dict) -> dict:
@@ -138,14 +140,14 @@ def wrong_k(rank: int, world: int, spec: dict) -> dict:
 def resume(rank: int, world: int, spec: dict) -> dict:
     """Steps 1-2, state dict saved on rank 0 and loaded everywhere into fresh optimizers and
     models, steps 3-4; against four uninterrupted steps."""
-    cfg = spec["cfg"]
+    cfg, agg = spec["cfg"], spec.get("agg", "pcgrad")
     m = TwoTask(k=3, dtype=torch.float64, seed=1)
     x, y = shard(m, rank, world)
     ref = TwoTask(k=3, dtype=torch.float64, seed=1)
-    opt_ref = make(ref, cfg, aggregator="pcgrad")
+    opt_ref = make(ref, cfg, aggregator=agg)
     for _ in range(4):
         opt_ref.step(closure_for(ref, x, y))
-    opt = make(m, cfg, aggregator="pcgrad")
+    opt = make(m, cfg, aggregator=agg)
     for _ in range(2):
         opt.step(closure_for(m, x, y))
     path = spec["path"]
@@ -156,7 +158,7 @@ def resume(rank: int, world: int, spec: dict) -> dict:
     m2 = TwoTask(k=3, dtype=torch.float64, seed=5)
     m2.load_state_dict(state["model"])
     opt2 = MTLSAM(m2.body, torch.optim.SGD, heads=list(m2.heads), lr=0.05, momentum=0.9,
-                  backend="torch", generator=torch.Generator().manual_seed(99), aggregator="pcgrad",
+                  backend="torch", generator=torch.Generator().manual_seed(99), aggregator=agg,
                   **cfg)
     opt2.load_state_dict(state["opt"])
     for _ in range(2):

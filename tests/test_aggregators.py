@@ -410,7 +410,8 @@ def test_bad_options_raise() -> None:
 
 
 def test_registry_names_and_unknown() -> None:
-    assert set(AGGREGATORS) == set(NAMES)
+    added = {"upgrad", "dualproj", "aligned_mtl", "fairgrad", "gradvac", "rlw"}
+    assert set(AGGREGATORS) == set(NAMES) | added  # (the added ones: test_aggregators_added)
     with pytest.raises(ValueError, match="mgda"):
         get_aggregator("does-not-exist")
     with pytest.raises(ValueError, match="c"):
@@ -427,8 +428,9 @@ def test_get_aggregator_binds_options_and_generator() -> None:
     w1 = pc(G, torch.Generator().manual_seed(3))
     w2 = pcgrad(G, generator=torch.Generator().manual_seed(3))
     assert torch.equal(w1, w2)
-    for name in NAMES:
-        w = get_aggregator(name)(G, torch.Generator().manual_seed(0))
+    for name in AGGREGATORS:
+        opts = {"alpha": 1.0} if name == "fairgrad" else {}
+        w = get_aggregator(name, **opts)(G, torch.Generator().manual_seed(0))
         check_weights(w, 4, name)
 
 

@@ -111,3 +111,46 @@ def test_torchrun_example_exits_cleanly_every_time(tmp_path):
             if done.returncode != 0 or "ranks identical: True" not in done.stdout:
                 failed.append((mode, i, done.returncode, done.stderr[-300:]))
     assert not failed, failed
+
+
+def _record(path: Path, args: dict, runs: list[dict], command: str) -> None:
+    meta = {"program": "multi_digits", "title": "t", "command": command, "commit": "abc",
+            "torch": "2", "cpus": 2, "jobs": 1, "threads_per_run": 1, "wall_s": 5.0,
+            "args": args}
+    path.write_text("\n".join(json.dumps(x) for x in [{"meta": meta}, *runs]) + "\n")
+
+
+def _runs(aggs: list[str]) -> list[dict]:
+    return [{"config": c, "aggregator": a, "seed": s, "test_acc_mean": 0.9 + 0.01 * s,
+             "s_per_epoch": 1.0, "s_per_step": 0.04, "forwards_per_step": 3.0,
+             "backwards_per_step": 4.0} for a in aggs for c in ("fmtl", "gl-lagged")
+            for s in (0, 1)]
+
+
+def test_merge_adds_a_later_sweep_and_refuses_another_protocol(tmp_path):
+    """``mtl_runs.py merge BASE NEW``: the new runs join the record (the tables gain their
+    aggregators, the header names the added command), the old runs stay; a different
+    protocol or a run the record already has is refused and nothing is written."""
+    pytest.importorskip("matplotlib")
+    sys.path.insert(0, str(ROOT / "python"))
+    try:
+        import mtl_runs
+    finally:
+        sys.path.pop(0)
+    args = {"sizes": "3000,1000,2000", "epochs": 15, "batch": 128, "lr": 1e-3, "rho": 0.05}
+    base, new = tmp_path / "base.jsonl", tmp_path / "new.jsonl"
+    _record(base, args, _runs(["ls", "mgda"]), "multi_digits.py --out base")
+    _record(new, args, _runs(["upgrad"]), "multi_digits.py --aggregators upgrad --out new")
+    text = mtl_runs.merge(base, new)
+    lines = base.read_text().splitlines()
+    assert len(lines) == 1 + 12
+    assert "| config | ls | mgda | upgrad |" in text
+    assert "Added later under the same protocol: `multi_digits.py --aggregators upgrad" in text
+    assert base.with_suffix(".png").stat().st_size > 10_000
+    before = base.read_text()
+    with pytest.raises(SystemExit, match="already has"):
+        mtl_runs.merge(base, new)
+    _record(new, {**args, "epochs": 3}, _runs(["nash"]), "x")
+    with pytest.raises(SystemExit, match="epochs"):
+        mtl_runs.merge(base, new)
+    assert base.read_text() == before

@@ -14,29 +14,47 @@ from collections.abc import Callable
 
 import torch
 
+from .aligned_mtl import aligned_mtl, check_scale_mode
 from .cagrad import cagrad
 from .conventions import NORMALIZE, SCALE, check_convention, with_convention
+from .dual_cone import solve_nonneg_qp
+from .fairgrad import check_fairgrad_options, fairgrad
+from .gradvac import GradVac, draw_orders, gradvac
 from .imtl import imtl
 from .ls import ls, mean
 from .mgda import mgda
 from .nash import nash
 from .pcgrad import draw_permutations, pcgrad
+from .rlw import rlw
+from .stateful import aggregator_state, load_aggregator_state
+from .upgrad import check_projection_options, dualproj, upgrad
 
 __all__ = [
     "AGGREGATORS",
     "NORMALIZE",
     "SCALE",
     "Aggregator",
+    "GradVac",
+    "aggregator_state",
+    "aligned_mtl",
     "cagrad",
     "check_weights",
+    "draw_orders",
     "draw_permutations",
+    "dualproj",
+    "fairgrad",
     "get_aggregator",
+    "gradvac",
     "imtl",
+    "load_aggregator_state",
     "ls",
     "mean",
     "mgda",
     "nash",
     "pcgrad",
+    "rlw",
+    "solve_nonneg_qp",
+    "upgrad",
     "with_convention",
 ]
 
@@ -51,6 +69,30 @@ AGGREGATORS: dict[str, Callable[..., torch.Tensor]] = {
     "cagrad": cagrad,
     "imtl": imtl,
     "nash": nash,
+    "upgrad": upgrad,
+    "dualproj": dualproj,
+    "aligned_mtl": aligned_mtl,
+    "fairgrad": fairgrad,
+    "gradvac": gradvac,
+    "rlw": rlw,
+}
+
+# Aggregators with state across calls: resolve builds one object per spec (its options are
+# its constructor's), whose ``state_dict``/``load_state_dict`` MTLSAM saves and restores.
+_STATEFUL: dict[str, type] = {"gradvac": GradVac}
+
+
+def _check_aligned_mtl(pref_vector: object = None, scale_mode: object = "min") -> None:
+    check_projection_options("aligned_mtl", pref_vector)
+    check_scale_mode(scale_mode)
+
+
+# Option checks run when a name is resolved, so that MTLSAM's constructor raises them.
+_CHECKS: dict[str, Callable[..., object]] = {
+    "upgrad": functools.partial(check_projection_options, "upgrad"),
+    "dualproj": functools.partial(check_projection_options, "dualproj"),
+    "aligned_mtl": _check_aligned_mtl,
+    "fairgrad": check_fairgrad_options,
 }
 
 
@@ -118,7 +160,9 @@ def resolve(spec: str | Callable[..., torch.Tensor], **options: object) -> Aggre
                 f"unknown aggregator {spec!r}; valid names are: {', '.join(sorted(AGGREGATORS))}"
             )
         fn = AGGREGATORS[key]
-        valid = _option_names(fn)
+        stateful = _STATEFUL.get(key)
+        valid = (list(inspect.signature(stateful).parameters) if stateful is not None
+                 else _option_names(fn))
         unknown = sorted(set(options) - set(valid))
         if unknown:
             raise ValueError(
@@ -126,6 +170,10 @@ def resolve(spec: str | Callable[..., torch.Tensor], **options: object) -> Aggre
                 f"valid options: {valid if valid else 'none'} (and, for every aggregator, "
                 f"normalize={NORMALIZE} and scale={SCALE})"
             )
+        if stateful is not None:
+            return _stateful_builtin(key, stateful(**options))
+        if key in _CHECKS:
+            _CHECKS[key](**options)
         bound = functools.partial(fn, **options)
 
         def builtin(G: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -154,6 +202,17 @@ def resolve(spec: str | Callable[..., torch.Tensor], **options: object) -> Aggre
         f"aggregator spec must be a name ({', '.join(sorted(AGGREGATORS))}) or a callable, "
         f"got {type(spec).__name__}"
     )
+
+
+def _stateful_builtin(key: str, obj: GradVac) -> Aggregator:
+    def builtin(G: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        return obj(G, generator)
+
+    builtin.__name__ = key
+    builtin.__doc__ = AGGREGATORS[key].__doc__
+    builtin.state_dict = obj.state_dict  # type: ignore[attr-defined]
+    builtin.load_state_dict = obj.load_state_dict  # type: ignore[attr-defined]
+    return builtin
 
 
 def check_weights(w: object, K: int, name: str = "aggregator") -> torch.Tensor:

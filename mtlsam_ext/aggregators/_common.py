@@ -99,3 +99,36 @@ def check_positive_int(value: object, option: str, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
         raise ValueError(f"{name}: {option} must be an integer >= 1, got {value!r}")
     return int(value)
+
+
+def check_pref_vector(value: object, name: str) -> torch.Tensor | None:
+    """``pref_vector`` as a float64 CPU tensor (``None`` stays ``None``: the mean ``1/K``).
+
+    Raises ``ValueError`` unless it is a 1-D sequence or tensor of finite entries >= 0 with
+    a positive sum. Its length is checked against K when G is known (:func:`pref_weights`).
+    """
+    if value is None:
+        return None
+    try:
+        p = torch.as_tensor(value, dtype=torch.float64).detach().cpu()
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError(f"{name}: pref_vector must be a 1-D sequence of numbers, got "
+                         f"{value!r}") from None
+    if p.dim() != 1 or p.numel() == 0:
+        raise ValueError(f"{name}: pref_vector must be a non-empty 1-D vector, got shape "
+                         f"{tuple(p.shape)}")
+    if not bool(torch.isfinite(p).all()) or bool((p < 0).any()) or not float(p.sum()) > 0:
+        raise ValueError(f"{name}: pref_vector must have finite entries >= 0 and a positive "
+                         f"sum, got {p.tolist()}")
+    return p
+
+
+def pref_weights(pref: torch.Tensor | None, K: int, G64: torch.Tensor, name: str
+                 ) -> torch.Tensor:
+    """The preference weights ``u`` for K tasks on ``G64``'s device: ``pref_vector`` (checked
+    to have K entries) or the mean ``1/K``."""
+    if pref is None:
+        return torch.full((K,), 1.0 / K, dtype=torch.float64, device=G64.device)
+    if pref.numel() != K:
+        raise ValueError(f"{name}: pref_vector has {pref.numel()} entries for {K} tasks")
+    return pref.to(G64.device)

@@ -63,4 +63,7 @@ def with_convention(agg: Callable[..., torch.Tensor], normalize: str = "none",
 
     conv.__name__ = getattr(agg, "__name__", "aggregator")
     conv.__doc__ = getattr(agg, "__doc__", None)
+    for attr in ("state_dict", "load_state_dict"):  # a stateful aggregator's state
+        if hasattr(agg, attr):
+            setattr(conv, attr, getattr(agg, attr))
     return conv

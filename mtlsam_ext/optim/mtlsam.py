@@ -14,7 +14,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from mtlsam_ext.aggregators import check_weights, get_aggregator
+from mtlsam_ext.aggregators import (
+    aggregator_state,
+    check_weights,
+    get_aggregator,
+    load_aggregator_state,
+)
 from mtlsam_ext.flat import FlatParams
 from mtlsam_ext.ops import selfcheck
 from mtlsam_ext.ops.dispatch import check_backend_name, pin
@@ -62,7 +67,9 @@ class MTLSAM(torch.optim.Optimizer):
             (Phan et al. Alg. 1), ``"sam"`` plain SAM on the weighted average loss, ``"erm"``
             no perturbation.
         aggregator: ``"ls"`` (sum), ``"mean"``, ``"mgda"``, ``"pcgrad"``, ``"cagrad"``,
-            ``"imtl"``, ``"nash"``, or a callable ``G -> w`` on the K x K Gram matrix.
+            ``"imtl"``, ``"nash"``, ``"upgrad"``, ``"dualproj"``, ``"aligned_mtl"``,
+            ``"fairgrad"``, ``"gradvac"``, ``"rlw"``, or a callable ``G -> w`` on the K x K
+            Gram matrix (e.g. a TorchJD weighting).
         rho: perturbation radius of the shared part (SAM's rho).
         rho_heads: perturbation radius of the heads (``None``: ``rho``).
         alpha: global/local mixing weight of ``gl`` (1 = global only).
@@ -418,6 +425,7 @@ class MTLSAM(torch.optim.Optimizer):
         scaling = scaling_for(scaler, getattr(self, "grad_scale", None),
                               getattr(self, "found_inf", None), self.shared.device)
         gen_state = self.generator.get_state()
+        self._agg_state = aggregator_state(self._aggregate)  # put back by _undo
         self.shared.attach_grads()
         self.shared.check_data_attached()
         self.shared.pull()  # sharded: the shards the base optimizer (or the user) last wrote
@@ -494,6 +502,7 @@ class MTLSAM(torch.optim.Optimizer):
         if run.bn:
             run.bn.restore("pre")
         self.generator.set_state(gen_state)
+        load_aggregator_state(self._aggregate, self._agg_state)
         self.num_tasks, self.task_names, self._form_fixed = form
 
     def _named(self, losses: Tensor) -> Tensor | dict[str, Tensor]:
@@ -598,6 +607,7 @@ class MTLSAM(torch.optim.Optimizer):
                 "zo_seed": self.zo_seed,
                 "lag_scale": self._lag_scale,
                 "task_names": self.task_names,
+                "aggregator": aggregator_state(self._aggregate),
             },
         }
 
@@ -613,6 +623,7 @@ class MTLSAM(torch.optim.Optimizer):
         k = own.get("num_tasks")
         if self.num_tasks is not None and k is not None and k != self.num_tasks:
             raise ValueError(f"state dict has {k} tasks, this optimizer {self.num_tasks}")
+        load_aggregator_state(self._aggregate, own.get("aggregator"))  # absent in old dicts
         self.base_optimizer.load_state_dict(state_dict["base"])
         self.param_groups = self.base_optimizer.param_groups
         self._step_count = int(own["step"])

@@ -15,7 +15,9 @@ import numpy as np
 import scipy.optimize
 import torch
 
-__all__ = ["ls", "mean", "mgda", "pcgrad", "cagrad", "imtl", "nash", "mgda_objective"]
+__all__ = ["ls", "mean", "mgda", "pcgrad", "cagrad", "imtl", "nash", "mgda_objective",
+           "dual_cone_projection", "upgrad", "dualproj", "aligned_mtl", "fairgrad", "gradvac",
+           "rlw"]
 
 
 def _as_array(g: object) -> np.ndarray:
@@ -270,3 +272,142 @@ def normalized(g: object, normalize: str = "l2", scale: str = "tasks", oracle=mg
         g = np.where(n[:, None] > 0, g / np.where(n > 0, n, 1.0)[:, None], 0.0)
     d = oracle(g, **kw)
     return d * g.shape[0] if scale == "tasks" else d
+
+
+# --------------------------------------------------------------------------------------
+# Jacobian descent and the later aggregators
+# --------------------------------------------------------------------------------------
+def dual_cone_projection(g: object, x: np.ndarray) -> np.ndarray:
+    """pi_J(x) = argmin_{y : g_j . y >= 0 for all j} ||y - x|| (Quinton & Rey 2024, eq. 3),
+    by enumerating the sets S of tight constraints: on S, y = x + g_S^T mu with g_S y = 0
+    (stationarity of 1/2 ||y - x||^2 - mu . g_S y); the projection is the candidate with
+    mu >= 0 that satisfies every constraint (KKT; it is unique). Least squares handles a
+    rank-deficient g_S. Fine for K <= 8."""
+    g = _as_array(g)
+    K = g.shape[0]
+    scale = max(float(np.max(np.abs(g))), 1e-300) * max(float(np.linalg.norm(x)), 1e-300)
+    best = None
+    for size in range(K + 1):
+        for S in itertools.combinations(range(K), size):
+            S = list(S)
+            if S:
+                mu = -np.linalg.lstsq(g[S] @ g[S].T, g[S] @ x, rcond=None)[0]
+                y = x + mu @ g[S]
+                if np.any(mu < -1e-9 * max(1.0, float(np.abs(mu).max()))):
+                    continue
+            else:
+                y = x.copy()
+            if np.all(g @ y >= -1e-9 * scale):
+                if best is None or np.linalg.norm(y - x) < np.linalg.norm(best - x) - 1e-12 * \
+                        np.linalg.norm(x):
+                    best = y
+    assert best is not None
+    return best
+
+
+def _regularised(g: np.ndarray, norm_eps: float, reg_eps: float) -> tuple[np.ndarray, float]:
+    """TorchJD's normalisation and ridge written on the gradients: G / tr G + reg I is the
+    Gram matrix of [g / sqrt(tr G), sqrt(reg) I]. Returns the augmented rows and sqrt(tr G)."""
+    K = g.shape[0]
+    tr = float(np.sum(g * g))
+    t = 0.0 if tr < norm_eps else np.sqrt(tr)
+    gn = np.zeros_like(g) if t == 0.0 else g / t
+    return np.concatenate([gn, np.sqrt(reg_eps) * np.eye(K)], axis=1), t
+
+
+def _projected_d(g: np.ndarray, U: np.ndarray, norm_eps: float, reg_eps: float) -> np.ndarray:
+    """sum_b of the weights of pi(J'^T u_b) in the regularised problem, mapped back to d =
+    J^T w: the last K coordinates of J'^T v are sqrt(reg) v."""
+    ga, _ = _regularised(g, norm_eps, reg_eps)
+    n = g.shape[1]
+    w = np.zeros(g.shape[0])
+    for u in U:
+        y = dual_cone_projection(ga, u @ ga)
+        w += y[n:] / np.sqrt(reg_eps)
+    return w @ g
+
+
+def upgrad(g: object, pref_vector=None, norm_eps: float = 1e-4, reg_eps: float = 1e-4
+           ) -> np.ndarray:
+    """UPGrad (Quinton & Rey 2024, eq. 5): d = sum_i pi_J(u_i g_i), with the projection of
+    eq. 3 on the regularised Jacobian of their reference implementation (G / tr G + reg I)."""
+    g = _as_array(g)
+    K = g.shape[0]
+    u = np.full(K, 1.0 / K) if pref_vector is None else np.asarray(pref_vector, float)
+    return _projected_d(g, np.diag(u), norm_eps, reg_eps)
+
+
+def dualproj(g: object, pref_vector=None, norm_eps: float = 1e-4, reg_eps: float = 1e-4
+             ) -> np.ndarray:
+    """DualProj: d = pi_J(J^T u) (Quinton & Rey 2024; GEM's eq. 11), regularised as above."""
+    g = _as_array(g)
+    K = g.shape[0]
+    u = np.full(K, 1.0 / K) if pref_vector is None else np.asarray(pref_vector, float)
+    return _projected_d(g, u[None, :], norm_eps, reg_eps)
+
+
+def aligned_mtl(g: object, pref_vector=None, scale_mode: str = "min") -> np.ndarray:
+    """Aligned-MTL (Senushkin et al. 2023, Alg. 1) from the SVD of the stacked gradients
+    J = P diag(sigma) Q^T: the aligned matrix sigma_s P Q^T has equal singular values, and
+    d = (sigma_s P Q^T)^T u. Singular values with sigma^2 <= max sigma^2 * K * eps dropped."""
+    g = _as_array(g)
+    K = g.shape[0]
+    u = np.full(K, 1.0 / K) if pref_vector is None else np.asarray(pref_vector, float)
+    P, sig, Qt = np.linalg.svd(g, full_matrices=False)
+    lam = sig**2
+    keep = lam > (lam.max() if lam.size else 0.0) * K * np.finfo(np.float64).eps
+    if not np.any(keep):
+        return u @ g
+    lam_k = np.sort(lam[keep])
+    s = {"min": lam_k[0], "median": lam_k[(len(lam_k) - 1) // 2], "rmse": lam_k.mean()}
+    return np.sqrt(s[scale_mode]) * (P[:, keep] @ Qt[keep]).T @ u
+
+
+def fairgrad(g: object, alpha: float) -> np.ndarray:
+    """FairGrad (Ban & Ji 2024, eq. 4): w > 0 with g_i . (sum_j w_j g_j) = w_i^(-1/alpha),
+    solved with scipy's hybrid root finder in w = exp(y) (so w stays positive)."""
+    g = _as_array(g)
+    G = g @ g.T
+
+    def residual(y: np.ndarray) -> np.ndarray:
+        w = np.exp(y)
+        return (g @ (w @ g)) * w ** (1.0 / alpha) - 1.0
+
+    y0 = -alpha / (alpha + 1.0) * np.log(np.diag(G))
+    sol = scipy.optimize.root(residual, y0, method="hybr", tol=1e-15)
+    sol = scipy.optimize.root(residual, sol.x, method="lm", tol=1e-15)
+    return np.exp(sol.x) @ g
+
+
+def gradvac(g: object, beta: float = 0.5, eps: float = 1e-8, targets: np.ndarray | None = None,
+            generator: torch.Generator | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """GradVac (Wang et al. 2021, eq. 2 and Alg. 1), literal loop over vectors; returns
+    (d, updated targets). Orders: for i = 0..K-1, ``torch.randperm(K - 1, generator)``
+    picks the order of the other tasks [0..i-1, i+1..K-1] (the documented draw order)."""
+    g = _as_array(g)
+    K = g.shape[0]
+    phi_hat = np.zeros((K, K)) if targets is None else np.array(targets, dtype=np.float64)
+    d = np.zeros(g.shape[1])
+    for i in range(K):
+        others = [j for j in range(K) if j != i]
+        order = [others[k] for k in torch.randperm(K - 1, generator=generator).tolist()]
+        gi = g[i].copy()
+        for j in order:
+            ni, nj = np.linalg.norm(gi), np.linalg.norm(g[j])
+            phi = float(gi @ g[j]) / (ni * nj + eps)
+            hat = phi_hat[i, j]
+            if phi < hat:
+                gi = gi + ni * (hat * np.sqrt(max(1 - phi**2, 0.0))
+                                - phi * np.sqrt(max(1 - hat**2, 0.0))) / (
+                    nj * np.sqrt(max(1 - hat**2, 0.0)) + eps) * g[j]
+            phi_hat[i, j] = (1 - beta) * hat + beta * phi
+        d += gi
+    return d, phi_hat
+
+
+def rlw(g: object, generator: torch.Generator | None = None) -> np.ndarray:
+    """RLW (Lin et al. 2022, Alg. 2): w = softmax(z), z ~ N(0, I) (torch.randn(K, float64))."""
+    g = _as_array(g)
+    z = torch.randn(g.shape[0], generator=generator, dtype=torch.float64).numpy()
+    w = np.exp(z - z.max())
+    return (w / w.sum()) @ g
