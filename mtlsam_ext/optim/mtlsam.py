@@ -2,7 +2,8 @@
 
 It wraps any ``torch.optim`` optimizer. ``step(closure)`` runs the chosen method's forward and
 backward passes, builds the shared update with the chosen aggregator, and lets the base
-optimizer step. The per-method passes live in :mod:`mtlsam_ext.optim.methods`.
+optimizer step. Each method's step lives in :mod:`mtlsam_ext.optim.steps`; the map of a step is in
+:mod:`mtlsam_ext.optim`.
 """
 
 from __future__ import annotations
@@ -23,12 +24,9 @@ from mtlsam_ext.aggregators import (
 from mtlsam_ext.flat import FlatParams
 from mtlsam_ext.ops import selfcheck
 from mtlsam_ext.ops.dispatch import check_backend_name, pin
-from mtlsam_ext.optim import methods
 from mtlsam_ext.optim.amp import calling_scaler, init_scaler, report_found_inf, scaling_for
 from mtlsam_ext.optim.batched import BatchedPolicy, unsupported_reason
 from mtlsam_ext.optim.batchnorm import BN_STATS, RunningStats, batchnorm_modules
-from mtlsam_ext.optim.checks import reachable_leaves
-from mtlsam_ext.optim.closure import CONTRACT, parse_all, parse_one
 from mtlsam_ext.optim.distributed import BUCKET_CAP_MB, check_sharded, resolve_sync, unwrap_ddp
 from mtlsam_ext.optim.layer_selection import (
     DEFAULT_N_SAMPLED,
@@ -36,6 +34,9 @@ from mtlsam_ext.optim.layer_selection import (
     LayerSelector,
     default_layers,
 )
+from mtlsam_ext.optim.run import Run
+from mtlsam_ext.optim.steps import STEPS
+from mtlsam_ext.optim.workspace import Workspace
 
 METHODS = ("gl", "fmtl", "sam", "erm")
 LOCAL_GRADS = ("autograd", "lagged", "zo")
@@ -350,8 +351,7 @@ class MTLSAM(torch.optim.Optimizer):
             generator.manual_seed(seed)
         self.generator = generator
         self.layer_selector = LayerSelector(*layer_args, generator=generator)
-        self._tables_by_layers: dict[tuple[int, ...], list] = {}
-        self._head_views: dict[tuple, tuple[list[Tensor], list[Tensor]]] = {}
+        self.work = Workspace(self.shared, self.heads)  # step buffers, cached tables
         self.n_dirs = n_dirs
         self.mu = float(mu)
         # Seed of the zo directions: the generator's seed, read without consuming its state
@@ -379,7 +379,6 @@ class MTLSAM(torch.optim.Optimizer):
         if grad_scaler is not None:
             scaling_for(grad_scaler, None, None, self.shared.device)  # validates the scaler
             init_scaler(grad_scaler, self.shared.device)
-        self._buffers: dict[str, list[Tensor]] = {}
 
     # -- public API -----------------------------------------------------------------------------
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -435,29 +434,29 @@ class MTLSAM(torch.optim.Optimizer):
         if self.sync is not None:
             scaling.world = self.sync.world_tensor(self.shared.device)
             self.sync.begin_step()
-        run = methods.Run(self, closure, scaling)
+        run = Run(self, closure, scaling)
         form = (self.num_tasks, self.task_names, self._form_fixed)
         with contextlib.ExitStack() as stack:
             for ddp in self._ddp:  # MTLSAM synchronises the gradients itself
                 stack.enter_context(ddp.no_sync())
             try:
-                losses = getattr(methods, f"step_{self.method}")(run)
-                run.end_passes()
-                ok = run.all_finite()  # the step's one host sync: never step on NaN/Inf
+                losses = STEPS[self.method](run)
+                run.passes.end_passes()
+                ok = run.checks.all_finite()  # the step's one host sync: never step on NaN/Inf
                 if self.sync is not None:  # every rank skips (or steps) together
                     ok, losses = self.sync.all_ok_and_mean(ok, losses)
                 finite = bool(ok)
             except BaseException as err:
                 self._undo(run, gen_state, form, grads)
-                nonfinite = (isinstance(err, (ValueError, RuntimeError)) and bool(run.checks)
-                             and not bool(run.all_finite()))
+                nonfinite = (isinstance(err, (ValueError, RuntimeError)) and bool(run.checks.items)
+                             and not bool(run.checks.all_finite()))
                 if nonfinite and scaling.active:
                     # An overflow under loss scaling (or a NaN loss, as GradScaler treats
                     # it): skip the step and let the scaler back off.
                     report_found_inf(scaling, self, torch.zeros((), dtype=torch.bool))
                     return self._named(run.unperturbed)
                 if nonfinite:
-                    raise ValueError(run.nonfinite_message()) from err
+                    raise ValueError(run.checks.nonfinite_message()) from err
                 raise
         if self.sync is not None:
             self.sync.end_step()
@@ -467,7 +466,7 @@ class MTLSAM(torch.optim.Optimizer):
             self._undo(run, gen_state, form, grads)
             if scaling.active:
                 return self._named(losses)
-            raise ValueError(run.nonfinite_message())
+            raise ValueError(run.checks.nonfinite_message())
         run.commit()
         self.shared.grads_to_params()  # sharded: DTensor gradients over the flat buffer
         self.base_optimizer.step()
@@ -482,25 +481,25 @@ class MTLSAM(torch.optim.Optimizer):
         bufs = [] if self.shared.sharded else [b.grad for b in self.shared.buckets]
         if self.heads is not None:
             bufs += [b.grad for b in self.heads.buckets]
-        saved = self.scratch("grads_before_step", [(tuple(b.shape), b.dtype) for b in bufs])
+        saved = self.work.scratch("grads_before_step", [(tuple(b.shape), b.dtype) for b in bufs])
         if bufs:
             torch._foreach_copy_(saved, bufs)
         return list(zip(bufs, saved))
 
-    def _undo(self, run: methods.Run, gen_state: Tensor, form: tuple,
+    def _undo(self, run: Run, gen_state: Tensor, form: tuple,
               grads: list[tuple[Tensor, Tensor]]) -> None:
         """Put back what a failed or skipped step changed."""
-        run.settle()
+        run.comm.settle()
         if grads:
             torch._foreach_copy_([g for g, _ in grads], [s for _, s in grads])
         # p.grad the flat views again (a closure may have reset them, model.zero_grad())
         self.shared.attach_grads()
         if self.heads is not None:
             self.heads.attach_grads()
-        run.restore_all()
+        run.perturb.restore_all()
         self.layer_selector.discard()
-        if run.bn:
-            run.bn.restore("pre")
+        if run.passes.bn:
+            run.passes.bn.restore("pre")
         self.generator.set_state(gen_state)
         load_aggregator_state(self._aggregate, self._agg_state)
         self.num_tasks, self.task_names, self._form_fixed = form
@@ -525,75 +524,8 @@ class MTLSAM(torch.optim.Optimizer):
         """The layers ``gl`` samples in the next step."""
         return self.layer_selector.selection
 
-    def sampled_tables(self, layers: list[int]) -> list:
-        """Segment tables of the sampled layers (compact local layout), cached per selection."""
-        key = tuple(layers)
-        t = self._tables_by_layers.get(key)
-        if t is None:
-            if len(self._tables_by_layers) > 64:  # random mode: bounded cache
-                self._tables_by_layers.clear()
-            t = self._tables_by_layers[key] = self.shared.sampled_tables(layers, compact=True)
-        return t
-
-    def sampled_index(self, layers: list[int]) -> tuple[list[Tensor], Tensor]:
-        """Per bucket the layer index of each sampled segment, and the ``[L]`` mask of the
-        sampled layers, on the parameters' device, cached per selection (built each step they
-        were two to three host-to-device copies per step on a GPU)."""
-        key = ("index", tuple(layers))
-        t = self._tables_by_layers.get(key)
-        if t is None:
-            if len(self._tables_by_layers) > 64:  # random mode: bounded cache
-                self._tables_by_layers.clear()
-            dev, chosen = self.shared.device, set(layers)
-            ids = [torch.tensor([li for li in b.seg_layers if li in chosen], dtype=torch.int64,
-                                device=dev) for b in self.shared.buckets]
-            mask = torch.zeros(len(self.shared.layers), dtype=torch.bool)
-            mask[list(layers)] = True
-            t = self._tables_by_layers[key] = (ids, mask.to(dev))
-        return t
-
-    def head_views(self, head_out: list[Tensor], i: int) -> tuple[list[Tensor], list[Tensor]]:
-        """Head ``i``'s slices of ``head_out`` and of the heads' flat gradients, per bucket
-        that holds it (built once per buffers and head: taken after every perturbed pass)."""
-        key = ("head", i, tuple(h.data_ptr() for h in head_out),
-               tuple(b.grad.data_ptr() for b in self.heads.buckets))
-        views = self._head_views.get(key)
-        if views is None:
-            if len(self._head_views) > 4096:
-                self._head_views.clear()
-            dst, src = [], []
-            for h, b in zip(head_out, self.heads.buckets):
-                s, e = b.layer_range(i)
-                if e > s:
-                    dst.append(h[0][s:e])
-                    src.append(b.grad[s:e])
-            views = self._head_views[key] = (dst, src)
-        return views
-
-    def sampled_runs(self, layers: list[int]) -> list[list[tuple[int, int, int]]]:
-        """Per bucket, the sampled columns as ``(flat start, length, compact start)`` runs:
-        the segments of :meth:`sampled_tables` with neighbours that are adjacent in both
-        layouts merged (a layer's weight and bias, consecutive sampled layers), as Python ints,
-        cached per selection."""
-        key = ("runs",) + tuple(layers)
-        runs = self._tables_by_layers.get(key)
-        if runs is None:
-            runs = []
-            for st, ln, ls, _ in self.sampled_tables(layers):
-                merged: list[tuple[int, int, int]] = []
-                for s, n, q in zip(st.tolist(), ln.tolist(), ls.tolist()):
-                    if merged and merged[-1][0] + merged[-1][1] == s \
-                            and merged[-1][2] + merged[-1][1] == q:
-                        merged[-1] = (merged[-1][0], merged[-1][1] + n, merged[-1][2])
-                    else:
-                        merged.append((s, n, q))
-                runs.append(merged)
-            self._tables_by_layers[key] = runs
-        return runs
-
-    # -- state ----------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        lag = self._buffers.get("lag") if self._lag_valid else None
+        lag = self.work.bufs.get("lag") if self._lag_valid else None
         return {
             "base": self.base_optimizer.state_dict(),
             "mtlsam": {
@@ -646,34 +578,12 @@ class MTLSAM(torch.optim.Optimizer):
         self._lag_scale = None if ls is None else ls.to(self.shared.device)
         lag = own.get("lagged")
         if lag is not None:
-            self._buffers["lag"] = [t.to(self.shared.device) for t in lag]
+            self.work.bufs["lag"] = [t.to(self.shared.device) for t in lag]
             self._lag_valid = True
         else:
             self._lag_valid = False
 
     # -- helpers used by the methods ----------------------------------------------------------
-    def buffers(self, name: str, rows: int, flat: FlatParams | None = None) -> list[Tensor]:
-        """Persistent ``[rows, N_b]`` work buffers per bucket (allocated once, reused)."""
-        flat = flat or self.shared
-        bufs = self._buffers.get(name)
-        if bufs is None or bufs[0].shape[0] != rows:
-            bufs = flat.new_rows(rows)
-            self._buffers[name] = bufs
-        return bufs
-
-    def scratch(self, name: str, specs: list[tuple[tuple[int, ...], torch.dtype]]
-                ) -> list[Tensor]:
-        """Persistent work tensors of the given shapes and dtypes on the parameters' device,
-        reused from step to step (made anew when a shape changes). A fresh tensor of a few MB
-        every step pays its page faults on the CPU: the zo estimator's ``[K, M]`` zeros took
-        0.5-1.8 ms per step on the main job's MLP (K = 10, M = 148k), several times the
-        zeroing of warm memory."""
-        bufs = self._buffers.get(name)
-        if bufs is None or [(tuple(b.shape), b.dtype) for b in bufs] != specs:
-            bufs = self._buffers[name] = [torch.empty(s, dtype=d, device=self.shared.device)
-                                          for s, d in specs]
-        return bufs
-
     def task_weights(self, k: int, device: torch.device) -> Tensor:
         if self._task_weights is None or self._task_weights.numel() != k:
             tw = self._task_weights_arg
@@ -690,94 +600,6 @@ class MTLSAM(torch.optim.Optimizer):
         """Weights ``w = M(G)`` of the configured aggregator, validated."""
         w = self._aggregate(gram, self.generator)
         return check_weights(w, gram.shape[0], str(self.aggregator_spec))
-
-    def check_graph(self, losses: list[Tensor]) -> None:
-        """First step only: every shared parameter must get a gradient from some loss, and
-        head i's parameters from loss i and from no other loss."""
-        if self._graph_checked:
-            return
-        walked = [reachable_leaves(loss) for loss in losses]
-        reach = [r for r, _ in walked]
-        union = set().union(*reach)
-        # (sharded: the graph's leaves are FSDP2's unsharded copies, not the parameters)
-        missing = [] if self.shared.sharded else self.shared.names_not_in(union)
-        if missing:
-            raise ValueError(f"shared parameters {missing[:5]}{'...' if len(missing) > 5 else ''}"
-                             " receive no gradient from any task loss; freeze them "
-                             "(requires_grad=False) or leave them out of `shared`")
-        if self.heads is not None:
-            for i in range(len(self.heads.layers)):
-                ids = self.heads.layer_param_ids(i)
-                if not ids & reach[i]:
-                    raise ValueError(f"head {i} receives no gradient from loss {i}")
-                for j, (r, opaque) in enumerate(walked):
-                    if j != i and ids & r and not (opaque and self._head_grad_is_zero(
-                            losses[j], i)):
-                        raise ValueError(f"head {i}'s parameters receive gradient from loss {j};"
-                                         f" heads[i] may only influence loss i")
-        self._graph_checked = True
-
-    def _head_grad_is_zero(self, loss: Tensor, head: int) -> bool:
-        """Whether ``loss`` gives head ``head`` an exactly zero gradient. Used on the first
-        step when the graph is opaque (a compiled region reaches every parameter in it): one
-        extra backward per (loss, head) pair that the walk cannot decide."""
-        params = self.heads.layers[head].params
-        with torch.enable_grad():
-            got = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
-        return all(g is None or not bool(g.ne(0).any()) for g in got)
-
-    def call_closure(self, closure: Callable[..., Any], task: int | None = None,
-                     task_aware: bool = False, batched: bool = False,
-                     pick: int | None = None) -> list[Tensor]:
-        """Call the closure (``closure(task=...)`` when ``task_aware``) and return the K losses,
-        or ``[loss_task]`` for a task-aware call with ``task`` given. ``batched``: the call runs
-        under vmap (the K losses of one point; the form was fixed by the first call).
-        ``pick``: only loss ``pick`` will be used (a perturbed pass), only it is checked."""
-        with torch.enable_grad():  # step() runs under no_grad; the losses need graphs
-            if not task_aware:
-                out = closure()
-            elif task is None:
-                out = closure(task=None)
-            else:
-                name = self.task_names[task] if self.task_names is not None else None
-                out = closure(task=task if name is None else name)
-            if task_aware and task is not None:
-                losses = [parse_one(out, task, name)]
-            else:
-                losses, names = parse_all(out, self.num_tasks, self.task_names,
-                                          self._form_fixed, graph=not batched,
-                                          only=pick if self._form_fixed else None)
-                if not self._form_fixed:
-                    self.task_names = names
-                    self._form_fixed = True
-        # A closure may call model.zero_grad() (set_to_none=True): put the flat views back
-        # before autograd would write fresh tensors the flat buffers never see. A perturbed
-        # pass backpropagates one loss, which reaches one head: only that head is re-attached
-        # here (all heads are again before the base optimizer reads them, heads_to_grad).
-        self.shared.attach_grads()
-        if self.heads is not None:
-            one = pick if not task_aware else task
-            if one is None or batched:
-                self.heads.attach_grads()
-            else:
-                self.heads.attach_layer_grads(one)
-        if self.num_tasks is None:
-            self.num_tasks = len(losses)
-        for loss in losses if pick is None or task_aware else losses[pick:pick + 1]:
-            if loss.device != self.shared.device:
-                raise ValueError(f"losses are on {loss.device} but parameters on "
-                                 f"{self.shared.device}")
-        return losses
-
-    def check_no_backward(self) -> None:
-        """First step only (gradients were zeroed before the closure): a non-zero gradient
-        after the closure means it ran backward itself."""
-        bufs = [] if self.shared.sharded else [b.grad for b in self.shared.buckets]
-        if self.heads is not None:
-            bufs += [b.grad for b in self.heads.buckets]
-        if (self.shared.sharded and self.shared.has_grads()) or any(
-                bool(g.ne(0).any()) for g in bufs):
-            raise ValueError(f"gradients changed while the closure ran: {CONTRACT}")
 
     def info(self) -> dict[str, Any]:
         """The configuration actually in use (backend resolved, layers sampled)."""
