@@ -74,7 +74,10 @@ class MTLSAM(torch.optim.Optimizer):
             ``"imtl"``, ``"nash"``, ``"upgrad"``, ``"dualproj"``, ``"aligned_mtl"``,
             ``"fairgrad"``, ``"gradvac"``, ``"rlw"``, or a callable ``G -> w`` on the K x K
             Gram matrix (e.g. a TorchJD weighting).
-        rho: perturbation radius of the shared part (SAM's rho).
+        rho: perturbation radius of the shared part (SAM's rho). Like ``rho_heads`` and
+            ``alpha``, it is the starting value of a ``param_groups`` key that every step reads
+            (a scheduler or a hand edit takes effect at the next step): group 0, the shared
+            parameters', gives ``rho`` and ``alpha``, group 1, the heads', ``rho_heads``.
         rho_heads: perturbation radius of the heads (``None``: ``rho``).
         alpha: global/local mixing weight of ``gl`` (1 = global only).
         layers: sampled layers of ``gl``: ``None`` = first, middle (``L // 2``) and last; a
