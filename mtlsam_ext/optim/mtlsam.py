@@ -8,7 +8,7 @@ optimizer step. The per-method passes live in :mod:`mtlsam_ext.optim.methods`.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -30,12 +30,7 @@ from mtlsam_ext.optim.batchnorm import RunningStats, batchnorm_modules
 from mtlsam_ext.optim.checks import reachable_leaves
 from mtlsam_ext.optim.closure import CONTRACT, parse_all, parse_one
 from mtlsam_ext.optim.distributed import BUCKET_CAP_MB, check_sharded, resolve_sync, unwrap_ddp
-from mtlsam_ext.optim.layer_selection import (
-    DEFAULT_N_SAMPLED,
-    LAYER_MODES,
-    LayerSelector,
-    default_layers,
-)
+from mtlsam_ext.optim.layer_selection import LayerSelector
 from mtlsam_ext.optim.options import (  # noqa: F401  (METHODS..NORMS: re-exported)
     LOCAL_GRADS,
     METHODS,
@@ -43,6 +38,14 @@ from mtlsam_ext.optim.options import (  # noqa: F401  (METHODS..NORMS: re-export
     OPTION_FIELDS,
     Options,
     ScheduledHyper,
+)
+from mtlsam_ext.optim.wiring import (
+    constant_weights,
+    default_generator,
+    flat_heads,
+    layer_choice,
+    module_roots,
+    split_heads,
 )
 
 Params = nn.Module | Iterable[Tensor] | dict
@@ -199,70 +202,29 @@ class MTLSAM(torch.optim.Optimizer):
         # checks the constructor has always had; o holds the values in use.
         o = Options(**{name: value for name, value in args.items() if name in OPTION_FIELDS})
         self.sync = resolve_sync(o.process_group, o.perturb_sync, o.bucket_cap_mb)
-        shared, ddp = unwrap_ddp(shared)
-        self._ddp = [ddp] if ddp is not None else []
-        head_names: list[str] | None = None
-        if isinstance(heads, (Mapping, nn.ModuleDict)):  # names: the tasks' names
-            head_names = [str(key) for key in heads.keys()]
-            heads = list(heads.values())
-        elif isinstance(heads, str) or (isinstance(heads, nn.Module)
-                                        and not hasattr(type(heads), "__iter__")):
-            # one module (an nn.Linear) is not K heads; containers (ModuleList, Sequential) are
-            raise ValueError(f"heads must be a list of K heads (modules or parameter lists), an "
-                             f"nn.ModuleList, or an nn.ModuleDict / dict {{task name: head}}; "
-                             f"got {type(heads).__name__}")
-        if heads is not None:
-            unwrapped = [unwrap_ddp(h) for h in heads]
-            heads = [h for h, _ in unwrapped]
-            self._ddp += [d for _, d in unwrapped if d is not None]
 
+        # -- the model: shared parameters and heads as flat buffers ---------------------------
+        shared, ddp = unwrap_ddp(shared)
+        heads, head_names, head_ddps = split_heads(heads)
+        self._ddp = ([ddp] if ddp is not None else []) + head_ddps
         self.shared = FlatParams(shared, "shared", allow_sharded=True)
-        self.heads: FlatParams | None = None
-        if heads is not None:
-            heads = list(heads)
-            if not heads:
-                raise ValueError("heads must be a non-empty list (one entry per task) or None")
-            named = dict(zip(head_names, heads)) if head_names is not None else \
-                {f"head{i}": h for i, h in enumerate(heads)}
-            self.heads = FlatParams(named, "heads")
-            if len(self.heads.layers) != len(heads):
-                have = {la.name for la in self.heads.layers}
-                empty = [n for n in named if n not in have]
-                raise ValueError(f"heads {empty} have no trainable parameters (or repeat "
-                                 "another head's)")
-            if self.heads.device != self.shared.device:
-                raise ValueError(f"heads are on {self.heads.device} but shared parameters are "
-                                 f"on {self.shared.device}")
-            overlap = self.shared.ids() & self.heads.ids()
-            if overlap:
-                raise ValueError("a parameter appears in both shared and heads")
+        self.heads: FlatParams | None = flat_heads(heads, head_names, self.shared)
         self.num_tasks: int | None = len(heads) if heads is not None else None
         # named heads fix the task names: the closure returns {name: loss}, in any order
         self.task_names: list[str] | None = head_names
         # whether named/unnamed losses are fixed (by named heads, or by a first closure call)
         self._form_fixed = head_names is not None
-
-        roots: list[object] = [shared]
-        if isinstance(shared, dict):
-            roots.extend(shared.values())
-        roots.extend(heads or [])
-        bn_modules = o.bn_modules
-        roots.extend([bn_modules] if isinstance(bn_modules, nn.Module) else (bn_modules or []))
+        roots = module_roots(shared, heads, o.bn_modules)
         self.bn_stats = o.bn_stats
         self.bn_running_stats = RunningStats(batchnorm_modules(roots) if o.bn_stats == "first"
                                              else [])
         self.max_grad_norm = o.max_grad_norm
 
+        # -- the method, its aggregator and its passes ----------------------------------------
         self.method = o.method
         self.aggregator_spec = o.aggregator
         self._aggregate = get_aggregator(o.aggregator, **(o.aggregator_options or {}))
-        # LS and mean weights do not depend on the Gram matrix: the step skips computing it
-        # (unless a normalisation or scaling convention makes them depend on it).
-        conv = {k: v for k, v in (o.aggregator_options or {}).items()
-                if k in ("normalize", "scale") and v != "none"}
-        self.constant_weights: str | None = (
-            o.aggregator.lower() if isinstance(o.aggregator, str)
-            and o.aggregator.lower() in ("ls", "mean") and not conv else None)
+        self.constant_weights = constant_weights(o.aggregator, o.aggregator_options)
         o.check_batched_grads()
         self.batched_grads = o.batched_grads
         # BatchNorm layers that normalise functionally (batch statistics) inside vmap
@@ -279,16 +241,18 @@ class MTLSAM(torch.optim.Optimizer):
             "grads": o.method == "fmtl" or (o.method == "gl" and o.local_grad == "autograd")
             or (o.method in ("erm", "sam") and self.constant_weights is None)})
         # rho, rho_heads and alpha of the next step: read from param_groups at every step
-        # (step_hyper); these attributes hold the values the current step uses
+        # (ScheduledHyper); these attributes hold the values the current step uses
         self.rho, self.rho_heads, self.alpha = o.rho, o.rho_heads, o.alpha
         self.norm = o.norm
         self.local_grad = o.local_grad
         self.adaptive = o.adaptive
         self.decompose = o.decompose
+
+        # -- the backend: the ops get the resolved one ("auto" pinned to it), so a step's op
+        # calls read no environment variable; the compiled kernels check themselves here,
+        # before any step (explicit backend: ValueError; auto: failing ops run on the
+        # reference, one warning)
         self.backend_request = o.backend
-        # the ops get the resolved backend ("auto" pinned to it), so a step's op calls read
-        # no environment variable; the compiled kernels check themselves here, before any step
-        # (explicit backend: ValueError; auto: failing ops run on the reference, one warning)
         self.backend, self.ops_backend = pin(o.backend, self.shared.device)
         self._selfcheck_dtypes = tuple(dict.fromkeys(
             b.dtype for f in (self.shared, self.heads) if f is not None for b in f.buckets))
@@ -298,35 +262,16 @@ class MTLSAM(torch.optim.Optimizer):
             check_sharded(self.shared, self.sync, method=o.method, local_grad=o.local_grad,
                           batched=o.batched, batched_grads=o.batched_grads)
 
-        n_layers = len(self.shared.layers)
-        layer_mode = None
-        layers = o.layers
-        if isinstance(layers, str):  # a mode or one layer's name, never its characters
-            if layers in LAYER_MODES:
-                layer_mode, picked = layers, []
-            else:
-                picked = [self.shared.layer_index(layers)]
-        elif layers is None:
-            picked = default_layers(n_layers)
-        else:
-            picked = sorted({self.shared.layer_index(s) for s in layers})
-            if not picked:
-                raise ValueError("layers must name at least one layer (or be None)")
-        # the default fits any backbone; an explicit value is checked
-        n_sampled = min(DEFAULT_N_SAMPLED, n_layers) if o.n_sampled is None else o.n_sampled
-        layer_args = (layer_mode, picked, n_layers, n_sampled, o.resample_every, o.layer_ema)
-
+        # -- sampled layers, random draws ------------------------------------------------------
+        layer_mode, picked, n_sampled = layer_choice(o.layers, self.shared, o.n_sampled)
         self._task_weights_arg = o.task_weights
         self._task_weights: Tensor | None = None
-        generator = o.generator
-        if generator is None:
-            generator = torch.Generator()
-            seed = int(torch.randint(0, 2**62, (1,)).item())
-            if self.sync is not None:
-                seed = self.sync.broadcast_seed(seed, self.shared.device)
-            generator.manual_seed(seed)
+        generator = o.generator if o.generator is not None else \
+            default_generator(self.sync, self.shared.device)
         self.generator = generator
-        self.layer_selector = LayerSelector(*layer_args, generator=generator)
+        self.layer_selector = LayerSelector(layer_mode, picked, len(self.shared.layers),
+                                            n_sampled, o.resample_every, o.layer_ema,
+                                            generator=generator)
         self._tables_by_layers: dict[tuple[int, ...], list] = {}
         self._head_views: dict[tuple, tuple[list[Tensor], list[Tensor]]] = {}
         self.n_dirs = o.n_dirs
@@ -335,8 +280,8 @@ class MTLSAM(torch.optim.Optimizer):
         # (PCGrad's draws stay the same whether or not zo is used).
         self.zo_seed = int(generator.initial_seed())
 
-        # Group 0 holds the shared parameters, group 1 the heads; every group starts with the
-        # scheduled hyper-parameters (mtlsam_ext.optim.options.step_hyper reads them).
+        # -- the base optimizer: group 0 holds the shared parameters, group 1 the heads; every
+        # group starts with the scheduled hyper-parameters, which each step reads
         groups = [{"params": list(self.shared.params)}]
         if self.heads is not None:
             groups.append({"params": list(self.heads.params)})
