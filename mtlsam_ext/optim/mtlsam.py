@@ -9,7 +9,7 @@ optimizer step. Each method's step lives in :mod:`mtlsam_ext.optim.steps`; the m
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -23,24 +23,31 @@ from mtlsam_ext.aggregators import (
 )
 from mtlsam_ext.flat import FlatParams
 from mtlsam_ext.ops import selfcheck
-from mtlsam_ext.ops.dispatch import check_backend_name, pin
+from mtlsam_ext.ops.dispatch import pin
 from mtlsam_ext.optim.amp import calling_scaler, init_scaler, report_found_inf, scaling_for
 from mtlsam_ext.optim.batched import BatchedPolicy, unsupported_reason
-from mtlsam_ext.optim.batchnorm import BN_STATS, RunningStats, batchnorm_modules
+from mtlsam_ext.optim.batchnorm import RunningStats, batchnorm_modules
 from mtlsam_ext.optim.distributed import BUCKET_CAP_MB, check_sharded, resolve_sync, unwrap_ddp
-from mtlsam_ext.optim.layer_selection import (
-    DEFAULT_N_SAMPLED,
-    LAYER_MODES,
-    LayerSelector,
-    default_layers,
+from mtlsam_ext.optim.layer_selection import LayerSelector
+from mtlsam_ext.optim.options import (  # noqa: F401  (METHODS..NORMS: re-exported)
+    LOCAL_GRADS,
+    METHODS,
+    NORMS,
+    OPTION_FIELDS,
+    Options,
+    ScheduledHyper,
 )
 from mtlsam_ext.optim.run import Run
 from mtlsam_ext.optim.steps import STEPS
+from mtlsam_ext.optim.wiring import (
+    constant_weights,
+    default_generator,
+    flat_heads,
+    layer_choice,
+    module_roots,
+    split_heads,
+)
 from mtlsam_ext.optim.workspace import Workspace
-
-METHODS = ("gl", "fmtl", "sam", "erm")
-LOCAL_GRADS = ("autograd", "lagged", "zo")
-NORMS = ("match", "global")
 
 Params = nn.Module | Iterable[Tensor] | dict
 
@@ -71,7 +78,10 @@ class MTLSAM(torch.optim.Optimizer):
             ``"imtl"``, ``"nash"``, ``"upgrad"``, ``"dualproj"``, ``"aligned_mtl"``,
             ``"fairgrad"``, ``"gradvac"``, ``"rlw"``, or a callable ``G -> w`` on the K x K
             Gram matrix (e.g. a TorchJD weighting).
-        rho: perturbation radius of the shared part (SAM's rho).
+        rho: perturbation radius of the shared part (SAM's rho). Like ``rho_heads`` and
+            ``alpha``, it is the starting value of a ``param_groups`` key that every step reads
+            (a scheduler or a hand edit takes effect at the next step): group 0, the shared
+            parameters', gives ``rho`` and ``alpha``, group 1, the heads', ``rho_heads``.
         rho_heads: perturbation radius of the heads (``None``: ``rho``).
         alpha: global/local mixing weight of ``gl`` (1 = global only).
         layers: sampled layers of ``gl``: ``None`` = first, middle (``L // 2``) and last; a
@@ -188,185 +198,102 @@ class MTLSAM(torch.optim.Optimizer):
                  n_sampled: int | None = None, resample_every: int = 10, layer_ema: float = 0.9,
                  batched_grads: bool = False, batched: bool | str = False,
                  task_chunk: int | None = None, **base_kwargs: Any) -> None:
-        if method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-        if local_grad not in LOCAL_GRADS:
-            raise ValueError(f"local_grad must be one of {LOCAL_GRADS}, got {local_grad!r}")
-        if norm not in NORMS:
-            raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
-        for name, v in (("rho", rho), ("rho_heads", rho if rho_heads is None else rho_heads)):
-            if not (isinstance(v, (int, float)) and v >= 0 and v < float("inf")):
-                raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
-        if not (isinstance(n_dirs, int) and n_dirs >= 1):
-            raise ValueError(f"n_dirs must be a positive int, got {n_dirs!r}")
-        if not (isinstance(mu, (int, float)) and 0 < mu < float("inf")):
-            raise ValueError(f"mu must be a finite number > 0, got {mu!r}")
-        if not (isinstance(alpha, (int, float)) and 0.0 <= alpha <= 1.0):
-            raise ValueError(f"alpha must be in [0, 1], got {alpha!r}")
-        if not (isinstance(base_optimizer, type)
-                and issubclass(base_optimizer, torch.optim.Optimizer)):
-            raise ValueError("base_optimizer must be a torch.optim.Optimizer class, e.g. "
-                             "torch.optim.SGD")
-        if bn_stats not in BN_STATS:
-            raise ValueError(f"bn_stats must be one of {BN_STATS}, got {bn_stats!r}")
-        if max_grad_norm is not None and not (
-                isinstance(max_grad_norm, (int, float)) and not isinstance(max_grad_norm, bool)
-                and 0 < max_grad_norm < float("inf")):
-            raise ValueError(f"max_grad_norm must be None or a finite number > 0, got "
-                             f"{max_grad_norm!r}")
-        if bn_modules is not None and not isinstance(bn_modules, nn.Module):
-            bn_modules = list(bn_modules)
-            if not all(isinstance(m, nn.Module) for m in bn_modules):
-                raise ValueError("bn_modules must be an nn.Module or a list of nn.Modules")
-        if generator is not None and getattr(generator, "device", torch.device("cpu")).type \
-                != "cpu":
-            raise ValueError(f"generator must be a CPU torch.Generator (it draws the layer "
-                             f"selections and PCGrad's task orders on the CPU, for any "
-                             f"parameter device), got one on {generator.device}")
-        check_backend_name(backend)
-        self.sync = resolve_sync(process_group, perturb_sync, bucket_cap_mb)
-        shared, ddp = unwrap_ddp(shared)
-        self._ddp = [ddp] if ddp is not None else []
-        head_names: list[str] | None = None
-        if isinstance(heads, (Mapping, nn.ModuleDict)):  # names: the tasks' names
-            head_names = [str(key) for key in heads.keys()]
-            heads = list(heads.values())
-        elif isinstance(heads, str) or (isinstance(heads, nn.Module)
-                                        and not hasattr(type(heads), "__iter__")):
-            # one module (an nn.Linear) is not K heads; containers (ModuleList, Sequential) are
-            raise ValueError(f"heads must be a list of K heads (modules or parameter lists), an "
-                             f"nn.ModuleList, or an nn.ModuleDict / dict {{task name: head}}; "
-                             f"got {type(heads).__name__}")
-        if heads is not None:
-            unwrapped = [unwrap_ddp(h) for h in heads]
-            heads = [h for h, _ in unwrapped]
-            self._ddp += [d for _, d in unwrapped if d is not None]
+        args = dict(locals())  # the arguments, before any local is assigned
+        # Every keyword argument (and base_optimizer) checked in one place, in the order of
+        # checks the constructor has always had; o holds the values in use.
+        o = Options(**{name: value for name, value in args.items() if name in OPTION_FIELDS})
+        self.sync = resolve_sync(o.process_group, o.perturb_sync, o.bucket_cap_mb)
 
+        # -- the model: shared parameters and heads as flat buffers ---------------------------
+        shared, ddp = unwrap_ddp(shared)
+        heads, head_names, head_ddps = split_heads(heads)
+        self._ddp = ([ddp] if ddp is not None else []) + head_ddps
         self.shared = FlatParams(shared, "shared", allow_sharded=True)
-        self.heads: FlatParams | None = None
-        if heads is not None:
-            heads = list(heads)
-            if not heads:
-                raise ValueError("heads must be a non-empty list (one entry per task) or None")
-            named = dict(zip(head_names, heads)) if head_names is not None else \
-                {f"head{i}": h for i, h in enumerate(heads)}
-            self.heads = FlatParams(named, "heads")
-            if len(self.heads.layers) != len(heads):
-                have = {la.name for la in self.heads.layers}
-                empty = [n for n in named if n not in have]
-                raise ValueError(f"heads {empty} have no trainable parameters (or repeat "
-                                 "another head's)")
-            if self.heads.device != self.shared.device:
-                raise ValueError(f"heads are on {self.heads.device} but shared parameters are "
-                                 f"on {self.shared.device}")
-            overlap = self.shared.ids() & self.heads.ids()
-            if overlap:
-                raise ValueError("a parameter appears in both shared and heads")
+        self.heads: FlatParams | None = flat_heads(heads, head_names, self.shared)
         self.num_tasks: int | None = len(heads) if heads is not None else None
         # named heads fix the task names: the closure returns {name: loss}, in any order
         self.task_names: list[str] | None = head_names
         # whether named/unnamed losses are fixed (by named heads, or by a first closure call)
         self._form_fixed = head_names is not None
-
-        roots: list[object] = [shared]
-        if isinstance(shared, dict):
-            roots.extend(shared.values())
-        roots.extend(heads or [])
-        roots.extend([bn_modules] if isinstance(bn_modules, nn.Module) else (bn_modules or []))
-        self.bn_stats = bn_stats
-        self.bn_running_stats = RunningStats(batchnorm_modules(roots) if bn_stats == "first"
+        roots = module_roots(shared, heads, o.bn_modules)
+        self.bn_stats = o.bn_stats
+        self.bn_running_stats = RunningStats(batchnorm_modules(roots) if o.bn_stats == "first"
                                              else [])
-        self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
+        self.max_grad_norm = o.max_grad_norm
 
-        self.method = method
-        self.aggregator_spec = aggregator
-        self._aggregate = get_aggregator(aggregator, **(aggregator_options or {}))
-        # LS and mean weights do not depend on the Gram matrix: the step skips computing it
-        # (unless a normalisation or scaling convention makes them depend on it).
-        conv = {k: v for k, v in (aggregator_options or {}).items()
-                if k in ("normalize", "scale") and v != "none"}
-        self.constant_weights: str | None = (
-            aggregator.lower() if isinstance(aggregator, str)
-            and aggregator.lower() in ("ls", "mean") and not conv else None)
-        if not isinstance(batched_grads, bool):
-            raise ValueError(f"batched_grads must be True or False, got {batched_grads!r}")
-        self.batched_grads = batched_grads
+        # -- the method, its aggregator and its passes ----------------------------------------
+        self.method = o.method
+        self.aggregator_spec = o.aggregator
+        self._aggregate = get_aggregator(o.aggregator, **(o.aggregator_options or {}))
+        self.constant_weights = constant_weights(o.aggregator, o.aggregator_options)
+        o.check_batched_grads()
+        self.batched_grads = o.batched_grads
         # BatchNorm layers that normalise functionally (batch statistics) inside vmap
         self.batched_bn = batchnorm_modules(roots)
         unsupported = None
-        if batched is not False:
+        if o.batched is not False:
             unsupported = unsupported_reason(
                 self.shared.find_owners(roots),
                 self.heads.find_owners(roots) if self.heads is not None else [],
-                bn_stats == "all" and bool(self.batched_bn))
-        self.batched = BatchedPolicy(batched, task_chunk, unsupported)
+                o.bn_stats == "all" and bool(self.batched_bn))
+        self.batched = BatchedPolicy(o.batched, o.task_chunk, unsupported)
         self.batched.only({
-            "points": method in ("gl", "fmtl"),
-            "grads": method == "fmtl" or (method == "gl" and local_grad == "autograd") or (
-                method in ("erm", "sam") and self.constant_weights is None)})
-        self.rho = float(rho)
-        self.rho_heads = float(rho if rho_heads is None else rho_heads)
-        self.alpha = float(alpha)
-        self.norm = norm
-        self.local_grad = local_grad
-        self.adaptive = bool(adaptive)
-        self.decompose = bool(decompose)
-        self.backend_request = backend
-        # the ops get the resolved backend ("auto" pinned to it), so a step's op calls read
-        # no environment variable; the compiled kernels check themselves here, before any step
-        # (explicit backend: ValueError; auto: failing ops run on the reference, one warning)
-        self.backend, self.ops_backend = pin(backend, self.shared.device)
+            "points": o.method in ("gl", "fmtl"),
+            "grads": o.method == "fmtl" or (o.method == "gl" and o.local_grad == "autograd")
+            or (o.method in ("erm", "sam") and self.constant_weights is None)})
+        # rho, rho_heads and alpha of the next step: read from param_groups at every step
+        # (ScheduledHyper); these attributes hold the values the current step uses
+        self.rho, self.rho_heads, self.alpha = o.rho, o.rho_heads, o.alpha
+        self.norm = o.norm
+        self.local_grad = o.local_grad
+        self.adaptive = o.adaptive
+        self.decompose = o.decompose
+
+        # -- the backend: the ops get the resolved one ("auto" pinned to it), so a step's op
+        # calls read no environment variable; the compiled kernels check themselves here,
+        # before any step (explicit backend: ValueError; auto: failing ops run on the
+        # reference, one warning)
+        self.backend_request = o.backend
+        self.backend, self.ops_backend = pin(o.backend, self.shared.device)
         self._selfcheck_dtypes = tuple(dict.fromkeys(
             b.dtype for f in (self.shared, self.heads) if f is not None for b in f.buckets))
         selfcheck.prepare(self.backend, self.shared.device, self._selfcheck_dtypes,
-                          fallback=self.ops_backend != self.backend, requested=backend)
+                          fallback=self.ops_backend != self.backend, requested=o.backend)
         if self.shared.sharded:
-            check_sharded(self.shared, self.sync, method=method, local_grad=local_grad,
-                          batched=batched, batched_grads=batched_grads)
+            check_sharded(self.shared, self.sync, method=o.method, local_grad=o.local_grad,
+                          batched=o.batched, batched_grads=o.batched_grads)
 
-        n_layers = len(self.shared.layers)
-        layer_mode = None
-        if isinstance(layers, str):  # a mode or one layer's name, never its characters
-            if layers in LAYER_MODES:
-                layer_mode, picked = layers, []
-            else:
-                picked = [self.shared.layer_index(layers)]
-        elif layers is None:
-            picked = default_layers(n_layers)
-        else:
-            picked = sorted({self.shared.layer_index(s) for s in layers})
-            if not picked:
-                raise ValueError("layers must name at least one layer (or be None)")
-        if n_sampled is None:  # the default fits any backbone; an explicit value is checked
-            n_sampled = min(DEFAULT_N_SAMPLED, n_layers)
-        layer_args = (layer_mode, picked, n_layers, n_sampled, resample_every, layer_ema)
-
-        self._task_weights_arg = task_weights
+        # -- sampled layers, random draws ------------------------------------------------------
+        layer_mode, picked, n_sampled = layer_choice(o.layers, self.shared, o.n_sampled)
+        self._task_weights_arg = o.task_weights
         self._task_weights: Tensor | None = None
-        if generator is None:
-            generator = torch.Generator()
-            seed = int(torch.randint(0, 2**62, (1,)).item())
-            if self.sync is not None:
-                seed = self.sync.broadcast_seed(seed, self.shared.device)
-            generator.manual_seed(seed)
+        generator = o.generator if o.generator is not None else \
+            default_generator(self.sync, self.shared.device)
         self.generator = generator
-        self.layer_selector = LayerSelector(*layer_args, generator=generator)
+        self.layer_selector = LayerSelector(layer_mode, picked, len(self.shared.layers),
+                                            n_sampled, o.resample_every, o.layer_ema,
+                                            generator=generator)
         self.work = Workspace(self.shared, self.heads)  # step buffers, cached tables
-        self.n_dirs = n_dirs
-        self.mu = float(mu)
+        self.n_dirs = o.n_dirs
+        self.mu = o.mu
         # Seed of the zo directions: the generator's seed, read without consuming its state
         # (PCGrad's draws stay the same whether or not zo is used).
         self.zo_seed = int(generator.initial_seed())
 
+        # -- the base optimizer: group 0 holds the shared parameters, group 1 the heads; every
+        # group starts with the scheduled hyper-parameters, which each step reads
         groups = [{"params": list(self.shared.params)}]
         if self.heads is not None:
             groups.append({"params": list(self.heads.params)})
-        defaults = dict(rho=self.rho, alpha=self.alpha)
-        super().__init__(groups, defaults)
-        self.base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
+        super().__init__(groups, o.defaults())
+        self.base_optimizer = o.base_optimizer(self.param_groups, **base_kwargs)
         self.param_groups = self.base_optimizer.param_groups
         self.defaults.update(self.base_optimizer.defaults)
         self.state = self.base_optimizer.state
+        self._hyper = ScheduledHyper(self.shared.ids(),
+                                     self.heads.ids() if self.heads is not None else set(),
+                                     o.method)
+        self._hyper.read(self.param_groups)  # a base optimizer that regroups is checked now
 
         self._step_count = 0
         self._graph_checked = False
@@ -375,10 +302,10 @@ class MTLSAM(torch.optim.Optimizer):
         self._lag_layers: tuple[int, ...] | None = None
         self._sync_checked = False
         self._initialized = True
-        self.grad_scaler = grad_scaler
-        if grad_scaler is not None:
-            scaling_for(grad_scaler, None, None, self.shared.device)  # validates the scaler
-            init_scaler(grad_scaler, self.shared.device)
+        self.grad_scaler = o.grad_scaler
+        if o.grad_scaler is not None:
+            scaling_for(o.grad_scaler, None, None, self.shared.device)  # validates the scaler
+            init_scaler(o.grad_scaler, self.shared.device)
 
     # -- public API -----------------------------------------------------------------------------
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -418,6 +345,9 @@ class MTLSAM(torch.optim.Optimizer):
         if kwargs:
             raise ValueError(f"MTLSAM.step takes a closure and optionally grad_scaler=, got "
                              f"{sorted(kwargs)}")
+        # rho, rho_heads, alpha of this step from param_groups (a scheduler's or a hand edit's
+        # values), checked before anything changes; the step's code reads these attributes
+        self.rho, self.rho_heads, self.alpha = self._hyper.read(self.param_groups)
         scaler = grad_scaler if grad_scaler is not None else self.grad_scaler
         if scaler is None and getattr(self, "grad_scale", None) is not None:
             scaler = calling_scaler(self)  # GradScaler.step's attribute form
@@ -556,8 +486,12 @@ class MTLSAM(torch.optim.Optimizer):
         if self.num_tasks is not None and k is not None and k != self.num_tasks:
             raise ValueError(f"state dict has {k} tasks, this optimizer {self.num_tasks}")
         load_aggregator_state(self._aggregate, own.get("aggregator"))  # absent in old dicts
+        in_use = {"rho": self.rho, "rho_heads": self.rho_heads, "alpha": self.alpha}
         self.base_optimizer.load_state_dict(state_dict["base"])
         self.param_groups = self.base_optimizer.param_groups
+        # the groups' rho / rho_heads / alpha come back with the base optimizer's state; a dict
+        # saved before rho_heads was scheduled lacks it: the value in use fills it
+        self._hyper.fill(self.param_groups, in_use)
         self._step_count = int(own["step"])
         if k is not None:
             self.num_tasks = k
@@ -602,11 +536,13 @@ class MTLSAM(torch.optim.Optimizer):
         return check_weights(w, gram.shape[0], str(self.aggregator_spec))
 
     def info(self) -> dict[str, Any]:
-        """The configuration actually in use (backend resolved, layers sampled)."""
+        """The configuration actually in use (backend resolved, layers sampled; ``rho``,
+        ``rho_heads``, ``alpha``: the values the next step reads from ``param_groups``)."""
+        rho, rho_heads, alpha = self._hyper.read(self.param_groups)
         return {
             "method": self.method, "aggregator": str(self.aggregator_spec),
-            "backend": self.backend, "rho": self.rho, "rho_heads": self.rho_heads,
-            "alpha": self.alpha, "norm": self.norm, "local_grad": self.local_grad,
+            "backend": self.backend, "rho": rho, "rho_heads": rho_heads,
+            "alpha": alpha, "norm": self.norm, "local_grad": self.local_grad,
             "adaptive": self.adaptive, "decompose": self.decompose,
             "batched_grads": self.batched_grads,
             "batched": self.batched.info(),
