@@ -37,7 +37,7 @@ import torch.multiprocessing as mp
 from torch.nn import functional as F
 
 from mtlsam_ext import MTLSAM
-from mtlsam_ext.benchmark.step import MLPNet
+from mtlsam_ext.benchmark.models import MLPNet
 
 CONFIGS = {"erm": dict(method="erm"), "sam": dict(method="sam"), "fmtl": dict(method="fmtl"),
            "gl-autograd": dict(method="gl"), "gl-lagged": dict(method="gl", local_grad="lagged"),

@@ -2,9 +2,9 @@
 
 The step benchmark (``python -m bench.step_bench``) says how long a step takes and how much of
 it is outside the forward and backward passes; this program says what that time is. For each
-method it builds the benchmark's model and optimizer (:mod:`mtlsam_ext.benchmark.step`), warms
-up, times ``--steps`` plain steps, then runs the same number under ``torch.profiler`` and
-prints:
+method it builds the benchmark's model and optimizer (:mod:`mtlsam_ext.benchmark.models`,
+:mod:`mtlsam_ext.benchmark.methods`), warms up, times ``--steps`` plain steps, then runs the
+same number under ``torch.profiler`` and prints:
 
 - the step's wall time, and on a GPU the time its kernels kept the device busy (the sum of
   kernel times, so ``busy / wall`` well under 1 means the device waits for the host);
@@ -26,13 +26,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from mtlsam_ext.benchmark.harness import record, sync, time_fn
-from mtlsam_ext.benchmark.step import (
-    MODELS,
-    TASK_AWARE,
-    _closure_for,
-    make_optimizer,
-    make_problem,
-)
+from mtlsam_ext.benchmark.methods import TASK_AWARE, make_optimizer
+from mtlsam_ext.benchmark.models import MODELS, closure_for, make_problem
 from mtlsam_ext.benchmark.step import parse_args as step_args
 
 SYNCS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize",
@@ -48,7 +43,7 @@ def _self_device_us(evt: Any) -> float:
 def profile_method(name: str, model_name: str, k: int, args: argparse.Namespace,
                    device: torch.device, top: int) -> dict[str, Any]:
     model, x, y, batch = make_problem(model_name, k, args, device)
-    closure = _closure_for(model, x, y, name in TASK_AWARE)
+    closure = closure_for(model, x, y, name in TASK_AWARE)
     opt = make_optimizer(name, model, args)
     plain = time_fn(lambda: opt.step(closure), device=device, warmup=args.warmup,
                     repeats=args.steps)

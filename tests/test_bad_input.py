@@ -28,7 +28,7 @@ def _make(cfg=None, agg="pcgrad", **kw):
 def _state(m, opt):
     return (m.snapshot(), copy.deepcopy(opt.base_optimizer.state_dict()),
             opt.generator.get_state().clone(),
-            [t.clone() for t in opt._buffers.get("lag", [])], opt._step_count,
+            [t.clone() for t in opt.work.bufs.get("lag", [])], opt._step_count,
             [p.grad.clone() for p in m.parameters()])
 
 
@@ -44,7 +44,7 @@ def _assert_unchanged(before, m, opt):
         for key, val in st.items():
             assert torch.equal(torch.as_tensor(val), torch.as_tensor(now["state"][pid][key]))
     assert torch.equal(gen, opt.generator.get_state())
-    assert all(torch.equal(a, b) for a, b in zip(lag, opt._buffers.get("lag", [])))
+    assert all(torch.equal(a, b) for a, b in zip(lag, opt.work.bufs.get("lag", [])))
     assert steps == opt._step_count
 
 

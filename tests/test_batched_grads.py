@@ -161,7 +161,7 @@ def test_local_rows_written_where_a_loss_does_not_reach(batched_grads, monkeypat
         opt = MTLSAM(body, torch.optim.SGD, heads=heads, lr=0.05, method="gl",
                      layers=["a", "b"], aggregator="mgda", norm="global",
                      batched_grads=batched_grads)
-        real = opt.scratch
+        real = opt.work.scratch
 
         def poisoned(name, specs):
             bufs = real(name, specs)
@@ -170,7 +170,7 @@ def test_local_rows_written_where_a_loss_does_not_reach(batched_grads, monkeypat
                     t.fill_(fill)
             return bufs
 
-        monkeypatch.setattr(opt, "scratch", poisoned)
+        monkeypatch.setattr(opt.work, "scratch", poisoned)
         for _ in range(3):
             opt.step(losses)
         return [p.detach().clone() for p in body.parameters()]

@@ -231,7 +231,7 @@ def test_auto_trials_use_sequential_results_then_decide():
     for phase in ("points", "grads"):
         assert info[phase]["state"] in ("batched", "sequential")
         assert info[phase]["reason"].startswith("measured")
-    assert "rows_trial" not in opt._buffers  # trial buffers freed once decided
+    assert "rows_trial" not in opt.work.bufs  # trial buffers freed once decided
 
 
 def test_unsupported_configurations():
@@ -286,16 +286,18 @@ def test_auto_times_the_summed_passes_with_constant_weights(name, monkeypatch):
     ``"auto"`` compares batched and sequential rows on its first step only, then times the
     summed passes it would run instead, so the decision weighs the batched pass against the
     sequential way as it really runs. The update stays equal to the sequential optimizer's."""
-    from mtlsam_ext.optim import methods
+    from mtlsam_ext.optim import sam_passes
+    from mtlsam_ext.optim.steps import fmtl, gl
 
     calls = []
-    real = methods._sam_passes
+    real = sam_passes.sam_passes
 
     def spy(run, *a, summed=False, **kw):
         calls.append((run.opt.batched.state("points"), summed))
         return real(run, *a, summed=summed, **kw)
 
-    monkeypatch.setattr(methods, "_sam_passes", spy)
+    for step_module in (fmtl, gl):  # (each step calls the passes by the name it imported)
+        monkeypatch.setattr(step_module, "sam_passes", spy)
     seq = _train(METHODS[name], False, agg="ls", steps=TRIALS + 2)[0].snapshot()
     calls.clear()
     m, _, opt = _train(METHODS[name], "auto", agg="ls", steps=TRIALS + 2)
@@ -305,7 +307,7 @@ def test_auto_times_the_summed_passes_with_constant_weights(name, monkeypatch):
     assert len(ph.times["sequential"]) == TRIALS == len(ph.times["batched"])
     assert ph.state in ("batched", "sequential") and ph.reason.startswith("measured")
     assert calls[TRIALS + 1] == (ph.state, ph.state == "sequential")
-    assert "rows_trial" not in opt._buffers
+    assert "rows_trial" not in opt.work.bufs
     _assert_same(seq, m.snapshot())
 
 
@@ -314,7 +316,7 @@ def test_auto_times_the_summed_passes_with_constant_weights(name, monkeypatch):
 def test_clock_read_only_in_auto_trials(name, batched, monkeypatch):
     """The trial clock waits for the device (torch.cuda.synchronize on a GPU): steps that are
     not an "auto" trial must never read it."""
-    from mtlsam_ext.optim import methods
+    from mtlsam_ext.optim import run as run_module
 
     reads = []
 
@@ -324,7 +326,7 @@ def test_clock_read_only_in_auto_trials(name, batched, monkeypatch):
             return 0.0
         return now
 
-    monkeypatch.setattr(methods, "timer", counting)
+    monkeypatch.setattr(run_module, "timer", counting)
     _train(METHODS[name], batched, steps=2)
     assert reads == []
     _train(METHODS[name], "auto", steps=1)
@@ -338,22 +340,22 @@ def test_auto_agreement_is_per_task_norm_wise():
     from types import SimpleNamespace
 
     from mtlsam_ext.optim.batched import BatchedPolicy
-    from mtlsam_ext.optim.methods import _agree
+    from mtlsam_ext.optim.task_rows import agree
 
     def run():
         return SimpleNamespace(opt=SimpleNamespace(batched=BatchedPolicy("auto", None, None),
-                                                   _buffers={}), heads=None)
+                                                   work=SimpleNamespace(bufs={})), heads=None)
 
     g = torch.Generator().manual_seed(0)
     a = 0.03 * torch.randn(3, 1000, generator=g)
     b = a.clone()
     b[1, 7] += 4e-5  # 4e-4 of the largest element, 4e-5 of the row's norm
     r = run()
-    _agree(r, "points", [a], [b])
+    agree(r, "points", [a], [b])
     assert r.opt.batched.state("points") == "trial"
     r = run()
     with pytest.warns(UserWarning, match="differ from the sequential"):
-        _agree(r, "points", [a], [a * 1.01])
+        agree(r, "points", [a], [a * 1.01])
     assert r.opt.batched.state("points") == "sequential"
 
 

@@ -29,7 +29,7 @@ TROUBLESHOOTING = DOCS / "troubleshooting.md"
 
 # Where the user-facing errors are raised.
 SOURCES = sorted([*ROOT.glob("mtlsam_ext/optim/*.py"), *ROOT.glob("mtlsam_ext/aggregators/*.py"),
-                  ROOT / "mtlsam_ext/flat.py", ROOT / "mtlsam_ext/ops/dispatch.py",
+                  *ROOT.glob("mtlsam_ext/flat/*.py"), ROOT / "mtlsam_ext/ops/dispatch.py",
                   ROOT / "mtlsam_ext/ops/selfcheck.py"])
 # Functions whose returned strings become (part of) an error message, and local helpers whose
 # string argument is one: their text is listed like a raise's.

@@ -36,7 +36,7 @@ def _constant(weight):
 def test_summed_equals_rows(cfg, agg, weight):
     m_sum, opt_sum = _run(cfg, agg)
     m_rows, opt_rows = _run(cfg, _constant(weight))
-    assert "sam_sum" in opt_sum._buffers and "sam_sum" not in opt_rows._buffers
+    assert "sam_sum" in opt_sum.work.bufs and "sam_sum" not in opt_rows.work.bufs
     for a, b in zip(m_sum.parameters(), m_rows.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-13)
     assert not torch.equal(m_sum.snapshot()[0], TwoTask(k=K, dtype=torch.float64).snapshot()[0])
@@ -50,11 +50,11 @@ def test_summed_keeps_no_sam_rows(cfg):
     n = opt.shared.numel
     # (not counted: the backup, and gl's task-local gradients on the sampled layers, [K, M]
     # whatever the aggregator: here every layer is sampled, so M = N)
-    rows = sum(t.numel() for name, bufs in opt._buffers.items()
+    rows = sum(t.numel() for name, bufs in opt.work.bufs.items()
                if name not in ("backup", "local", "zo_local")
                for t in bufs if t.dim() == 2 and t.shape[-1] == opt.shared.buckets[0].numel)
     want = (K + 1) * n if cfg["method"] == "fmtl" else 2 * n  # (gl: the sum and g0)
-    assert rows == want, sorted(opt._buffers)
+    assert rows == want, sorted(opt.work.bufs)
 
 
 @pytest.mark.parametrize("cfg", [dict(method="gl", local_grad="lagged", layers="random"),
@@ -65,7 +65,7 @@ def test_rows_kept_where_they_are_read(cfg):
     the bit)."""
     m_ls, opt = _run(cfg, "ls")
     m_rows, _ = _run(cfg, _constant(1.0))
-    assert "sam_sum" not in opt._buffers and opt._buffers["rows"][0].shape[0] == K
+    assert "sam_sum" not in opt.work.bufs and opt.work.bufs["rows"][0].shape[0] == K
     for a, b in zip(m_ls.parameters(), m_rows.parameters()):
         assert torch.equal(a, b)
 
@@ -78,10 +78,10 @@ def test_lagged_fixed_layers_keep_only_the_sampled_rows(steps):
     cfg = dict(method="gl", local_grad="lagged", layers=[0, 2])
     m_ls, opt = _run(cfg, "ls", steps=steps)
     m_rows, opt_rows = _run(cfg, _constant(1.0), steps=steps)
-    assert "rows" not in opt._buffers and "rows" in opt_rows._buffers
+    assert "rows" not in opt.work.bufs and "rows" in opt_rows.work.bufs
     for a, b in zip(m_ls.parameters(), m_rows.parameters()):
         assert torch.equal(a, b)
-    for a, b in zip(opt._buffers["lag"], opt_rows._buffers["lag"]):
+    for a, b in zip(opt.work.bufs["lag"], opt_rows.work.bufs["lag"]):
         assert torch.equal(a, b)
     assert opt._lag_layers == opt_rows._lag_layers == (0, 2)
     # and a resumed copy continues the same way
@@ -189,6 +189,6 @@ def test_16bit_parameters_keep_the_rows(cfg):
 
     m_ls, opt = run("ls")
     m_rows, _ = run(_constant(1.0))
-    assert "sam_sum" not in opt._buffers
+    assert "sam_sum" not in opt.work.bufs
     for a, b in zip(m_ls.parameters(), m_rows.parameters()):
         assert torch.equal(a, b)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from mtlsam_ext import MTLSAM
-from mtlsam_ext.optim.methods import Run
+from mtlsam_ext.optim.run import Run
 from mtlsam_ext.optim.zeroth_order import direction_seed, directions, zo_local_grads
 
 F64 = torch.float64
@@ -31,7 +31,7 @@ def _quadratic(k: int = 2, seed: int = 0):
 
 def _estimate(opt, closure):
     run = Run(opt, closure)
-    run.first_losses()
+    run.passes.first_losses()
     tables = opt.shared.sampled_tables(opt.sampled_layers, compact=True)
     before = [p.detach().clone() for p in opt.shared.params]
     local = zo_local_grads(run, tables)

@@ -20,6 +20,15 @@ _RESOLVED: dict[tuple, object] = {}
 _ENV = {"auto": "MTLSAM_BACKEND", "triton": "TRITON_INTERPRET"}
 
 
+def _forget_resolved() -> None:
+    """Empty the cache (``selfcheck.reset``: the verdicts it was built on are gone). Reads
+    the module's ``_RESOLVED`` at call time, so a replaced cache is the one cleared."""
+    _RESOLVED.clear()
+
+
+selfcheck.on_reset(_forget_resolved)
+
+
 def _k(backend: str, like: Tensor, op: str):
     # Explicit names are resolved too: asking for a backend that cannot run on these tensors
     # is an error, never a silent fallback (errors are raised again on every call, not cached).

@@ -82,6 +82,15 @@ class Verdict:
 _Key = tuple[str, str, torch.device, torch.dtype]
 _VERDICTS: dict[_Key, Verdict] = {}
 _FELL_BACK: dict[_Key, Verdict] = {}
+# What else must forget with the verdicts: the op entry points' cache of resolved kernels
+# (ops.core registers its clear at import). A registry rather than an import of ops.core here,
+# because ops.core imports this module.
+_ON_RESET: list[Callable[[], None]] = []
+
+
+def on_reset(forget: Callable[[], None]) -> None:
+    """Have :func:`reset` call ``forget()`` too (a cache built on the verdicts)."""
+    _ON_RESET.append(forget)
 
 
 def enabled() -> bool:
@@ -93,12 +102,11 @@ def reset(ops: tuple[str, ...] | None = None) -> None:
     """Forget the verdicts and fallbacks of ``ops`` (default: all) and every resolved kernel,
     so that the next use checks again (tests; a process that changed ``MTLSAM_SELFCHECK`` or
     replaced kernels)."""
-    from mtlsam_ext.ops import core
-
     for table in (_VERDICTS, _FELL_BACK):
         for key in [k for k in table if ops is None or k[0] in ops]:
             del table[key]
-    core._RESOLVED.clear()
+    for forget in _ON_RESET:
+        forget()
 
 
 def where(device: torch.device, backend: str) -> str:

@@ -134,3 +134,12 @@ def calling_scaler(optimizer: object, depth: int = 6) -> Any:
     finally:
         del frame
     return None
+
+
+def scale_ratio(scale: Tensor | None, local_scale: Tensor | None) -> Tensor | None:
+    """``scale / local_scale`` in float64 (``None`` = 1; ``None`` when both are absent): puts
+    gradients computed under the loss scale ``local_scale`` on the scale of this step's."""
+    if scale is None and local_scale is None:
+        return None
+    num = torch.ones((), dtype=torch.float64) if scale is None else scale.double()
+    return num if local_scale is None else num / local_scale.double().to(num.device)

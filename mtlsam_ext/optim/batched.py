@@ -14,7 +14,7 @@ are perturbed in place, each at its own task's point, before the pass).
 
 The per-task gradients at one point (erm, F-MTL's loss gradients, gl's exact local
 gradients, sam's gradients at its perturbed point) use one backward with K batched
-cotangents instead (:meth:`mtlsam_ext.optim.methods.Run.batched_task_grads`).
+cotangents instead (:meth:`mtlsam_ext.optim.passes.Passes.batched_task_grads`).
 
 ``batched="auto"`` runs both ways on the first :data:`TRIALS` steps (the sequential result is
 the one used), checks on the first that they agree and keeps the batched way only where it was
@@ -35,8 +35,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from mtlsam_ext.optim.closure import call_closure
+
 if TYPE_CHECKING:
-    from mtlsam_ext.optim.methods import Run
+    from mtlsam_ext.optim.run import Run
 
 PHASES = ("points", "grads")
 
@@ -69,7 +71,7 @@ class Phase:
     reason: str | None = None
     #: a trial step has compared the batched result with the sequential one (the later trial
     #: steps may then time the sequential way as the steady state runs it, see
-    #: :func:`mtlsam_ext.optim.methods._summed`)
+    #: :func:`mtlsam_ext.optim.sam_passes.summed_passes`)
     checked: bool = False
     times: dict[str, list[float]] = field(default_factory=lambda: {"batched": [],
                                                                     "sequential": []})
@@ -170,7 +172,7 @@ def point_losses(run: Run, points: list[Tensor], first: int, randomness: str) ->
 
     def one(params: list[Tensor], e: Tensor) -> Tensor:
         with shared.reparametrized(params):
-            losses = opt.call_closure(run.closure, None, run.task_aware, batched=True)
+            losses = call_closure(opt, run.closure, None, run.task_aware, batched=True)
         # loss i of point i as a dot product with e_i: no indexing by a batched value
         return sum(e[j] * loss.float() if loss.dtype != torch.float64 else e[j].double() * loss
                    for j, loss in enumerate(losses))

@@ -1,11 +1,21 @@
-"""Validation of what a closure returns, and a one-time walk of the autograd graph."""
+"""Checks: what a closure returns, the one-time walk of the autograd graph (every shared
+parameter reached, head i by loss i only), and the finiteness of the values a step computes."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from mtlsam_ext.optim.mtlsam import MTLSAM
+    from mtlsam_ext.optim.run import Run
+
+# Checks longer than this enter the finiteness test as their (min, max): below it, copying
+# them into the one concatenated check costs less than an extra reduction per vector.
+_CHECK_WHOLE = 4096
 
 
 def as_loss_list(out: object, k: int | None, graph: bool = True, only: int | None = None
@@ -78,3 +88,90 @@ def finite_report(values: Sequence[Tensor], what: str) -> str:
     """Describe which entries of ``values`` are not finite (called on the error path only)."""
     bad = [i for i, v in enumerate(values) if not bool(torch.isfinite(v).all())]
     return f"{what} not finite for task(s) {bad}" if bad else ""
+
+
+def check_graph(opt: MTLSAM, losses: list[Tensor]) -> None:
+    """First step only: every shared parameter must get a gradient from some loss, and
+    head i's parameters from loss i and from no other loss."""
+    if opt._graph_checked:
+        return
+    walked = [reachable_leaves(loss) for loss in losses]
+    reach = [r for r, _ in walked]
+    union = set().union(*reach)
+    # (sharded: the graph's leaves are FSDP2's unsharded copies, not the parameters)
+    missing = [] if opt.shared.sharded else opt.shared.names_not_in(union)
+    if missing:
+        raise ValueError(f"shared parameters {missing[:5]}{'...' if len(missing) > 5 else ''}"
+                         " receive no gradient from any task loss; freeze them "
+                         "(requires_grad=False) or leave them out of `shared`")
+    if opt.heads is not None:
+        for i in range(len(opt.heads.layers)):
+            ids = opt.heads.layer_param_ids(i)
+            if not ids & reach[i]:
+                raise ValueError(f"head {i} receives no gradient from loss {i}")
+            for j, (r, opaque) in enumerate(walked):
+                if j != i and ids & r and not (opaque and _head_grad_is_zero(
+                        opt, losses[j], i)):
+                    raise ValueError(f"head {i}'s parameters receive gradient from loss {j};"
+                                     f" heads[i] may only influence loss i")
+    opt._graph_checked = True
+
+
+def _head_grad_is_zero(opt: MTLSAM, loss: Tensor, head: int) -> bool:
+    """Whether ``loss`` gives head ``head`` an exactly zero gradient. Used on the first
+    step when the graph is opaque (a compiled region reaches every parameter in it): one
+    extra backward per (loss, head) pair that the walk cannot decide."""
+    params = opt.heads.layers[head].params
+    with torch.enable_grad():
+        got = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+    return all(g is None or not bool(g.ne(0).any()) for g in got)
+
+
+class StepChecks:
+    """The values of one step whose finiteness decides whether it commits: the losses (at
+    theta and at the perturbed points), Gram matrices, weights, norms and, where no Gram
+    matrix stands for it, the combined gradient. Checked once, with one host sync, at the end
+    of the step."""
+
+    def __init__(self, run: Run) -> None:
+        self.run = run
+        self.items: list[Tensor] = []
+        self.perturbed_losses: list[Tensor] = []
+        self.pass_losses: list[Tensor] = []  # (checked as one stack by all_finite)
+
+    def append(self, t: Tensor) -> None:
+        self.items.append(t)
+
+    def extend(self, ts: Sequence[Tensor]) -> None:
+        self.items.extend(ts)
+
+    def all_finite(self) -> Tensor:
+        """True (a 0-d bool tensor) when every value the step checks is finite.
+
+        One isfinite over all the step's small check vectors (losses, Gram, weights, norms)
+        instead of one per vector: 2K + 3 small ops fewer per step. A large buffer (the
+        combined gradient with LS/mean, the heads' gradients) enters as its ``aminmax``: one
+        read with no temporary, NaN if any element is NaN and +-inf if any is infinite.
+        ``torch.isfinite(x).all()`` on the MLP's 214k-element gradient took 467 us against
+        aminmax's 37 us, and 41 ms against 1.8 ms on ResNet-18's 11M (this 2-core CPU)."""
+        flat = [torch.stack(self.pass_losses)] if self.pass_losses else []
+        for c in self.items:
+            if c.numel() > _CHECK_WHOLE:
+                flat.extend(torch.aminmax(c.reshape(-1)))
+            elif c.numel():
+                flat.append(c.reshape(-1))
+        dt = torch.float64 if any(c.dtype == torch.float64 for c in flat) else torch.float32
+        return torch.isfinite(torch.cat([c.reshape(-1).to(dt) for c in flat])).all()
+
+    def nonfinite_message(self) -> str:
+        parts = [finite_report(list(self.run.unperturbed), "loss")]
+        if self.perturbed_losses:
+            bad = [i for i, v in enumerate(self.perturbed_losses)
+                   if not bool(torch.isfinite(v).all())]
+            if bad:
+                parts.append(f"loss at the perturbed point not finite for task(s) {bad}")
+        msg = "; ".join(p for p in parts if p)
+        if not msg and self.run.sync is not None and bool(self.all_finite()):
+            msg = "on another rank"
+        return ("non-finite values in the step (" + (msg or "gradients, Gram matrix or "
+                "aggregator weights are NaN/Inf") + "); parameters left unchanged")

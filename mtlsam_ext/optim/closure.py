@@ -15,11 +15,15 @@ from __future__ import annotations
 import inspect
 import types
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import torch
 from torch import Tensor
 
 from mtlsam_ext.optim.checks import as_loss_list
+
+if TYPE_CHECKING:
+    from mtlsam_ext.optim.mtlsam import MTLSAM
 
 #: The message every closure-contract error ends with.
 CONTRACT = ("the closure must run a forward pass and return the K task losses without calling "
@@ -111,3 +115,58 @@ def parse_one(out: object, task: int, name: str | None) -> Tensor:
     except ValueError as err:
         raise ValueError(f"closure(task={what}) must return one scalar loss: {err}") from None
     return loss
+
+
+def call_closure(opt: MTLSAM, closure: Callable[..., Any], task: int | None = None,
+                 task_aware: bool = False, batched: bool = False,
+                 pick: int | None = None) -> list[Tensor]:
+    """Call the closure (``closure(task=...)`` when ``task_aware``) and return the K losses,
+    or ``[loss_task]`` for a task-aware call with ``task`` given. ``batched``: the call runs
+    under vmap (the K losses of one point; the form was fixed by the first call).
+    ``pick``: only loss ``pick`` will be used (a perturbed pass), only it is checked."""
+    with torch.enable_grad():  # step() runs under no_grad; the losses need graphs
+        if not task_aware:
+            out = closure()
+        elif task is None:
+            out = closure(task=None)
+        else:
+            name = opt.task_names[task] if opt.task_names is not None else None
+            out = closure(task=task if name is None else name)
+        if task_aware and task is not None:
+            losses = [parse_one(out, task, name)]
+        else:
+            losses, names = parse_all(out, opt.num_tasks, opt.task_names,
+                                      opt._form_fixed, graph=not batched,
+                                      only=pick if opt._form_fixed else None)
+            if not opt._form_fixed:
+                opt.task_names = names
+                opt._form_fixed = True
+    # A closure may call model.zero_grad() (set_to_none=True): put the flat views back
+    # before autograd would write fresh tensors the flat buffers never see. A perturbed
+    # pass backpropagates one loss, which reaches one head: only that head is re-attached
+    # here (all heads are again before the base optimizer reads them, heads_to_grad).
+    opt.shared.attach_grads()
+    if opt.heads is not None:
+        one = pick if not task_aware else task
+        if one is None or batched:
+            opt.heads.attach_grads()
+        else:
+            opt.heads.attach_layer_grads(one)
+    if opt.num_tasks is None:
+        opt.num_tasks = len(losses)
+    for loss in losses if pick is None or task_aware else losses[pick:pick + 1]:
+        if loss.device != opt.shared.device:
+            raise ValueError(f"losses are on {loss.device} but parameters on "
+                             f"{opt.shared.device}")
+    return losses
+
+
+def check_no_backward(opt: MTLSAM) -> None:
+    """First step only (gradients were zeroed before the closure): a non-zero gradient
+    after the closure means it ran backward itself."""
+    bufs = [] if opt.shared.sharded else [b.grad for b in opt.shared.buckets]
+    if opt.heads is not None:
+        bufs += [b.grad for b in opt.heads.buckets]
+    if (opt.shared.sharded and opt.shared.has_grads()) or any(
+            bool(g.ne(0).any()) for g in bufs):
+        raise ValueError(f"gradients changed while the closure ran: {CONTRACT}")

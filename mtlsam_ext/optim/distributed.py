@@ -25,10 +25,13 @@ from __future__ import annotations
 import atexit
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from mtlsam_ext.optim.run import Run
 
 PERTURB_SYNC = ("global", "local")
 
@@ -202,6 +205,71 @@ class Sync:
         self.bytes += packed.numel() * packed.element_size()
         mean = (packed[1:] / self.world).to(losses.dtype)
         return packed[0] == 0, mean
+
+
+class StepComm:
+    """The collectives of one step: each gradient phase begun, its rows sent as they are
+    written, and summed over the ranks where the step first reads them; partial sums of
+    sharded parameters. Every method does nothing without data parallelism."""
+
+    def __init__(self, run: Run) -> None:
+        self.run = run
+        self.sync = run.sync
+        self.sharded = run.sharded
+        self.heads = run.heads
+        self.phase: Phase | None = None  # the gradient phase in flight
+
+    def begin_phase(self, blocks: list[Tensor]) -> None:
+        """Start a gradient phase over ``[K, N]`` row blocks whose row ``i`` is task ``i``'s:
+        :meth:`row_ready` then sends each bucket of rows as soon as it is written, so it
+        travels during the next task's pass; :meth:`reduce` ends the phase. Nothing without
+        data parallelism."""
+        if self.sync is not None and not self.sharded:  # (sharded: the rows are averaged)
+            self.phase = self.sync.phase(blocks)
+
+    def row_ready(self, i: int) -> None:
+        """Row ``i`` of the phase's blocks is final (and will not be read before the phase
+        ends)."""
+        if self.phase is not None:
+            self.phase.ready(i)
+
+    def reduce(self, bufs: list[Tensor], head_grads: bool = False, head_out: bool = False
+               ) -> None:
+        """End a gradient phase: the rows begun with :meth:`begin_phase` and the given flat
+        buffers, plus the heads' gradients and/or their kept SAM gradients, summed over the
+        ranks (nothing without data parallelism)."""
+        if self.sync is None:
+            return
+        # sharded: the shared buffers hold gradients the sharding wrapper averaged already
+        more: list[Tensor] = [] if self.sharded else list(bufs)
+        if self.heads is not None:
+            if head_grads:
+                more += [b.grad for b in self.heads.buckets]
+            if head_out:
+                more += [h[0] for h in self.run.perturb.head_out]
+        phase, self.phase = self.phase or self.sync.phase(), None
+        phase.finish(more)
+
+    def settle(self) -> None:
+        """A failed step: wait for the collectives it launched (the ranks launched the same
+        ones), so none still writes into a buffer the next step reuses."""
+        phase, self.phase = self.phase, None
+        if phase is not None:
+            phase.wait()
+
+    def partial_sum(self, t: Tensor) -> Tensor:
+        """A sum over the shared parameters' elements: with sharded parameters this rank's
+        part, summed over the ranks in place; as it is otherwise."""
+        return self.sync.sum_partial(t) if self.sharded else t
+
+    def partial_sums(self, *ts: Tensor) -> list[Tensor]:
+        """:meth:`partial_sum` of several tensors in one collective (packed in float64, each
+        returned in its own dtype and shape); the tensors themselves when not sharded."""
+        if not self.sharded:
+            return list(ts)
+        packed = self.sync.sum_partial(torch.cat([t.double().reshape(-1) for t in ts]))
+        return [p.view(t.shape).to(t.dtype)
+                for p, t in zip(packed.split([t.numel() for t in ts]), ts)]
 
 
 def check_sharded(flat: Any, sync: Sync | None, *, method: str, local_grad: str,

@@ -2,13 +2,14 @@
 
 It wraps any ``torch.optim`` optimizer. ``step(closure)`` runs the chosen method's forward and
 backward passes, builds the shared update with the chosen aggregator, and lets the base
-optimizer step. The per-method passes live in :mod:`mtlsam_ext.optim.methods`.
+optimizer step. Each method's step lives in :mod:`mtlsam_ext.optim.steps`; the map of a step is in
+:mod:`mtlsam_ext.optim`.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -22,24 +23,31 @@ from mtlsam_ext.aggregators import (
 )
 from mtlsam_ext.flat import FlatParams
 from mtlsam_ext.ops import selfcheck
-from mtlsam_ext.ops.dispatch import check_backend_name, pin
-from mtlsam_ext.optim import methods
+from mtlsam_ext.ops.dispatch import pin
 from mtlsam_ext.optim.amp import calling_scaler, init_scaler, report_found_inf, scaling_for
 from mtlsam_ext.optim.batched import BatchedPolicy, unsupported_reason
-from mtlsam_ext.optim.batchnorm import BN_STATS, RunningStats, batchnorm_modules
-from mtlsam_ext.optim.checks import reachable_leaves
-from mtlsam_ext.optim.closure import CONTRACT, parse_all, parse_one
+from mtlsam_ext.optim.batchnorm import RunningStats, batchnorm_modules
 from mtlsam_ext.optim.distributed import BUCKET_CAP_MB, check_sharded, resolve_sync, unwrap_ddp
-from mtlsam_ext.optim.layer_selection import (
-    DEFAULT_N_SAMPLED,
-    LAYER_MODES,
-    LayerSelector,
-    default_layers,
+from mtlsam_ext.optim.layer_selection import LayerSelector
+from mtlsam_ext.optim.options import (  # noqa: F401  (METHODS..NORMS: re-exported)
+    LOCAL_GRADS,
+    METHODS,
+    NORMS,
+    OPTION_FIELDS,
+    Options,
+    ScheduledHyper,
 )
-
-METHODS = ("gl", "fmtl", "sam", "erm")
-LOCAL_GRADS = ("autograd", "lagged", "zo")
-NORMS = ("match", "global")
+from mtlsam_ext.optim.run import Run
+from mtlsam_ext.optim.steps import STEPS
+from mtlsam_ext.optim.wiring import (
+    constant_weights,
+    default_generator,
+    flat_heads,
+    layer_choice,
+    module_roots,
+    split_heads,
+)
+from mtlsam_ext.optim.workspace import Workspace
 
 Params = nn.Module | Iterable[Tensor] | dict
 
@@ -70,7 +78,10 @@ class MTLSAM(torch.optim.Optimizer):
             ``"imtl"``, ``"nash"``, ``"upgrad"``, ``"dualproj"``, ``"aligned_mtl"``,
             ``"fairgrad"``, ``"gradvac"``, ``"rlw"``, or a callable ``G -> w`` on the K x K
             Gram matrix (e.g. a TorchJD weighting).
-        rho: perturbation radius of the shared part (SAM's rho).
+        rho: perturbation radius of the shared part (SAM's rho). Like ``rho_heads`` and
+            ``alpha``, it is the starting value of a ``param_groups`` key that every step reads
+            (a scheduler or a hand edit takes effect at the next step): group 0, the shared
+            parameters', gives ``rho`` and ``alpha``, group 1, the heads', ``rho_heads``.
         rho_heads: perturbation radius of the heads (``None``: ``rho``).
         alpha: global/local mixing weight of ``gl`` (1 = global only).
         layers: sampled layers of ``gl``: ``None`` = first, middle (``L // 2``) and last; a
@@ -187,186 +198,102 @@ class MTLSAM(torch.optim.Optimizer):
                  n_sampled: int | None = None, resample_every: int = 10, layer_ema: float = 0.9,
                  batched_grads: bool = False, batched: bool | str = False,
                  task_chunk: int | None = None, **base_kwargs: Any) -> None:
-        if method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-        if local_grad not in LOCAL_GRADS:
-            raise ValueError(f"local_grad must be one of {LOCAL_GRADS}, got {local_grad!r}")
-        if norm not in NORMS:
-            raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
-        for name, v in (("rho", rho), ("rho_heads", rho if rho_heads is None else rho_heads)):
-            if not (isinstance(v, (int, float)) and v >= 0 and v < float("inf")):
-                raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
-        if not (isinstance(n_dirs, int) and n_dirs >= 1):
-            raise ValueError(f"n_dirs must be a positive int, got {n_dirs!r}")
-        if not (isinstance(mu, (int, float)) and 0 < mu < float("inf")):
-            raise ValueError(f"mu must be a finite number > 0, got {mu!r}")
-        if not (isinstance(alpha, (int, float)) and 0.0 <= alpha <= 1.0):
-            raise ValueError(f"alpha must be in [0, 1], got {alpha!r}")
-        if not (isinstance(base_optimizer, type)
-                and issubclass(base_optimizer, torch.optim.Optimizer)):
-            raise ValueError("base_optimizer must be a torch.optim.Optimizer class, e.g. "
-                             "torch.optim.SGD")
-        if bn_stats not in BN_STATS:
-            raise ValueError(f"bn_stats must be one of {BN_STATS}, got {bn_stats!r}")
-        if max_grad_norm is not None and not (
-                isinstance(max_grad_norm, (int, float)) and not isinstance(max_grad_norm, bool)
-                and 0 < max_grad_norm < float("inf")):
-            raise ValueError(f"max_grad_norm must be None or a finite number > 0, got "
-                             f"{max_grad_norm!r}")
-        if bn_modules is not None and not isinstance(bn_modules, nn.Module):
-            bn_modules = list(bn_modules)
-            if not all(isinstance(m, nn.Module) for m in bn_modules):
-                raise ValueError("bn_modules must be an nn.Module or a list of nn.Modules")
-        if generator is not None and getattr(generator, "device", torch.device("cpu")).type \
-                != "cpu":
-            raise ValueError(f"generator must be a CPU torch.Generator (it draws the layer "
-                             f"selections and PCGrad's task orders on the CPU, for any "
-                             f"parameter device), got one on {generator.device}")
-        check_backend_name(backend)
-        self.sync = resolve_sync(process_group, perturb_sync, bucket_cap_mb)
-        shared, ddp = unwrap_ddp(shared)
-        self._ddp = [ddp] if ddp is not None else []
-        head_names: list[str] | None = None
-        if isinstance(heads, (Mapping, nn.ModuleDict)):  # names: the tasks' names
-            head_names = [str(key) for key in heads.keys()]
-            heads = list(heads.values())
-        elif isinstance(heads, str) or (isinstance(heads, nn.Module)
-                                        and not hasattr(type(heads), "__iter__")):
-            # one module (an nn.Linear) is not K heads; containers (ModuleList, Sequential) are
-            raise ValueError(f"heads must be a list of K heads (modules or parameter lists), an "
-                             f"nn.ModuleList, or an nn.ModuleDict / dict {{task name: head}}; "
-                             f"got {type(heads).__name__}")
-        if heads is not None:
-            unwrapped = [unwrap_ddp(h) for h in heads]
-            heads = [h for h, _ in unwrapped]
-            self._ddp += [d for _, d in unwrapped if d is not None]
+        args = dict(locals())  # the arguments, before any local is assigned
+        # Every keyword argument (and base_optimizer) checked in one place, in the order of
+        # checks the constructor has always had; o holds the values in use.
+        o = Options(**{name: value for name, value in args.items() if name in OPTION_FIELDS})
+        self.sync = resolve_sync(o.process_group, o.perturb_sync, o.bucket_cap_mb)
 
+        # -- the model: shared parameters and heads as flat buffers ---------------------------
+        shared, ddp = unwrap_ddp(shared)
+        heads, head_names, head_ddps = split_heads(heads)
+        self._ddp = ([ddp] if ddp is not None else []) + head_ddps
         self.shared = FlatParams(shared, "shared", allow_sharded=True)
-        self.heads: FlatParams | None = None
-        if heads is not None:
-            heads = list(heads)
-            if not heads:
-                raise ValueError("heads must be a non-empty list (one entry per task) or None")
-            named = dict(zip(head_names, heads)) if head_names is not None else \
-                {f"head{i}": h for i, h in enumerate(heads)}
-            self.heads = FlatParams(named, "heads")
-            if len(self.heads.layers) != len(heads):
-                have = {la.name for la in self.heads.layers}
-                empty = [n for n in named if n not in have]
-                raise ValueError(f"heads {empty} have no trainable parameters (or repeat "
-                                 "another head's)")
-            if self.heads.device != self.shared.device:
-                raise ValueError(f"heads are on {self.heads.device} but shared parameters are "
-                                 f"on {self.shared.device}")
-            overlap = self.shared.ids() & self.heads.ids()
-            if overlap:
-                raise ValueError("a parameter appears in both shared and heads")
+        self.heads: FlatParams | None = flat_heads(heads, head_names, self.shared)
         self.num_tasks: int | None = len(heads) if heads is not None else None
         # named heads fix the task names: the closure returns {name: loss}, in any order
         self.task_names: list[str] | None = head_names
         # whether named/unnamed losses are fixed (by named heads, or by a first closure call)
         self._form_fixed = head_names is not None
-
-        roots: list[object] = [shared]
-        if isinstance(shared, dict):
-            roots.extend(shared.values())
-        roots.extend(heads or [])
-        roots.extend([bn_modules] if isinstance(bn_modules, nn.Module) else (bn_modules or []))
-        self.bn_stats = bn_stats
-        self.bn_running_stats = RunningStats(batchnorm_modules(roots) if bn_stats == "first"
+        roots = module_roots(shared, heads, o.bn_modules)
+        self.bn_stats = o.bn_stats
+        self.bn_running_stats = RunningStats(batchnorm_modules(roots) if o.bn_stats == "first"
                                              else [])
-        self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
+        self.max_grad_norm = o.max_grad_norm
 
-        self.method = method
-        self.aggregator_spec = aggregator
-        self._aggregate = get_aggregator(aggregator, **(aggregator_options or {}))
-        # LS and mean weights do not depend on the Gram matrix: the step skips computing it
-        # (unless a normalisation or scaling convention makes them depend on it).
-        conv = {k: v for k, v in (aggregator_options or {}).items()
-                if k in ("normalize", "scale") and v != "none"}
-        self.constant_weights: str | None = (
-            aggregator.lower() if isinstance(aggregator, str)
-            and aggregator.lower() in ("ls", "mean") and not conv else None)
-        if not isinstance(batched_grads, bool):
-            raise ValueError(f"batched_grads must be True or False, got {batched_grads!r}")
-        self.batched_grads = batched_grads
+        # -- the method, its aggregator and its passes ----------------------------------------
+        self.method = o.method
+        self.aggregator_spec = o.aggregator
+        self._aggregate = get_aggregator(o.aggregator, **(o.aggregator_options or {}))
+        self.constant_weights = constant_weights(o.aggregator, o.aggregator_options)
+        o.check_batched_grads()
+        self.batched_grads = o.batched_grads
         # BatchNorm layers that normalise functionally (batch statistics) inside vmap
         self.batched_bn = batchnorm_modules(roots)
         unsupported = None
-        if batched is not False:
+        if o.batched is not False:
             unsupported = unsupported_reason(
                 self.shared.find_owners(roots),
                 self.heads.find_owners(roots) if self.heads is not None else [],
-                bn_stats == "all" and bool(self.batched_bn))
-        self.batched = BatchedPolicy(batched, task_chunk, unsupported)
+                o.bn_stats == "all" and bool(self.batched_bn))
+        self.batched = BatchedPolicy(o.batched, o.task_chunk, unsupported)
         self.batched.only({
-            "points": method in ("gl", "fmtl"),
-            "grads": method == "fmtl" or (method == "gl" and local_grad == "autograd") or (
-                method in ("erm", "sam") and self.constant_weights is None)})
-        self.rho = float(rho)
-        self.rho_heads = float(rho if rho_heads is None else rho_heads)
-        self.alpha = float(alpha)
-        self.norm = norm
-        self.local_grad = local_grad
-        self.adaptive = bool(adaptive)
-        self.decompose = bool(decompose)
-        self.backend_request = backend
-        # the ops get the resolved backend ("auto" pinned to it), so a step's op calls read
-        # no environment variable; the compiled kernels check themselves here, before any step
-        # (explicit backend: ValueError; auto: failing ops run on the reference, one warning)
-        self.backend, self.ops_backend = pin(backend, self.shared.device)
+            "points": o.method in ("gl", "fmtl"),
+            "grads": o.method == "fmtl" or (o.method == "gl" and o.local_grad == "autograd")
+            or (o.method in ("erm", "sam") and self.constant_weights is None)})
+        # rho, rho_heads and alpha of the next step: read from param_groups at every step
+        # (ScheduledHyper); these attributes hold the values the current step uses
+        self.rho, self.rho_heads, self.alpha = o.rho, o.rho_heads, o.alpha
+        self.norm = o.norm
+        self.local_grad = o.local_grad
+        self.adaptive = o.adaptive
+        self.decompose = o.decompose
+
+        # -- the backend: the ops get the resolved one ("auto" pinned to it), so a step's op
+        # calls read no environment variable; the compiled kernels check themselves here,
+        # before any step (explicit backend: ValueError; auto: failing ops run on the
+        # reference, one warning)
+        self.backend_request = o.backend
+        self.backend, self.ops_backend = pin(o.backend, self.shared.device)
         self._selfcheck_dtypes = tuple(dict.fromkeys(
             b.dtype for f in (self.shared, self.heads) if f is not None for b in f.buckets))
         selfcheck.prepare(self.backend, self.shared.device, self._selfcheck_dtypes,
-                          fallback=self.ops_backend != self.backend, requested=backend)
+                          fallback=self.ops_backend != self.backend, requested=o.backend)
         if self.shared.sharded:
-            check_sharded(self.shared, self.sync, method=method, local_grad=local_grad,
-                          batched=batched, batched_grads=batched_grads)
+            check_sharded(self.shared, self.sync, method=o.method, local_grad=o.local_grad,
+                          batched=o.batched, batched_grads=o.batched_grads)
 
-        n_layers = len(self.shared.layers)
-        layer_mode = None
-        if isinstance(layers, str):  # a mode or one layer's name, never its characters
-            if layers in LAYER_MODES:
-                layer_mode, picked = layers, []
-            else:
-                picked = [self.shared.layer_index(layers)]
-        elif layers is None:
-            picked = default_layers(n_layers)
-        else:
-            picked = sorted({self.shared.layer_index(s) for s in layers})
-            if not picked:
-                raise ValueError("layers must name at least one layer (or be None)")
-        if n_sampled is None:  # the default fits any backbone; an explicit value is checked
-            n_sampled = min(DEFAULT_N_SAMPLED, n_layers)
-        layer_args = (layer_mode, picked, n_layers, n_sampled, resample_every, layer_ema)
-
-        self._task_weights_arg = task_weights
+        # -- sampled layers, random draws ------------------------------------------------------
+        layer_mode, picked, n_sampled = layer_choice(o.layers, self.shared, o.n_sampled)
+        self._task_weights_arg = o.task_weights
         self._task_weights: Tensor | None = None
-        if generator is None:
-            generator = torch.Generator()
-            seed = int(torch.randint(0, 2**62, (1,)).item())
-            if self.sync is not None:
-                seed = self.sync.broadcast_seed(seed, self.shared.device)
-            generator.manual_seed(seed)
+        generator = o.generator if o.generator is not None else \
+            default_generator(self.sync, self.shared.device)
         self.generator = generator
-        self.layer_selector = LayerSelector(*layer_args, generator=generator)
-        self._tables_by_layers: dict[tuple[int, ...], list] = {}
-        self._head_views: dict[tuple, tuple[list[Tensor], list[Tensor]]] = {}
-        self.n_dirs = n_dirs
-        self.mu = float(mu)
+        self.layer_selector = LayerSelector(layer_mode, picked, len(self.shared.layers),
+                                            n_sampled, o.resample_every, o.layer_ema,
+                                            generator=generator)
+        self.work = Workspace(self.shared, self.heads)  # step buffers, cached tables
+        self.n_dirs = o.n_dirs
+        self.mu = o.mu
         # Seed of the zo directions: the generator's seed, read without consuming its state
         # (PCGrad's draws stay the same whether or not zo is used).
         self.zo_seed = int(generator.initial_seed())
 
+        # -- the base optimizer: group 0 holds the shared parameters, group 1 the heads; every
+        # group starts with the scheduled hyper-parameters, which each step reads
         groups = [{"params": list(self.shared.params)}]
         if self.heads is not None:
             groups.append({"params": list(self.heads.params)})
-        defaults = dict(rho=self.rho, alpha=self.alpha)
-        super().__init__(groups, defaults)
-        self.base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
+        super().__init__(groups, o.defaults())
+        self.base_optimizer = o.base_optimizer(self.param_groups, **base_kwargs)
         self.param_groups = self.base_optimizer.param_groups
         self.defaults.update(self.base_optimizer.defaults)
         self.state = self.base_optimizer.state
+        self._hyper = ScheduledHyper(self.shared.ids(),
+                                     self.heads.ids() if self.heads is not None else set(),
+                                     o.method)
+        self._hyper.read(self.param_groups)  # a base optimizer that regroups is checked now
 
         self._step_count = 0
         self._graph_checked = False
@@ -375,11 +302,10 @@ class MTLSAM(torch.optim.Optimizer):
         self._lag_layers: tuple[int, ...] | None = None
         self._sync_checked = False
         self._initialized = True
-        self.grad_scaler = grad_scaler
-        if grad_scaler is not None:
-            scaling_for(grad_scaler, None, None, self.shared.device)  # validates the scaler
-            init_scaler(grad_scaler, self.shared.device)
-        self._buffers: dict[str, list[Tensor]] = {}
+        self.grad_scaler = o.grad_scaler
+        if o.grad_scaler is not None:
+            scaling_for(o.grad_scaler, None, None, self.shared.device)  # validates the scaler
+            init_scaler(o.grad_scaler, self.shared.device)
 
     # -- public API -----------------------------------------------------------------------------
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -419,6 +345,9 @@ class MTLSAM(torch.optim.Optimizer):
         if kwargs:
             raise ValueError(f"MTLSAM.step takes a closure and optionally grad_scaler=, got "
                              f"{sorted(kwargs)}")
+        # rho, rho_heads, alpha of this step from param_groups (a scheduler's or a hand edit's
+        # values), checked before anything changes; the step's code reads these attributes
+        self.rho, self.rho_heads, self.alpha = self._hyper.read(self.param_groups)
         scaler = grad_scaler if grad_scaler is not None else self.grad_scaler
         if scaler is None and getattr(self, "grad_scale", None) is not None:
             scaler = calling_scaler(self)  # GradScaler.step's attribute form
@@ -435,29 +364,29 @@ class MTLSAM(torch.optim.Optimizer):
         if self.sync is not None:
             scaling.world = self.sync.world_tensor(self.shared.device)
             self.sync.begin_step()
-        run = methods.Run(self, closure, scaling)
+        run = Run(self, closure, scaling)
         form = (self.num_tasks, self.task_names, self._form_fixed)
         with contextlib.ExitStack() as stack:
             for ddp in self._ddp:  # MTLSAM synchronises the gradients itself
                 stack.enter_context(ddp.no_sync())
             try:
-                losses = getattr(methods, f"step_{self.method}")(run)
-                run.end_passes()
-                ok = run.all_finite()  # the step's one host sync: never step on NaN/Inf
+                losses = STEPS[self.method](run)
+                run.passes.end_passes()
+                ok = run.checks.all_finite()  # the step's one host sync: never step on NaN/Inf
                 if self.sync is not None:  # every rank skips (or steps) together
                     ok, losses = self.sync.all_ok_and_mean(ok, losses)
                 finite = bool(ok)
             except BaseException as err:
                 self._undo(run, gen_state, form, grads)
-                nonfinite = (isinstance(err, (ValueError, RuntimeError)) and bool(run.checks)
-                             and not bool(run.all_finite()))
+                nonfinite = (isinstance(err, (ValueError, RuntimeError)) and bool(run.checks.items)
+                             and not bool(run.checks.all_finite()))
                 if nonfinite and scaling.active:
                     # An overflow under loss scaling (or a NaN loss, as GradScaler treats
                     # it): skip the step and let the scaler back off.
                     report_found_inf(scaling, self, torch.zeros((), dtype=torch.bool))
                     return self._named(run.unperturbed)
                 if nonfinite:
-                    raise ValueError(run.nonfinite_message()) from err
+                    raise ValueError(run.checks.nonfinite_message()) from err
                 raise
         if self.sync is not None:
             self.sync.end_step()
@@ -467,7 +396,7 @@ class MTLSAM(torch.optim.Optimizer):
             self._undo(run, gen_state, form, grads)
             if scaling.active:
                 return self._named(losses)
-            raise ValueError(run.nonfinite_message())
+            raise ValueError(run.checks.nonfinite_message())
         run.commit()
         self.shared.grads_to_params()  # sharded: DTensor gradients over the flat buffer
         self.base_optimizer.step()
@@ -482,25 +411,25 @@ class MTLSAM(torch.optim.Optimizer):
         bufs = [] if self.shared.sharded else [b.grad for b in self.shared.buckets]
         if self.heads is not None:
             bufs += [b.grad for b in self.heads.buckets]
-        saved = self.scratch("grads_before_step", [(tuple(b.shape), b.dtype) for b in bufs])
+        saved = self.work.scratch("grads_before_step", [(tuple(b.shape), b.dtype) for b in bufs])
         if bufs:
             torch._foreach_copy_(saved, bufs)
         return list(zip(bufs, saved))
 
-    def _undo(self, run: methods.Run, gen_state: Tensor, form: tuple,
+    def _undo(self, run: Run, gen_state: Tensor, form: tuple,
               grads: list[tuple[Tensor, Tensor]]) -> None:
         """Put back what a failed or skipped step changed."""
-        run.settle()
+        run.comm.settle()
         if grads:
             torch._foreach_copy_([g for g, _ in grads], [s for _, s in grads])
         # p.grad the flat views again (a closure may have reset them, model.zero_grad())
         self.shared.attach_grads()
         if self.heads is not None:
             self.heads.attach_grads()
-        run.restore_all()
+        run.perturb.restore_all()
         self.layer_selector.discard()
-        if run.bn:
-            run.bn.restore("pre")
+        if run.passes.bn:
+            run.passes.bn.restore("pre")
         self.generator.set_state(gen_state)
         load_aggregator_state(self._aggregate, self._agg_state)
         self.num_tasks, self.task_names, self._form_fixed = form
@@ -525,75 +454,8 @@ class MTLSAM(torch.optim.Optimizer):
         """The layers ``gl`` samples in the next step."""
         return self.layer_selector.selection
 
-    def sampled_tables(self, layers: list[int]) -> list:
-        """Segment tables of the sampled layers (compact local layout), cached per selection."""
-        key = tuple(layers)
-        t = self._tables_by_layers.get(key)
-        if t is None:
-            if len(self._tables_by_layers) > 64:  # random mode: bounded cache
-                self._tables_by_layers.clear()
-            t = self._tables_by_layers[key] = self.shared.sampled_tables(layers, compact=True)
-        return t
-
-    def sampled_index(self, layers: list[int]) -> tuple[list[Tensor], Tensor]:
-        """Per bucket the layer index of each sampled segment, and the ``[L]`` mask of the
-        sampled layers, on the parameters' device, cached per selection (built each step they
-        were two to three host-to-device copies per step on a GPU)."""
-        key = ("index", tuple(layers))
-        t = self._tables_by_layers.get(key)
-        if t is None:
-            if len(self._tables_by_layers) > 64:  # random mode: bounded cache
-                self._tables_by_layers.clear()
-            dev, chosen = self.shared.device, set(layers)
-            ids = [torch.tensor([li for li in b.seg_layers if li in chosen], dtype=torch.int64,
-                                device=dev) for b in self.shared.buckets]
-            mask = torch.zeros(len(self.shared.layers), dtype=torch.bool)
-            mask[list(layers)] = True
-            t = self._tables_by_layers[key] = (ids, mask.to(dev))
-        return t
-
-    def head_views(self, head_out: list[Tensor], i: int) -> tuple[list[Tensor], list[Tensor]]:
-        """Head ``i``'s slices of ``head_out`` and of the heads' flat gradients, per bucket
-        that holds it (built once per buffers and head: taken after every perturbed pass)."""
-        key = ("head", i, tuple(h.data_ptr() for h in head_out),
-               tuple(b.grad.data_ptr() for b in self.heads.buckets))
-        views = self._head_views.get(key)
-        if views is None:
-            if len(self._head_views) > 4096:
-                self._head_views.clear()
-            dst, src = [], []
-            for h, b in zip(head_out, self.heads.buckets):
-                s, e = b.layer_range(i)
-                if e > s:
-                    dst.append(h[0][s:e])
-                    src.append(b.grad[s:e])
-            views = self._head_views[key] = (dst, src)
-        return views
-
-    def sampled_runs(self, layers: list[int]) -> list[list[tuple[int, int, int]]]:
-        """Per bucket, the sampled columns as ``(flat start, length, compact start)`` runs:
-        the segments of :meth:`sampled_tables` with neighbours that are adjacent in both
-        layouts merged (a layer's weight and bias, consecutive sampled layers), as Python ints,
-        cached per selection."""
-        key = ("runs",) + tuple(layers)
-        runs = self._tables_by_layers.get(key)
-        if runs is None:
-            runs = []
-            for st, ln, ls, _ in self.sampled_tables(layers):
-                merged: list[tuple[int, int, int]] = []
-                for s, n, q in zip(st.tolist(), ln.tolist(), ls.tolist()):
-                    if merged and merged[-1][0] + merged[-1][1] == s \
-                            and merged[-1][2] + merged[-1][1] == q:
-                        merged[-1] = (merged[-1][0], merged[-1][1] + n, merged[-1][2])
-                    else:
-                        merged.append((s, n, q))
-                runs.append(merged)
-            self._tables_by_layers[key] = runs
-        return runs
-
-    # -- state ----------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        lag = self._buffers.get("lag") if self._lag_valid else None
+        lag = self.work.bufs.get("lag") if self._lag_valid else None
         return {
             "base": self.base_optimizer.state_dict(),
             "mtlsam": {
@@ -624,8 +486,12 @@ class MTLSAM(torch.optim.Optimizer):
         if self.num_tasks is not None and k is not None and k != self.num_tasks:
             raise ValueError(f"state dict has {k} tasks, this optimizer {self.num_tasks}")
         load_aggregator_state(self._aggregate, own.get("aggregator"))  # absent in old dicts
+        in_use = {"rho": self.rho, "rho_heads": self.rho_heads, "alpha": self.alpha}
         self.base_optimizer.load_state_dict(state_dict["base"])
         self.param_groups = self.base_optimizer.param_groups
+        # the groups' rho / rho_heads / alpha come back with the base optimizer's state; a dict
+        # saved before rho_heads was scheduled lacks it: the value in use fills it
+        self._hyper.fill(self.param_groups, in_use)
         self._step_count = int(own["step"])
         if k is not None:
             self.num_tasks = k
@@ -646,34 +512,12 @@ class MTLSAM(torch.optim.Optimizer):
         self._lag_scale = None if ls is None else ls.to(self.shared.device)
         lag = own.get("lagged")
         if lag is not None:
-            self._buffers["lag"] = [t.to(self.shared.device) for t in lag]
+            self.work.bufs["lag"] = [t.to(self.shared.device) for t in lag]
             self._lag_valid = True
         else:
             self._lag_valid = False
 
     # -- helpers used by the methods ----------------------------------------------------------
-    def buffers(self, name: str, rows: int, flat: FlatParams | None = None) -> list[Tensor]:
-        """Persistent ``[rows, N_b]`` work buffers per bucket (allocated once, reused)."""
-        flat = flat or self.shared
-        bufs = self._buffers.get(name)
-        if bufs is None or bufs[0].shape[0] != rows:
-            bufs = flat.new_rows(rows)
-            self._buffers[name] = bufs
-        return bufs
-
-    def scratch(self, name: str, specs: list[tuple[tuple[int, ...], torch.dtype]]
-                ) -> list[Tensor]:
-        """Persistent work tensors of the given shapes and dtypes on the parameters' device,
-        reused from step to step (made anew when a shape changes). A fresh tensor of a few MB
-        every step pays its page faults on the CPU: the zo estimator's ``[K, M]`` zeros took
-        0.5-1.8 ms per step on the main job's MLP (K = 10, M = 148k), several times the
-        zeroing of warm memory."""
-        bufs = self._buffers.get(name)
-        if bufs is None or [(tuple(b.shape), b.dtype) for b in bufs] != specs:
-            bufs = self._buffers[name] = [torch.empty(s, dtype=d, device=self.shared.device)
-                                          for s, d in specs]
-        return bufs
-
     def task_weights(self, k: int, device: torch.device) -> Tensor:
         if self._task_weights is None or self._task_weights.numel() != k:
             tw = self._task_weights_arg
@@ -691,100 +535,14 @@ class MTLSAM(torch.optim.Optimizer):
         w = self._aggregate(gram, self.generator)
         return check_weights(w, gram.shape[0], str(self.aggregator_spec))
 
-    def check_graph(self, losses: list[Tensor]) -> None:
-        """First step only: every shared parameter must get a gradient from some loss, and
-        head i's parameters from loss i and from no other loss."""
-        if self._graph_checked:
-            return
-        walked = [reachable_leaves(loss) for loss in losses]
-        reach = [r for r, _ in walked]
-        union = set().union(*reach)
-        # (sharded: the graph's leaves are FSDP2's unsharded copies, not the parameters)
-        missing = [] if self.shared.sharded else self.shared.names_not_in(union)
-        if missing:
-            raise ValueError(f"shared parameters {missing[:5]}{'...' if len(missing) > 5 else ''}"
-                             " receive no gradient from any task loss; freeze them "
-                             "(requires_grad=False) or leave them out of `shared`")
-        if self.heads is not None:
-            for i in range(len(self.heads.layers)):
-                ids = self.heads.layer_param_ids(i)
-                if not ids & reach[i]:
-                    raise ValueError(f"head {i} receives no gradient from loss {i}")
-                for j, (r, opaque) in enumerate(walked):
-                    if j != i and ids & r and not (opaque and self._head_grad_is_zero(
-                            losses[j], i)):
-                        raise ValueError(f"head {i}'s parameters receive gradient from loss {j};"
-                                         f" heads[i] may only influence loss i")
-        self._graph_checked = True
-
-    def _head_grad_is_zero(self, loss: Tensor, head: int) -> bool:
-        """Whether ``loss`` gives head ``head`` an exactly zero gradient. Used on the first
-        step when the graph is opaque (a compiled region reaches every parameter in it): one
-        extra backward per (loss, head) pair that the walk cannot decide."""
-        params = self.heads.layers[head].params
-        with torch.enable_grad():
-            got = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
-        return all(g is None or not bool(g.ne(0).any()) for g in got)
-
-    def call_closure(self, closure: Callable[..., Any], task: int | None = None,
-                     task_aware: bool = False, batched: bool = False,
-                     pick: int | None = None) -> list[Tensor]:
-        """Call the closure (``closure(task=...)`` when ``task_aware``) and return the K losses,
-        or ``[loss_task]`` for a task-aware call with ``task`` given. ``batched``: the call runs
-        under vmap (the K losses of one point; the form was fixed by the first call).
-        ``pick``: only loss ``pick`` will be used (a perturbed pass), only it is checked."""
-        with torch.enable_grad():  # step() runs under no_grad; the losses need graphs
-            if not task_aware:
-                out = closure()
-            elif task is None:
-                out = closure(task=None)
-            else:
-                name = self.task_names[task] if self.task_names is not None else None
-                out = closure(task=task if name is None else name)
-            if task_aware and task is not None:
-                losses = [parse_one(out, task, name)]
-            else:
-                losses, names = parse_all(out, self.num_tasks, self.task_names,
-                                          self._form_fixed, graph=not batched,
-                                          only=pick if self._form_fixed else None)
-                if not self._form_fixed:
-                    self.task_names = names
-                    self._form_fixed = True
-        # A closure may call model.zero_grad() (set_to_none=True): put the flat views back
-        # before autograd would write fresh tensors the flat buffers never see. A perturbed
-        # pass backpropagates one loss, which reaches one head: only that head is re-attached
-        # here (all heads are again before the base optimizer reads them, heads_to_grad).
-        self.shared.attach_grads()
-        if self.heads is not None:
-            one = pick if not task_aware else task
-            if one is None or batched:
-                self.heads.attach_grads()
-            else:
-                self.heads.attach_layer_grads(one)
-        if self.num_tasks is None:
-            self.num_tasks = len(losses)
-        for loss in losses if pick is None or task_aware else losses[pick:pick + 1]:
-            if loss.device != self.shared.device:
-                raise ValueError(f"losses are on {loss.device} but parameters on "
-                                 f"{self.shared.device}")
-        return losses
-
-    def check_no_backward(self) -> None:
-        """First step only (gradients were zeroed before the closure): a non-zero gradient
-        after the closure means it ran backward itself."""
-        bufs = [] if self.shared.sharded else [b.grad for b in self.shared.buckets]
-        if self.heads is not None:
-            bufs += [b.grad for b in self.heads.buckets]
-        if (self.shared.sharded and self.shared.has_grads()) or any(
-                bool(g.ne(0).any()) for g in bufs):
-            raise ValueError(f"gradients changed while the closure ran: {CONTRACT}")
-
     def info(self) -> dict[str, Any]:
-        """The configuration actually in use (backend resolved, layers sampled)."""
+        """The configuration actually in use (backend resolved, layers sampled; ``rho``,
+        ``rho_heads``, ``alpha``: the values the next step reads from ``param_groups``)."""
+        rho, rho_heads, alpha = self._hyper.read(self.param_groups)
         return {
             "method": self.method, "aggregator": str(self.aggregator_spec),
-            "backend": self.backend, "rho": self.rho, "rho_heads": self.rho_heads,
-            "alpha": self.alpha, "norm": self.norm, "local_grad": self.local_grad,
+            "backend": self.backend, "rho": rho, "rho_heads": rho_heads,
+            "alpha": alpha, "norm": self.norm, "local_grad": self.local_grad,
             "adaptive": self.adaptive, "decompose": self.decompose,
             "batched_grads": self.batched_grads,
             "batched": self.batched.info(),

@@ -25,7 +25,7 @@ from mtlsam_ext import ops
 from mtlsam_ext.optim.segments import whole
 
 if TYPE_CHECKING:
-    from mtlsam_ext.optim.methods import Run
+    from mtlsam_ext.optim.run import Run
 
 
 def direction_seed(seed: int, step: int, j: int) -> int:
@@ -60,19 +60,19 @@ def zo_local_grads(run: Run, tables: list[tuple[Tensor, Tensor, Tensor, int]],
     opt, sh = run.opt, run.shared
     k, mu, n_dirs = run.k, opt.mu, opt.n_dirs
     for j, b in enumerate(sh.buckets):  # one full backup: the undo path restores everything
-        run.backup[j][0].copy_(b.data)
-    run.shared_saved = True
+        run.perturb.backup[j][0].copy_(b.data)
+    run.perturb.shared_saved = True
     accs = [torch.float64 if b.dtype == torch.float64 else torch.float32 for b in sh.buckets]
     # persistent work tensors (see MTLSAM.scratch): the estimates and the direction
-    local = opt.scratch("zo_local", [((k, t[3]), a) for t, a in zip(tables, accs)])
+    local = opt.work.scratch("zo_local", [((k, t[3]), a) for t, a in zip(tables, accs)])
     for loc in local:
         loc.zero_()
     sizes = [t[3] for t in tables]
     dtypes = [b.dtype for b in sh.buckets]
-    z_out = opt.scratch("zo_direction", [((m,), torch.float32) for m in sizes])
+    z_out = opt.work.scratch("zo_direction", [((m,), torch.float32) for m in sizes])
     # runs of adjacent sampled segments (a layer's weight and bias, neighbouring layers): one
     # op per run instead of one per segment, the same value for every element
-    runs = opt.sampled_runs(opt.sampled_layers)
+    runs = opt.work.sampled_runs(opt.sampled_layers)
     diffs: list[Tensor] = []
     for d in range(n_dirs):
         z = directions(sizes, dtypes, sh.device, direction_seed(opt.zo_seed, opt._step_count, d),
@@ -83,10 +83,10 @@ def zo_local_grads(run: Run, tables: list[tuple[Tensor, Tensor, Tensor, int]],
                 for s, n, q in runs[j]:
                     if n:
                         # theta_S = backup_S + (+-mu) z on each sampled range; the rest untouched
-                        ops.mix_perturb_(b.data[s:s + n], run.backup[j][0][s:s + n],
+                        ops.mix_perturb_(b.data[s:s + n], run.perturb.backup[j][0][s:s + n],
                                          z[j][q:q + n], _coef(sign * mu, b.dtype, b.device),
                                          whole(n), save_backup=False, backend=run.be)
-            losses = run.call()
+            losses = run.passes.call()
             evals.append(torch.stack([x.detach() for x in losses]))
         c = (evals[0] - evals[1]) / (2 * mu * n_dirs)  # [K] central differences
         run.checks.append(c)
@@ -96,10 +96,10 @@ def zo_local_grads(run: Run, tables: list[tuple[Tensor, Tensor, Tensor, int]],
         for loc, zj in zip(local, z):
             loc.addcmul_(c.to(loc.dtype).unsqueeze(1), zj.to(loc.dtype).unsqueeze(0))
     for j, b in enumerate(sh.buckets):
-        ops.restore_(b.data, run.backup[j][0], backend=run.be)
+        ops.restore_(b.data, run.perturb.backup[j][0], backend=run.be)
     if sum_over_ranks:
         summed = torch.stack(diffs)
-        run.reduce([summed])
+        run.comm.reduce([summed])
         for d in range(n_dirs):
             z = directions(sizes, dtypes, sh.device,
                            direction_seed(opt.zo_seed, opt._step_count, d), z_out)
