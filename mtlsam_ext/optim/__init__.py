@@ -2,8 +2,10 @@
 
 Map of a step (``MTLSAM.step(closure)`` in ``mtlsam.py``)::
 
-    options.py        the constructor's keyword arguments, validated in one place
-    mtlsam.py         MTLSAM: wiring, step() (run, check, commit or undo), state_dict, info
+    options.py        the constructor's keyword arguments, validated in one place; rho,
+                      rho_heads and alpha read from param_groups at every step
+    mtlsam.py         MTLSAM: wiring (wiring.py: heads, layers, generator), step() (run,
+                      check, commit or undo), state_dict, info
     run.py            Run: one step in flight, the shared state and the collaborators below
     steps/            one module per method, read as its paper's algorithm:
       erm.py sam.py   ERM; SAM on the average loss (Foret et al. eq. 2)
