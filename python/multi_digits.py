@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 
+import mtl_data
 import mtl_runs
 import torch
 from torch.nn import functional as F
@@ -39,13 +40,13 @@ def make_split(images: torch.Tensor, labels: torch.Tensor, n: int, seed: int
 
 
 def load(seed: int, sizes: tuple[int, int, int]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    return mtl_runs.digit_splits(seed, sizes, make_split)
+    return mtl_data.digit_splits(seed, sizes, make_split)
 
 
 PROBLEM = mtl_runs.Problem(
     name="multi_digits", title="Multi-digits (sklearn 8x8 digits, two per 12x12 canvas, K=2)",
     n_tasks=2, canvas=CANVAS, head_out=10, load=load, loss=F.cross_entropy,
-    correct=lambda logits, y: logits.argmax(1) == y)
+    correct=lambda logits, y: logits.argmax(1) == y, n_classes=10)
 
 
 def main() -> None:

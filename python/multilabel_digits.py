@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 
+import mtl_data
 import mtl_runs
 import torch
 from torch.nn import functional as F
@@ -48,7 +49,7 @@ def make_split(images: torch.Tensor, labels: torch.Tensor, n: int, seed: int
 
 
 def load(seed: int, sizes: tuple[int, int, int]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    return mtl_runs.digit_splits(seed, sizes, make_split)
+    return mtl_data.digit_splits(seed, sizes, make_split)
 
 
 def _loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
