@@ -451,12 +451,15 @@ def main(problem: Problem, problem_module: str, args, quick_sizes: str) -> list[
             if (s.config, s.aggregator, s.seed, s.label_noise) not in have]
     if len(todo) < len(specs):
         print(f"{out}: {len(specs) - len(todo)} of the {len(specs)} runs already recorded")
-    t0 = time.time()
-    runs = run_all(problem, problem_module, todo, args.jobs, args.threads,
-                   on_record=lambda r: mtl_records.append(out, r))
-    mtl_records.finish(out, {k: meta[k] for k in ("command", "commit", "jobs",
-                                                   "threads_per_run")}
-                       | {"wall_s": round(time.time() - t0, 1), "runs": len(todo)})
+    t0, made = time.time(), []
+    try:
+        runs = run_all(problem, problem_module, todo, args.jobs, args.threads,
+                       on_record=lambda r: (mtl_records.append(out, r), made.append(r)))
+    finally:  # an interrupted sweep notes what it made, too
+        mtl_records.finish(out, {k: meta[k] for k in ("command", "commit", "jobs",
+                                                       "threads_per_run")}
+                           | {"wall_s": round(time.time() - t0, 1), "runs": len(made),
+                              "complete": len(made) == len(todo)})
     _, recorded = mtl_records.read(out)
     if args.patience or any(r.get("label_noise") for r in recorded):
         print(mtl_study.report([out], Path(args.out)))
@@ -495,7 +498,7 @@ def report(jsonl: Path) -> str:
 def merge(base: Path, new: Path) -> str:
     """Append the runs of ``new`` (a later sweep of other configurations or aggregators) to the
     recorded ``base``, keep ``new``'s command, commit and timing under ``meta["added"]``, and
-    rewrite ``base``'s .md and .png. Refuses another protocol (sizes, epochs, batch, lr, rho)
+    rewrite ``base``'s .md and .png. Refuses another protocol (mtl_records.PROTOCOL)
     or a (config, aggregator, seed) that ``base`` already has."""
     base_lines = Path(base).read_text().splitlines()
     new_lines = Path(new).read_text().splitlines()

@@ -245,3 +245,28 @@ def test_report_rows_and_files(tmp_path):
     assert "| sam | ls | 5 | " in text and "+1.00 [+1.00, +1.00] better" in text
     assert "vs ERM (same aggregator): sam/ls better by 1.00 pp; 1 of 2 no difference" in text
     assert (tmp_path / "study.png").stat().st_size > 10_000
+
+
+def test_an_interrupted_sweep_keeps_its_runs_and_continues(tmp_path, monkeypatch):
+    pytest.importorskip("sklearn")
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "rec"
+    p = _program("multi_digits").PROBLEM
+    real = mtl_runs.train
+
+    def stopped_at_seed_1(problem, spec, on_epoch=None):
+        if spec.seed == 1:
+            raise KeyboardInterrupt  # the sweep is stopped during its second run
+        return real(problem, spec, on_epoch)
+
+    monkeypatch.setattr(mtl_runs, "train", stopped_at_seed_1)
+    with pytest.raises(KeyboardInterrupt):
+        mtl_runs.main(p, "multi_digits", _args(out, seeds="0,1,2"), "")
+    meta, runs = mtl_records.read(out.with_suffix(".jsonl"))
+    assert [r["seed"] for r in runs] == [0]
+    assert meta["invocations"][0]["runs"] == 1 and not meta["invocations"][0]["complete"]
+    monkeypatch.setattr(mtl_runs, "train", real)
+    made = mtl_runs.main(p, "multi_digits", _args(out, seeds="0,1,2"), "")
+    assert [r["seed"] for r in made] == [1, 2]
+    meta, runs = mtl_records.read(out.with_suffix(".jsonl"))
+    assert [r["seed"] for r in runs] == [0, 1, 2] and meta["invocations"][1]["complete"]
