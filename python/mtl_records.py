@@ -15,16 +15,18 @@ import json
 import os
 from pathlib import Path
 
-PROTOCOL = ("sizes", "batch", "lr", "rho", "patience", "epochs")
+PROTOCOL = ("sizes", "batch", "lr", "rho", "patience", "min_epochs", "epochs")
 
 
 def protocol(args: dict) -> dict:
     """The protocol of a sweep from its (resolved) arguments. ``epochs`` is the fixed number of
     epochs, or the maximum when ``patience`` > 0; records made before patience existed ran a
-    fixed number of epochs (patience 0)."""
+    fixed number of epochs (patience 0, no minimum)."""
+    patience = args.get("patience") or 0
     return {"sizes": args["sizes"], "batch": args["batch"], "lr": args["lr"],
-            "rho": args["rho"], "patience": args.get("patience") or 0,
-            "epochs": args["max_epochs"] if args.get("patience") else args["epochs"]}
+            "rho": args["rho"], "patience": patience,
+            "min_epochs": (args.get("min_epochs") or 0) if patience else 0,
+            "epochs": args["max_epochs"] if patience else args["epochs"]}
 
 
 def run_key(run: dict) -> tuple[str, str, int, float]:

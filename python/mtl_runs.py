@@ -130,6 +130,7 @@ class RunSpec:
     rho: float
     patience: int = 0  # > 0: stop after this many epochs without a better validation accuracy
     label_noise: float = 0.0
+    min_epochs: int = 0  # with patience: never stop before this many epochs
 
 
 _DATA: dict[tuple, dict[str, Split]] = {}
@@ -213,13 +214,17 @@ def train(problem: Problem, spec: RunSpec, on_epoch: Callable[[], None] | None =
             best_test = _accuracy(problem, body, heads, data["test"])
         if on_epoch is not None:
             on_epoch()
-        if spec.patience and epoch - best_epoch >= spec.patience:
-            break  # no better validation accuracy for `patience` epochs: converged
+        # no better validation accuracy for `patience` epochs: converged. Not before
+        # `min_epochs`: with noisy labels the K = 10 tasks can sit at the class prior for the
+        # first epochs, a plateau that is not convergence.
+        if spec.patience and epoch + 1 >= spec.min_epochs and epoch - best_epoch >= spec.patience:
+            break
     epochs_run = len(val_curve)
     last_test = best_test if best_epoch == epochs_run - 1 else _accuracy(
         problem, body, heads, data["test"])
     return {"config": spec.config, "aggregator": spec.aggregator, "seed": spec.seed,
             "label_noise": spec.label_noise, "patience": spec.patience,
+            "min_epochs": spec.min_epochs,
             "epochs": spec.epochs, "epochs_run": epochs_run, "best_epoch": best_epoch,
             "val_acc": best_val, "test_acc": best_test,
             "test_acc_mean": sum(best_test) / problem.n_tasks,
@@ -371,6 +376,9 @@ def add_arguments(ap, sizes: str, epochs: int, batch: int, lr: float, rho: float
                     "this many epochs, at most --max-epochs (default 0: a fixed --epochs; "
                     "with --plan the plan's)")
     ap.add_argument("--max-epochs", type=int, default=60)
+    ap.add_argument("--min-epochs", type=int, default=None,
+                    help="with --patience: never stop before this many epochs (default 0; "
+                    "with --plan the plan's)")
     ap.add_argument("--label-noise", type=float, default=0.0,
                     help="fraction of each task's training labels replaced at random "
                     "(symmetric: uniformly among the other classes; binary tasks: flipped)")
@@ -418,7 +426,10 @@ def main(problem: Problem, problem_module: str, args, quick_sizes: str) -> list[
         args.sweep = ""
         args.seeds = args.seeds or ",".join(map(str, mtl_study.PLAN_SEEDS))
         args.patience = mtl_study.PLAN_PATIENCE if args.patience is None else args.patience
+        args.min_epochs = (mtl_study.PLAN_MIN_EPOCHS if args.min_epochs is None
+                           else args.min_epochs)
     args.seeds, args.patience = args.seeds or "0,1,2", args.patience or 0
+    args.min_epochs = args.min_epochs or 0
     pairs = _pairs(args)
     for c, _ in pairs:
         if c not in CONFIGS:
@@ -428,13 +439,16 @@ def main(problem: Problem, problem_module: str, args, quick_sizes: str) -> list[
     if len(sizes) != 3:
         raise SystemExit(f"--sizes takes train,val,test, got {args.sizes!r}")
     epochs = args.max_epochs if args.patience else args.epochs
-    if epochs < 1 or args.patience < 0 or not 1 <= args.batch <= sizes[0]:
-        raise SystemExit(f"need --epochs (--max-epochs with --patience) >= 1, --patience >= 0 "
-                         f"and 1 <= --batch <= the training size ({sizes[0]}), got epochs "
-                         f"{epochs}, --patience {args.patience}, --batch {args.batch}")
+    if epochs < 1 or args.patience < 0 or not 0 <= args.min_epochs <= epochs \
+            or not 1 <= args.batch <= sizes[0]:
+        raise SystemExit(f"need --epochs (--max-epochs with --patience) >= 1, --patience >= 0, "
+                         f"0 <= --min-epochs <= --max-epochs and 1 <= --batch <= the training "
+                         f"size ({sizes[0]}), got epochs {epochs}, --patience {args.patience}, "
+                         f"--min-epochs {args.min_epochs}, --batch {args.batch}")
     if not 0.0 <= args.label_noise < 1.0:
         raise SystemExit(f"--label-noise is a fraction in [0, 1), got {args.label_noise}")
-    common = (sizes, epochs, args.batch, args.lr, args.rho, args.patience, args.label_noise)
+    common = (sizes, epochs, args.batch, args.lr, args.rho, args.patience, args.label_noise,
+              args.min_epochs if args.patience else 0)
     specs = [RunSpec(c, a, s, *common) for s in seeds for c, a in pairs]
     specs += [RunSpec(c, a, s, *common)
               for s in seeds for c in SWEEP for a in args.sweep.split(",") if a]

@@ -33,6 +33,7 @@ PLAN: dict[str, list[str]] = {"erm": ALL, "sam": ALL, "fmtl": ALL, "gl-lagged": 
                               "gl-autograd": ["ls"], "gl-zo": ["ls"]}
 PLAN_SEEDS = (0, 1, 2, 3, 4)
 PLAN_PATIENCE = 5
+PLAN_MIN_EPOCHS = 15
 LEVEL = 0.95
 
 

@@ -64,13 +64,13 @@ def _schedule_problem(schedule: list[float]) -> mtl_runs.Problem:
                             load=load, loss=F.cross_entropy, correct=correct, n_classes=3)
 
 
-def _spec(epochs: int, patience: int) -> mtl_runs.RunSpec:
+def _spec(epochs: int, patience: int, min_epochs: int = 0) -> mtl_runs.RunSpec:
     return mtl_runs.RunSpec("erm", "ls", 0, (32, 24, 16), epochs, 16, 1e-3, 0.05,
-                            patience=patience)
+                            patience=patience, min_epochs=min_epochs)
 
 
 def test_patience_stops_on_a_plateau_and_reports_the_best_epoch():
-    sched = [0.25, 0.5, 0.5, 0.75, 0.75, 0.75, 0.75, 1.0]
+    sched = [0.25, 0.5, 0.5, 0.75, 0.75, 0.75, 0.75, 1.0, 1.0, 1.0, 1.0, 1.0]
     r = mtl_runs.train(_schedule_problem(sched), _spec(epochs=60, patience=3))
     # best at epoch 3; epochs 4, 5, 6 bring nothing: stop after epoch 6, before epoch 7's 1.0
     assert (r["epochs_run"], r["best_epoch"], r["patience"]) == (7, 3, 3)
@@ -82,6 +82,9 @@ def test_patience_stops_on_a_plateau_and_reports_the_best_epoch():
     r = mtl_runs.train(_schedule_problem(sched), _spec(epochs=8, patience=0))
     assert (r["epochs_run"], r["best_epoch"]) == (8, 7)
     assert r["test_acc_mean"] == pytest.approx(1.0)
+    # a minimum of 8 epochs rides out the plateau of epochs 4-6; then 8, 9, 10 bring nothing
+    r = mtl_runs.train(_schedule_problem(sched), _spec(epochs=60, patience=3, min_epochs=8))
+    assert (r["epochs_run"], r["best_epoch"], r["min_epochs"]) == (11, 7, 8)
 
 
 @pytest.mark.parametrize("n_classes", [2, 10])
@@ -130,8 +133,8 @@ def test_label_noise_touches_training_labels_only(program):
 
 def _args(out: Path, **kw) -> Namespace:
     a = dict(configs="erm", aggregators="ls", sweep="", seeds="0", sizes="128,64,64",
-             epochs=1, patience=None, max_epochs=60, label_noise=0.0, batch=64, lr=1e-3,
-             rho=0.05, jobs=1, threads=1, quick=False, plan=False, out=str(out))
+             epochs=1, patience=None, max_epochs=60, min_epochs=None, label_noise=0.0,
+             batch=64, lr=1e-3, rho=0.05, jobs=1, threads=1, quick=False, plan=False, out=str(out))
     a.update(kw)
     return Namespace(**a)
 
@@ -169,6 +172,8 @@ def test_resume_skips_recorded_runs_and_refuses_another_protocol(tmp_path, capsy
         mtl_runs.main(p, "multi_digits", _args(out, patience=1, max_epochs=2, lr=1e-2), "")
     with pytest.raises(SystemExit, match="patience"):
         mtl_runs.main(p, "multi_digits", _args(out, max_epochs=2), "")
+    with pytest.raises(SystemExit, match="min_epochs"):
+        mtl_runs.main(p, "multi_digits", _args(out, patience=1, max_epochs=2, min_epochs=2), "")
     assert path.read_text() == before
 
 
