@@ -398,13 +398,14 @@ def add_arguments(ap, sizes: str, epochs: int, batch: int, lr: float, rho: float
                     "same protocol is continued (the runs it holds are skipped)")
 
 
-def _pairs(args) -> list[tuple[str, str]]:
+def _pairs(args, n_tasks: int) -> list[tuple[str, str]]:
     """The (config, aggregator) pairs asked for: the cross product of --configs and
-    --aggregators, or the plan's pairs (restricted to them where given)."""
+    --aggregators, or the plan's pairs for K = ``n_tasks`` and the label-noise level
+    (restricted to --configs and --aggregators where given)."""
     if args.plan:
         import mtl_study
 
-        return [(c, a) for c, aggs in mtl_study.PLAN.items() for a in aggs
+        return [(c, a) for c, a in mtl_study.plan(n_tasks, args.label_noise)
                 if (args.configs is None or c in args.configs.split(","))
                 and (args.aggregators is None or a in args.aggregators.split(","))]
     names = [c for c in (args.configs or ",".join(MAIN)).split(",") if c]
@@ -430,7 +431,7 @@ def main(problem: Problem, problem_module: str, args, quick_sizes: str) -> list[
                            else args.min_epochs)
     args.seeds, args.patience = args.seeds or "0,1,2", args.patience or 0
     args.min_epochs = args.min_epochs or 0
-    pairs = _pairs(args)
+    pairs = _pairs(args, problem.n_tasks)
     for c, _ in pairs:
         if c not in CONFIGS:
             raise SystemExit(f"unknown config {c!r}; choose from {', '.join(CONFIGS)}")

@@ -178,11 +178,21 @@ def test_resume_skips_recorded_runs_and_refuses_another_protocol(tmp_path, capsy
 
 
 def test_plan_pairs():
-    plan = mtl_runs._pairs(_args("x", plan=True, configs=None, aggregators=None))
-    assert len(plan) == sum(len(a) for a in mtl_study.PLAN.values())
-    assert {c for c, _ in plan} == {"erm", "sam", "fmtl", "gl-lagged", "gl-autograd", "gl-zo"}
-    assert mtl_runs._pairs(_args("x", plan=True, configs="erm,gl-zo", aggregators=None)) == [
+    six = {"erm", "sam", "fmtl", "gl-lagged", "gl-autograd", "gl-zo"}
+    for noise in (0.0, 0.2, 0.4):  # K = 2: the whole plan at every noise level
+        pairs = mtl_runs._pairs(_args("x", plan=True, configs=None, aggregators=None,
+                                      label_noise=noise), 2)
+        assert len(pairs) == 14 and {c for c, _ in pairs} == six
+        assert ("gl-zo", "mgda") not in pairs and ("sam", "upgrad") in pairs
+    k10 = mtl_runs._pairs(_args("x", plan=True, configs=None, aggregators=None), 10)
+    assert len(k10) == 10 and {a for _, a in k10} == {"ls", "mgda"}
+    noisy = mtl_runs._pairs(_args("x", plan=True, configs=None, aggregators=None,
+                                  label_noise=0.2), 10)
+    assert noisy == [(c, "ls") for c in mtl_study.PLAN]
+    assert mtl_runs._pairs(_args("x", plan=True, configs="erm,gl-zo", aggregators=None), 2) == [
         ("erm", "ls"), ("erm", "mgda"), ("erm", "upgrad"), ("gl-zo", "ls")]
+    assert mtl_runs._pairs(_args("x", configs="erm,sam", aggregators="ls,nash"), 10) == [
+        ("erm", "ls"), ("erm", "nash"), ("sam", "ls"), ("sam", "nash")]
     assert mtl_runs.CONFIGS["sam"] == {"method": "sam"}
 
 
