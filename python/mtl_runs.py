@@ -37,6 +37,8 @@ from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
 
+import mtl_records
+import mtl_study
 import torch
 from mtl_data import Split, noisy_labels
 from torch import nn
@@ -403,8 +405,6 @@ def _pairs(args, n_tasks: int) -> list[tuple[str, str]]:
     --aggregators, or the plan's pairs for K = ``n_tasks`` and the label-noise level
     (restricted to --configs and --aggregators where given)."""
     if args.plan:
-        import mtl_study
-
         return [(c, a) for c, a in mtl_study.plan(n_tasks, args.label_noise)
                 if (args.configs is None or c in args.configs.split(","))
                 and (args.aggregators is None or a in args.aggregators.split(","))]
@@ -416,9 +416,6 @@ def _pairs(args, n_tasks: int) -> list[tuple[str, str]]:
 def main(problem: Problem, problem_module: str, args, quick_sizes: str) -> list[dict]:
     """Run the comparison the parsed ``args`` ask for, appending each run to the .jsonl as it
     ends (skipping those it already holds), and write the tables and the plot."""
-    import mtl_records
-    import mtl_study
-
     if args.quick:
         args.configs, args.aggregators, args.sweep = "erm,fmtl,gl-lagged,gl-zo", "ls,mgda", ""
         args.seeds, args.epochs, args.jobs, args.sizes = "0", 2, 1, quick_sizes
@@ -518,8 +515,6 @@ def merge(base: Path, new: Path) -> str:
     base_lines = Path(base).read_text().splitlines()
     new_lines = Path(new).read_text().splitlines()
     meta, new_meta = json.loads(base_lines[0])["meta"], json.loads(new_lines[0])["meta"]
-    import mtl_records
-
     mine, theirs = (m.get("protocol") or mtl_records.protocol(m["args"]) for m in (meta, new_meta))
     for key in mtl_records.PROTOCOL:
         if mine[key] != theirs[key]:
