@@ -9,8 +9,8 @@ compare the methods under one protocol:
 * the shared backbone is a small CNN, each task has a linear head, the base optimizer is Adam;
 * every configuration is trained on the same batches (seeded), either for a fixed number of
   epochs or (``--patience P``) until the mean validation accuracy has not improved for P epochs
-  (at most ``--max-epochs``); the epoch with the best mean validation accuracy is selected and
-  its test accuracy reported (the last epoch's is recorded too);
+  (not before ``--min-epochs``, at most ``--max-epochs``); the epoch with the best mean
+  validation accuracy is selected and its test accuracy reported (the last epoch's too);
 * ``--label-noise p`` replaces p of each task's training labels (symmetric noise, seeded per
   run; validation and test labels stay clean);
 * wall time counts the optimizer steps only (closure included, evaluation excluded); forwards

@@ -1,10 +1,11 @@
 """The convergence and label-noise study of the digit programs: its plan, and its report.
 
 Plan (``--plan`` of multi_digits.py / multilabel_digits.py): the configuration x aggregator
-pairs of ``PLAN`` over ``PLAN_SEEDS``, each run trained until the mean validation accuracy
-has not improved for ``PLAN_PATIENCE`` epochs (at most ``--max-epochs``, 60), test accuracy
-at the best validation epoch; one command per label-noise level, all appending to one record
-per program (docs/evidence.md gives the commands and their measured cost).
+pairs of ``plan(K, noise)`` (a budgeted part of ``PLAN``) over ``PLAN_SEEDS``, each run
+trained until the mean validation accuracy has not improved for ``PLAN_PATIENCE`` epochs (not
+before ``PLAN_MIN_EPOCHS``, at most ``--max-epochs``, 60), test accuracy at the best
+validation epoch; one command per label-noise level, all appending to one record per program
+(docs/evidence.md gives the commands and their measured cost).
 
 Report: per setting (program, i.e. K, and label-noise level), the test accuracy mean ± std
 over seeds of every configuration x aggregator, and paired differences (same seed: same data
