@@ -7,11 +7,17 @@ per-task loss and a per-task "correct" test; everything else is common, so the t
 compare the methods under one protocol:
 
 * the shared backbone is a small CNN, each task has a linear head, the base optimizer is Adam;
-* every configuration is trained for the same number of epochs on the same batches (seeded);
-  the epoch with the best mean validation accuracy is selected and its test accuracy reported;
+* every configuration is trained on the same batches (seeded), either for a fixed number of
+  epochs or (``--patience P``) until the mean validation accuracy has not improved for P epochs
+  (not before ``--min-epochs``, at most ``--max-epochs``); the epoch with the best mean
+  validation accuracy is selected and its test accuracy reported (the last epoch's too);
+* ``--label-noise p`` replaces p of each task's training labels (symmetric noise, seeded per
+  run; validation and test labels stay clean);
 * wall time counts the optimizer steps only (closure included, evaluation excluded); forwards
   are counted in the closure and backward passes through the backbone by a hook on its output,
-  so "passes per step" is measured, not assumed.
+  so "passes per step" is measured, not assumed;
+* each run is appended to the .jsonl as soon as it ends, and running the same command again
+  skips the runs the file already holds (same protocol), so an interrupted sweep continues.
 
 Nothing in mtlsam_ext imports this file; it uses the public API as a user would.
 """
@@ -31,13 +37,14 @@ from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
 
+import mtl_records
+import mtl_study
 import torch
+from mtl_data import Split, noisy_labels
 from torch import nn
 
 import mtlsam_ext
 from mtlsam_ext import MTLSAM
-
-Split = tuple[torch.Tensor, torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -55,24 +62,7 @@ class Problem:
     loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     correct: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     global_pool: bool = False
-
-
-def digit_splits(seed: int, sizes: tuple[int, int, int],
-                 make_split: Callable[[torch.Tensor, torch.Tensor, int, int], Split]
-                 ) -> dict[str, Split]:
-    """Train / validation / test splits of ``sizes`` examples built by ``make_split(images,
-    labels, n, seed)`` from disjoint 60 / 20 / 20 % parts of scikit-learn's 8x8 digits
-    (pixels scaled to [0, 1]), so no source image appears in two splits."""
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    images = torch.tensor(d.images, dtype=torch.float32) / 16.0
-    labels = torch.tensor(d.target, dtype=torch.int64)
-    perm = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
-    a, b = int(0.6 * len(perm)), int(0.8 * len(perm))
-    parts = {"train": perm[:a], "val": perm[a:b], "test": perm[b:]}
-    return {name: make_split(images[idx], labels[idx], n, seed + k)
-            for k, ((name, idx), n) in enumerate(zip(parts.items(), sizes))}
+    n_classes: int = 2  # classes per task, for the label noise (2: binary tasks)
 
 
 class Backbone(nn.Sequential):
@@ -101,6 +91,7 @@ class Backbone(nn.Sequential):
 # name -> MTLSAM keyword arguments. ``layers`` is a rule resolved on the 4-layer backbone.
 CONFIGS: dict[str, dict] = {
     "erm": dict(method="erm"),
+    "sam": dict(method="sam"),  # plain SAM on the (aggregated) average loss
     "fmtl": dict(method="fmtl"),
     "gl-autograd": dict(method="gl", local_grad="autograd"),
     "gl-lagged": dict(method="gl", local_grad="lagged"),
@@ -120,7 +111,7 @@ MAIN = ["erm", "fmtl", "gl-autograd", "gl-lagged", "gl-zo"]
 SWEEP = ["gl-autograd a=0.25", "gl-autograd a=0.75", "gl-autograd last", "gl-autograd all"]
 AGGREGATORS = ["ls", "mgda", "pcgrad", "cagrad", "imtl", "nash"]
 # Relative step cost at K=10, used only to start the long runs first (load balance).
-_COST = {"erm": 1, "fmtl": 8, "gl-autograd": 5, "gl-lagged": 3, "gl-zo": 3}
+_COST = {"erm": 1, "sam": 2, "fmtl": 8, "gl-autograd": 5, "gl-lagged": 3, "gl-zo": 3}
 
 
 def _layers(rule: str | None) -> list[int] | str | None:
@@ -139,15 +130,26 @@ class RunSpec:
     batch: int
     lr: float
     rho: float
+    patience: int = 0  # > 0: stop after this many epochs without a better validation accuracy
+    label_noise: float = 0.0
+    min_epochs: int = 0  # with patience: never stop before this many epochs
 
 
 _DATA: dict[tuple, dict[str, Split]] = {}
 
 
-def _data(problem: Problem, seed: int, sizes: tuple[int, int, int]) -> dict[str, Split]:
-    key = (problem.name, seed, sizes)
+def _data(problem: Problem, seed: int, sizes: tuple[int, int, int], noise: float = 0.0
+          ) -> dict[str, Split]:
+    """The splits of ``seed``; with ``noise`` > 0 the training labels are made noisy, seeded by
+    the run's seed (the same noisy labels for every configuration of that seed)."""
+    key = (problem.name, seed, sizes, noise)
     if key not in _DATA:
-        _DATA[key] = problem.load(seed, sizes)
+        data = dict(_data(problem, seed, sizes)) if noise else problem.load(seed, sizes)
+        if noise:
+            x, y = data["train"]
+            g = torch.Generator().manual_seed(10_007 * seed + 1)
+            data["train"] = (x, noisy_labels(y, noise, problem.n_classes, g))
+        _DATA[key] = data
     return _DATA[key]
 
 
@@ -162,7 +164,8 @@ def _accuracy(problem: Problem, body: nn.Module, heads: list[nn.Module], split: 
 
 def train(problem: Problem, spec: RunSpec, on_epoch: Callable[[], None] | None = None) -> dict:
     """One configuration, one seed. Returns the record written to the JSON-lines file."""
-    data = _data(problem, spec.seed, spec.sizes)
+    t_run = time.perf_counter()
+    data = _data(problem, spec.seed, spec.sizes, spec.label_noise)
     torch.manual_seed(spec.seed)
     body = Backbone(problem.canvas, global_pool=problem.global_pool)
     heads = [nn.Linear(64, problem.head_out) for _ in range(problem.n_tasks)]
@@ -178,7 +181,7 @@ def train(problem: Problem, spec: RunSpec, on_epoch: Callable[[], None] | None =
         counts["backward"] += 1
 
     best_val, best_test, best_epoch = -1.0, [0.0] * problem.n_tasks, -1
-    epoch_times, epoch_losses, steps = [], [], 0
+    epoch_times, epoch_losses, val_curve, steps, opt_total = [], [], [], 0, 0.0
     for epoch in range(spec.epochs):
         perm = torch.randperm(len(xtr), generator=g)
         elapsed, loss_sum, n = 0.0, 0.0, 0
@@ -197,24 +200,41 @@ def train(problem: Problem, spec: RunSpec, on_epoch: Callable[[], None] | None =
 
             t0 = time.perf_counter()
             losses = opt.step(closure)
-            if steps + n > 0:  # the first step allocates the flat buffers: not timed
-                elapsed += time.perf_counter() - t0
+            dt = time.perf_counter() - t0
+            opt_total += dt  # every step, for the total optimizer time of the run
+            if steps + n > 0:  # the first step allocates the flat buffers: not in the rate
+                elapsed += dt
             loss_sum += float(losses.sum())
             n += 1
         steps += n
         epoch_times.append(elapsed)
         epoch_losses.append(loss_sum / n)
         val = sum(_accuracy(problem, body, heads, data["val"])) / problem.n_tasks
+        val_curve.append(val)
         if val > best_val:
             best_val, best_epoch = val, epoch
             best_test = _accuracy(problem, body, heads, data["test"])
         if on_epoch is not None:
             on_epoch()
+        # no better validation accuracy for `patience` epochs: converged. Not before
+        # `min_epochs`: with noisy labels the K = 10 tasks can sit at the class prior for the
+        # first epochs, a plateau that is not convergence.
+        if spec.patience and epoch + 1 >= spec.min_epochs and epoch - best_epoch >= spec.patience:
+            break
+    epochs_run = len(val_curve)
+    last_test = best_test if best_epoch == epochs_run - 1 else _accuracy(
+        problem, body, heads, data["test"])
     return {"config": spec.config, "aggregator": spec.aggregator, "seed": spec.seed,
-            "epochs": spec.epochs, "best_epoch": best_epoch, "val_acc": best_val,
-            "test_acc": best_test, "test_acc_mean": sum(best_test) / problem.n_tasks,
-            "s_per_epoch": sum(epoch_times) / max(steps - 1, 1) * (steps / spec.epochs),
+            "label_noise": spec.label_noise, "patience": spec.patience,
+            "min_epochs": spec.min_epochs,
+            "epochs": spec.epochs, "epochs_run": epochs_run, "best_epoch": best_epoch,
+            "val_acc": best_val, "test_acc": best_test,
+            "test_acc_mean": sum(best_test) / problem.n_tasks,
+            "final_val_acc": val_curve[-1], "final_test_acc": last_test,
+            "final_test_acc_mean": sum(last_test) / problem.n_tasks,
+            "s_per_epoch": sum(epoch_times) / max(steps - 1, 1) * (steps / epochs_run),
             "s_per_step": sum(epoch_times) / max(steps - 1, 1),
+            "opt_s": opt_total, "run_s": time.perf_counter() - t_run, "val_curve": val_curve,
             "forwards_per_step": counts["forward"] / steps,
             "backwards_per_step": counts["backward"] / steps,
             "epoch_loss": epoch_losses, "info": opt.info()}
@@ -231,16 +251,19 @@ def _train_in_worker(problem_module: str, spec: RunSpec) -> dict:
 
 
 def run_all(problem: Problem, problem_module: str, specs: list[RunSpec], jobs: int,
-            threads: int) -> list[dict]:
+            threads: int, on_record: Callable[[dict], None] | None = None) -> list[dict]:
     """Every spec, ``jobs`` at a time (separate processes, ``threads`` threads each), with a
-    progress bar; the records come back in the order of ``specs``."""
+    progress bar; ``on_record`` gets each record as soon as its run ends; the records come
+    back in the order of ``specs``."""
     from tqdm import tqdm
 
     if jobs <= 1:
         torch.set_num_threads(threads)
-        bar = tqdm(total=sum(s.epochs for s in specs), desc=f"{problem.name} epochs")
-        out = [train(problem, s, on_epoch=lambda: bar.update(1)) for s in specs]
-        bar.close()
+        out = []
+        for s in tqdm(specs, desc=f"{problem.name} runs"):
+            out.append(train(problem, s))
+            if on_record is not None:
+                on_record(out[-1])
         return out
     order = sorted(range(len(specs)), key=lambda i: -_COST.get(specs[i].config.split()[0], 5))
     out: list[dict | None] = [None] * len(specs)
@@ -250,6 +273,8 @@ def run_all(problem: Problem, problem_module: str, specs: list[RunSpec], jobs: i
         bar = tqdm(total=len(specs), desc=f"{problem.name} runs")
         for fut in as_completed(futures):
             out[futures[fut]] = fut.result()
+            if on_record is not None:
+                on_record(out[futures[fut]])
             bar.update(1)
         bar.close()
     return out  # type: ignore[return-value]
@@ -336,14 +361,29 @@ def plot(rows: list[dict], title: str, path: Path) -> None:
 
 
 def add_arguments(ap, sizes: str, epochs: int, batch: int, lr: float, rho: float) -> None:
-    ap.add_argument("--configs", default=",".join(MAIN),
-                    help=f"comma-separated, from: {', '.join(CONFIGS)}")
-    ap.add_argument("--aggregators", default=",".join(AGGREGATORS))
+    ap.add_argument("--configs", default=None,
+                    help=f"comma-separated, from: {', '.join(CONFIGS)} (default: "
+                    f"{','.join(MAIN)}; with --plan: the plan's, filtered to these)")
+    ap.add_argument("--aggregators", default=None,
+                    help=f"default: {','.join(AGGREGATORS)}; with --plan: the plan's, "
+                    "filtered to these")
     ap.add_argument("--sweep", default="ls",
                     help="aggregators for the alpha / sampled-layer sweep ('' = no sweep)")
-    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--seeds", default=None, help="default 0,1,2; with --plan 0,1,2,3,4")
     ap.add_argument("--sizes", default=sizes, help="train,val,test examples")
-    ap.add_argument("--epochs", type=int, default=epochs)
+    ap.add_argument("--epochs", type=int, default=epochs,
+                    help="epochs per run when --patience is 0")
+    ap.add_argument("--patience", type=int, default=None,
+                    help="> 0: train until the mean validation accuracy has not improved for "
+                    "this many epochs, at most --max-epochs (default 0: a fixed --epochs; "
+                    "with --plan the plan's)")
+    ap.add_argument("--max-epochs", type=int, default=60)
+    ap.add_argument("--min-epochs", type=int, default=None,
+                    help="with --patience: never stop before this many epochs (default 0; "
+                    "with --plan the plan's)")
+    ap.add_argument("--label-noise", type=float, default=0.0,
+                    help="fraction of each task's training labels replaced at random "
+                    "(symmetric: uniformly among the other classes; binary tasks: flipped)")
     ap.add_argument("--batch", type=int, default=batch)
     ap.add_argument("--lr", type=float, default=lr)
     ap.add_argument("--rho", type=float, default=rho)
@@ -351,45 +391,92 @@ def add_arguments(ap, sizes: str, epochs: int, batch: int, lr: float, rho: float
     ap.add_argument("--threads", type=int, default=1, help="torch threads per run")
     ap.add_argument("--quick", action="store_true",
                     help="a small run (one seed, few configs, 2 epochs) for smoke tests")
-    ap.add_argument("--out", required=True, help="output prefix: writes .jsonl, .md and .png")
+    ap.add_argument("--plan", action="store_true",
+                    help="the convergence study (python/mtl_study.py PLAN): its configuration x "
+                    "aggregator pairs, 5 seeds, early stopping; one command per label-noise "
+                    "level")
+    ap.add_argument("--out", required=True,
+                    help="output prefix: writes .jsonl, .md and .png; an existing .jsonl of the "
+                    "same protocol is continued (the runs it holds are skipped)")
+
+
+def _pairs(args, n_tasks: int) -> list[tuple[str, str]]:
+    """The (config, aggregator) pairs asked for: the cross product of --configs and
+    --aggregators, or the plan's pairs for K = ``n_tasks`` and the label-noise level
+    (restricted to --configs and --aggregators where given)."""
+    if args.plan:
+        return [(c, a) for c, a in mtl_study.plan(n_tasks, args.label_noise)
+                if (args.configs is None or c in args.configs.split(","))
+                and (args.aggregators is None or a in args.aggregators.split(","))]
+    names = [c for c in (args.configs or ",".join(MAIN)).split(",") if c]
+    aggs = [a for a in (args.aggregators or ",".join(AGGREGATORS)).split(",") if a]
+    return [(c, a) for c in names for a in aggs]
 
 
 def main(problem: Problem, problem_module: str, args, quick_sizes: str) -> list[dict]:
-    """Run the comparison the parsed ``args`` ask for and write the outputs."""
+    """Run the comparison the parsed ``args`` ask for, appending each run to the .jsonl as it
+    ends (skipping those it already holds), and write the tables and the plot."""
     if args.quick:
         args.configs, args.aggregators, args.sweep = "erm,fmtl,gl-lagged,gl-zo", "ls,mgda", ""
         args.seeds, args.epochs, args.jobs, args.sizes = "0", 2, 1, quick_sizes
-    names = [c for c in args.configs.split(",") if c]
-    for c in names:
+        args.max_epochs = min(args.max_epochs, 3)
+    if args.plan:
+        args.sweep = ""
+        args.seeds = args.seeds or ",".join(map(str, mtl_study.PLAN_SEEDS))
+        args.patience = mtl_study.PLAN_PATIENCE if args.patience is None else args.patience
+        args.min_epochs = (mtl_study.PLAN_MIN_EPOCHS if args.min_epochs is None
+                           else args.min_epochs)
+    args.seeds, args.patience = args.seeds or "0,1,2", args.patience or 0
+    args.min_epochs = args.min_epochs or 0
+    pairs = _pairs(args, problem.n_tasks)
+    for c, _ in pairs:
         if c not in CONFIGS:
             raise SystemExit(f"unknown config {c!r}; choose from {', '.join(CONFIGS)}")
     seeds = [int(s) for s in args.seeds.split(",") if s]
     sizes = tuple(int(n) for n in args.sizes.split(","))
     if len(sizes) != 3:
         raise SystemExit(f"--sizes takes train,val,test, got {args.sizes!r}")
-    if args.epochs < 1 or not 1 <= args.batch <= sizes[0]:
-        raise SystemExit(f"need --epochs >= 1 and 1 <= --batch <= the training size "
-                         f"({sizes[0]}), got --epochs {args.epochs} --batch {args.batch}")
-    specs = [RunSpec(c, a, s, sizes, args.epochs, args.batch, args.lr, args.rho)
-             for s in seeds for c in names for a in args.aggregators.split(",") if a]
-    specs += [RunSpec(c, a, s, sizes, args.epochs, args.batch, args.lr, args.rho)
+    epochs = args.max_epochs if args.patience else args.epochs
+    if epochs < 1 or args.patience < 0 or not 0 <= args.min_epochs <= epochs \
+            or not 1 <= args.batch <= sizes[0]:
+        raise SystemExit(f"need --epochs (--max-epochs with --patience) >= 1, --patience >= 0, "
+                         f"0 <= --min-epochs <= --max-epochs and 1 <= --batch <= the training "
+                         f"size ({sizes[0]}), got epochs {epochs}, --patience {args.patience}, "
+                         f"--min-epochs {args.min_epochs}, --batch {args.batch}")
+    if not 0.0 <= args.label_noise < 1.0:
+        raise SystemExit(f"--label-noise is a fraction in [0, 1), got {args.label_noise}")
+    common = (sizes, epochs, args.batch, args.lr, args.rho, args.patience, args.label_noise,
+              args.min_epochs if args.patience else 0)
+    specs = [RunSpec(c, a, s, *common) for s in seeds for c, a in pairs]
+    specs += [RunSpec(c, a, s, *common)
               for s in seeds for c in SWEEP for a in args.sweep.split(",") if a]
-    meta = {"program": problem.name, "title": problem.title,
-            "command": " ".join([f"python/{Path(sys.argv[0]).name}", *sys.argv[1:]]),
+    command = " ".join([f"python/{Path(sys.argv[0]).name}", *sys.argv[1:]])
+    meta = {"program": problem.name, "title": problem.title, "command": command,
             "commit": _commit(), "mtlsam_ext": mtlsam_ext.__version__, "torch": torch.__version__,
             "python": platform.python_version(), "machine": platform.machine(),
             "cpus": os.cpu_count(), "jobs": args.jobs, "threads_per_run": args.threads,
-            "args": vars(args)}
-    out = Path(args.out)
+            "args": vars(args), "protocol": mtl_records.protocol(vars(args))}
+    out = Path(args.out).with_suffix(".jsonl")
     out.parent.mkdir(parents=True, exist_ok=True)  # before the runs, not after them
-    t0 = time.time()
-    runs = run_all(problem, problem_module, specs, args.jobs, args.threads)
-    meta["wall_s"] = round(time.time() - t0, 1)
-    with open(out.with_suffix(".jsonl"), "w") as f:
-        f.write(json.dumps({"meta": meta}) + "\n")
-        for r in runs:
-            f.write(json.dumps(r) + "\n")
-    print(report(out.with_suffix(".jsonl")))
+    have = mtl_records.start(out, meta)
+    todo = [s for s in specs
+            if (s.config, s.aggregator, s.seed, s.label_noise) not in have]
+    if len(todo) < len(specs):
+        print(f"{out}: {len(specs) - len(todo)} of the {len(specs)} runs already recorded")
+    t0, made = time.time(), []
+    try:
+        runs = run_all(problem, problem_module, todo, args.jobs, args.threads,
+                       on_record=lambda r: (mtl_records.append(out, r), made.append(r)))
+    finally:  # an interrupted sweep notes what it made, too
+        mtl_records.finish(out, {k: meta[k] for k in ("command", "commit", "jobs",
+                                                       "threads_per_run")}
+                           | {"wall_s": round(time.time() - t0, 1), "runs": len(made),
+                              "complete": len(made) == len(todo)})
+    _, recorded = mtl_records.read(out)
+    if args.patience or any(r.get("label_noise") for r in recorded):
+        print(mtl_study.report([out], Path(args.out)))
+    else:
+        print(report(out))
     return runs
 
 
@@ -423,19 +510,20 @@ def report(jsonl: Path) -> str:
 def merge(base: Path, new: Path) -> str:
     """Append the runs of ``new`` (a later sweep of other configurations or aggregators) to the
     recorded ``base``, keep ``new``'s command, commit and timing under ``meta["added"]``, and
-    rewrite ``base``'s .md and .png. Refuses another protocol (sizes, epochs, batch, lr, rho)
+    rewrite ``base``'s .md and .png. Refuses another protocol (mtl_records.PROTOCOL)
     or a (config, aggregator, seed) that ``base`` already has."""
     base_lines = Path(base).read_text().splitlines()
     new_lines = Path(new).read_text().splitlines()
     meta, new_meta = json.loads(base_lines[0])["meta"], json.loads(new_lines[0])["meta"]
-    for key in ("sizes", "epochs", "batch", "lr", "rho"):
-        if meta["args"][key] != new_meta["args"][key]:
-            raise SystemExit(f"{new} was run with {key}={new_meta['args'][key]!r}, {base} "
-                             f"with {meta['args'][key]!r}: not the same protocol")
+    mine, theirs = (m.get("protocol") or mtl_records.protocol(m["args"]) for m in (meta, new_meta))
+    for key in mtl_records.PROTOCOL:
+        if mine[key] != theirs[key]:
+            raise SystemExit(f"{new} was run with {key}={theirs[key]!r}, {base} "
+                             f"with {mine[key]!r}: not the same protocol")
     runs = [json.loads(line) for line in base_lines[1:]]
-    have = {(r["config"], r["aggregator"], r["seed"]) for r in runs}
+    have = {mtl_records.run_key(r) for r in runs}
     added = [json.loads(line) for line in new_lines[1:]]
-    dup = [k for k in ((r["config"], r["aggregator"], r["seed"]) for r in added) if k in have]
+    dup = [k for k in map(mtl_records.run_key, added) if k in have]
     if dup:
         raise SystemExit(f"{base} already has {dup}")
     meta.setdefault("added", []).append(

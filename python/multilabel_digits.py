@@ -5,6 +5,8 @@ Each 16x16 canvas holds 2 or 3 digits, each in its own quadrant and shifted by u
 present", each with a one-logit linear head (binary cross-entropy) on a shared small CNN; the
 score is the per-task accuracy averaged over the ten tasks, as for CelebA's attributes.
 Train, validation and test canvases are built from disjoint sets of source images.
+With ``--label-noise p``, p of each task's training labels are flipped (symmetric noise on a
+binary task: the one other class); validation and test labels stay clean.
 
 Compares ERM, F-MTL and global-local SAM (each local-gradient estimator) with every
 aggregator, plus an alpha / sampled-layer sweep, over seeds; see mtl_runs.py for the protocol
@@ -12,12 +14,14 @@ and the outputs (.jsonl, .md table, .png of test accuracy against wall time).
 
     python python/multilabel_digits.py --quick --out /tmp/ml             # CI smoke size
     python python/multilabel_digits.py --out python/results/multilabel_digits   # full run
+    python python/multilabel_digits.py --plan --label-noise 0.2 --out PREFIX   # the study
 """
 
 from __future__ import annotations
 
 import argparse
 
+import mtl_data
 import mtl_runs
 import torch
 from torch.nn import functional as F
@@ -48,7 +52,7 @@ def make_split(images: torch.Tensor, labels: torch.Tensor, n: int, seed: int
 
 
 def load(seed: int, sizes: tuple[int, int, int]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    return mtl_runs.digit_splits(seed, sizes, make_split)
+    return mtl_data.digit_splits(seed, sizes, make_split)
 
 
 def _loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
